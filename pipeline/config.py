@@ -128,6 +128,12 @@ class Stage2Config:
     log_every: int = 5
     checkpoint_every: int = 50
     n_val_reports: int = 4
+    # Healthy caption-loss bands (epoch, low, high), interpolated between epochs; from what
+    # healthy runs of this recipe show: ~3-5 at the start, 2-2.5 by epoch 5, 1-1.5 by 20.
+    bands: tuple = ((1, 2.0, 5.5), (5, 1.8, 3.0), (20, 0.9, 1.7), (50, 0.4, 1.0))
+    low_loss: float = 0.1
+    low_loss_epochs: int = 3
+    llm_checksum: bool = True
     output_dir: str = "outputs/stage2"
 
 

@@ -1,0 +1,98 @@
+"""Stage 2 sequence layout and labels: [visual tokens][prompt][report][EOS], right-padded.
+
+Labels are the report and EOS token ids at their own positions (HF shifts them inside the
+loss) and -100 everywhere else. Padding is defined by position (the attention mask), never
+by token id, so EOS stays supervised when the tokenizer's pad token is EOS.
+
+`make_labels` builds labels; `report_positions` derives the supervised positions from the
+segment lengths alone. The label-mask guard compares the two, so a broken `make_labels`
+cannot go unnoticed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.guards import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Token ids and segment lengths of one right-padded batch (visual tokens excluded)."""
+
+    n_visual: int
+    prompt_ids: tuple[int, ...]
+    report_ids: tuple[tuple[int, ...], ...]  # report tokens + EOS, per sample
+    pad_id: int
+    truncated: int  # how many reports were cut to max_report_tokens
+
+    @property
+    def text_length(self) -> int:
+        return len(self.prompt_ids) + max(len(r) for r in self.report_ids)
+
+    @property
+    def length(self) -> int:
+        return self.n_visual + self.text_length
+
+
+def tokenize_batch(tokenizer, prompt: str, reports: list[str], eos_id: int, pad_id: int,
+                   n_visual: int, max_report_tokens: int) -> Layout:
+    """Tokenize prompt and reports (no special tokens added) and append EOS to each report."""
+    prompt_ids = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    report_ids, truncated = [], 0
+    for report in reports:
+        ids = tokenizer(" " + report.strip(), add_special_tokens=False)["input_ids"]
+        if len(ids) > max_report_tokens:
+            ids, truncated = ids[:max_report_tokens], truncated + 1
+        report_ids.append(tuple(ids) + (eos_id,))
+    return Layout(n_visual, prompt_ids, tuple(report_ids), pad_id, truncated)
+
+
+def text_ids(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of the text part (B, T): prompt + report + EOS, right-padded with pad_id."""
+    T = layout.text_length
+    ids = torch.full((len(layout.report_ids), T), layout.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(layout.report_ids), T), dtype=torch.long)
+    for i, report in enumerate(layout.report_ids):
+        row = layout.prompt_ids + report
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def make_labels(layout: Layout) -> torch.Tensor:
+    """Labels (B, L) over the full sequence: report + EOS ids, -100 elsewhere."""
+    ids, _ = text_ids(layout)
+    labels = torch.full((ids.shape[0], layout.length), IGNORE_INDEX, dtype=torch.long)
+    start = layout.n_visual + len(layout.prompt_ids)
+    for i, report in enumerate(layout.report_ids):
+        labels[i, start:start + len(report)] = torch.tensor(report, dtype=torch.long)
+    return labels
+
+
+def report_positions(layout: Layout) -> torch.Tensor:
+    """Bool (B, L): True exactly on report + EOS positions, from segment lengths only."""
+    positions = torch.arange(layout.length).unsqueeze(0)  # (1, L)
+    start = layout.n_visual + len(layout.prompt_ids)
+    lengths = torch.tensor([len(r) for r in layout.report_ids]).unsqueeze(1)  # (B, 1)
+    return (positions >= start) & (positions < start + lengths)
+
+
+def assemble(visual_tokens: torch.Tensor, layout: Layout, embed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs_embeds (B, L, H), attention_mask (B, L)) with the visual tokens first."""
+    ids, text_mask = text_ids(layout)
+    text_embeds = embed(ids.to(visual_tokens.device)).to(visual_tokens.dtype)
+    B, V = visual_tokens.shape[:2]
+    visual_mask = torch.ones((B, V), dtype=text_mask.dtype)
+    inputs_embeds = torch.cat([visual_tokens, text_embeds], dim=1)
+    attention_mask = torch.cat([visual_mask, text_mask], dim=1).to(visual_tokens.device)
+    return inputs_embeds, attention_mask
+
+
+def prompt_only(visual_tokens: torch.Tensor, prompt_ids, embed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs_embeds, attention_mask) of [visual][prompt] for generation."""
+    B = visual_tokens.shape[0]
+    ids = torch.tensor(prompt_ids, dtype=torch.long).unsqueeze(0).expand(B, -1)
+    embeds = torch.cat([visual_tokens, embed(ids.to(visual_tokens.device)).to(visual_tokens.dtype)], 1)
+    return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=visual_tokens.device)

@@ -1,0 +1,65 @@
+"""Rebuild a vision-bridge from a checkpoint and measure its feature health on a probe batch.
+
+Used by the gate for bare checkpoints and by Stage 2 before it initialises from weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from pipeline import config as C
+from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.health import feature_health
+
+
+def stage1_config_of(metadata: dict, fallback: C.Stage1Config) -> C.Stage1Config:
+    """The Stage 1 config stored in a checkpoint's metadata, else `fallback`."""
+    raw = metadata.get("config")
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    if isinstance(raw, dict) and "encoder" in raw and "bridge" in raw:
+        return C.from_dict(C.Stage1Config, raw)
+    return fallback
+
+
+def _output_dim(tensors: dict[str, torch.Tensor], default: int) -> int:
+    norms = [k for k in tensors if k.startswith("bridge.") and k.endswith("norm.weight")]
+    return int(tensors[sorted(norms)[-1]].shape[0]) if norms else default
+
+
+def load_vision_bridge(path: str | Path, fallback: C.Stage1Config):
+    """(model, metadata, stage1 config) from a safetensors or legacy `.pt` checkpoint."""
+    from pipeline.models.vision_bridge import VisionBridge
+
+    tensors, metadata = load_checkpoint(path)
+    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    cfg = stage1_config_of(metadata, fallback)
+    cfg = replace(cfg, embed_dim=_output_dim(tensors, cfg.embed_dim))
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the vision-bridge of its config "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}); pass the profile it was "
+            "trained with")
+    return model.eval(), metadata, cfg
+
+
+@torch.no_grad()
+def probe_health(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Feature health of `model` on a probe batch of images."""
+    model.eval()
+    return feature_health(model(images))
+
+
+def probe_images(data_cfg: C.DataConfig, image_size: int, n: int) -> torch.Tensor:
+    """The first `n` validation images of the data, as a batch."""
+    from pipeline.data import ImageReportDataset, collate, load_dataset
+
+    records = load_dataset(data_cfg)
+    pool = records["val"] or records["test"] or records["train"]
+    dataset = ImageReportDataset(pool[:n], image_size)
+    return collate([dataset[i] for i in range(len(dataset))])["images"]

@@ -1,0 +1,227 @@
+"""The MLflow Model Registry side of the pipeline: promote, reject, resolve.
+
+Registered models and aliases (shared/CONTRACT.md):
+- `vision-bridge`, alias `stage2-ready`: Stage 1 weights the gate approved.
+- `report-vlm`, aliases `candidate` (latest Stage 2) and `champion` (best evaluated).
+Versions are pyfunc models whose artifacts hold our safetensors checkpoint.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Mapping
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+VISION_MODEL = "vision-bridge"
+VISION_ALIAS = "stage2-ready"
+REPORT_MODEL = "report-vlm"
+VERDICT_TAG = "gate.verdict"
+REASONS_TAG = "gate.reasons"
+PIP_REQUIREMENTS = ["torch", "safetensors", "transformers", "mlflow", "pillow", "numpy"]
+
+
+def _versions_from_run(name: str, source_run: str) -> list:
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name='{name}' and tag.source_run='{source_run}'")
+    except MlflowException:
+        return []
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def _alias_version(name: str, alias: str) -> str | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def promote_vision_bridge(checkpoint: str | Path, source_run: str | None,
+                          tags: Mapping[str, str]) -> str:
+    """Register the checkpoint (once per source run) and point `stage2-ready` at it.
+
+    Idempotent: a run validated again reuses its version. Under a race two versions may be
+    created; the lowest wins, the others are deleted, so the alias converges on one.
+    """
+    from pipeline.serving import VisionBridgePyfunc
+
+    client = MlflowClient()
+    key = source_run or f"file:{tags.get('checkpoint_sha256', '')}"
+    existing = _versions_from_run(VISION_MODEL, key)
+    if not existing:
+        info = mlflow.pyfunc.log_model(
+            name="vision_bridge", python_model=VisionBridgePyfunc(),
+            artifacts={"checkpoint": str(checkpoint)}, pip_requirements=PIP_REQUIREMENTS)
+        mlflow.register_model(info.model_uri, VISION_MODEL,
+                              tags={**tags, "source_run": key, VERDICT_TAG: "approved"})
+        existing = _versions_from_run(VISION_MODEL, key)
+    keep, *extra = existing
+    for version in extra:
+        client.delete_model_version(VISION_MODEL, version.version)
+    for k, v in tags.items():
+        client.set_model_version_tag(VISION_MODEL, keep.version, k, str(v))
+    client.set_model_version_tag(VISION_MODEL, keep.version, VERDICT_TAG, "approved")
+    client.set_registered_model_alias(VISION_MODEL, VISION_ALIAS, keep.version)
+    return keep.version
+
+
+def reject_stage1(source_run: str | None, reasons: list[str]) -> None:
+    """Tag the run rejected; un-alias and tag any version registered from it earlier."""
+    client = MlflowClient()
+    text = "; ".join(reasons)[:4900]
+    if source_run:
+        client.set_tag(source_run, VERDICT_TAG, "rejected")
+        client.set_tag(source_run, REASONS_TAG, text)
+        for version in _versions_from_run(VISION_MODEL, source_run):
+            client.set_model_version_tag(VISION_MODEL, version.version, VERDICT_TAG, "rejected")
+            if _alias_version(VISION_MODEL, VISION_ALIAS) == version.version:
+                client.delete_registered_model_alias(VISION_MODEL, VISION_ALIAS)
+
+
+def mark_approved(source_run: str) -> None:
+    """Tag a Stage 1 run approved."""
+    client = MlflowClient()
+    client.set_tag(source_run, VERDICT_TAG, "approved")
+    client.set_tag(source_run, REASONS_TAG, "")
+
+
+def download_checkpoint(uri: str, name_hint: str = "") -> Path:
+    """A local safetensors file for a path, `runs:/` or `models:/` URI."""
+    if "://" not in uri and ":/" not in uri:
+        path = Path(uri)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {uri}")
+        return path
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except MlflowException as exc:
+        raise FileNotFoundError(f"cannot resolve {uri}: {exc.message}") from exc
+    if os.path.isfile(local):
+        return Path(local)
+    found = sorted(glob.glob(os.path.join(local, "**", f"*{name_hint}*.safetensors"),
+                             recursive=True))
+    if not found:
+        raise FileNotFoundError(f"no {name_hint or ''} safetensors checkpoint under {uri}")
+    return Path(found[0])
+
+
+def model_version_run(uri: str) -> str | None:
+    """For `models:/name@alias` or `models:/name/version`, the version's `source_run` tag."""
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri[len("models:/"):]
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, number = ref.split("/", 1)
+        version = client.get_model_version(name, number)
+    return version.tags.get("source_run")
+
+
+def run_evidence(run_id: str, checkpoint_name: str = "vision_bridge_final"):
+    """(Evidence, local checkpoint path or None) for a Stage 1 run, from what it logged."""
+    from pipeline.checkpoint import sha256_file
+    from pipeline.gate import Evidence
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    path = None
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"checkpoints/{checkpoint_name}.safetensors")
+        path = Path(local)
+    except (MlflowException, OSError):
+        path = None
+    lr = params.get("lr")
+    try:
+        lr = float(lr) if lr is not None else None
+    except ValueError:
+        lr = None
+    health = {k.removeprefix("health_"): v for k, v in metrics.items() if k.startswith("health_")}
+    evidence = Evidence(
+        source="run", status=run.info.status, final_train_loss=metrics.get("final_train_loss"),
+        lr=lr, objective=params.get("objective"), health=health,
+        checkpoint_found=path is not None and path.exists(),
+        sha256_recorded=tags.get(f"checkpoint.{checkpoint_name}.sha256"),
+        sha256_actual=sha256_file(path) if path is not None and path.exists() else None)
+    return evidence, path
+
+
+def latest_stage2_final() -> Path | None:
+    """The newest finished Stage 2 run's `vision_bridge_vlm_final` checkpoint, downloaded."""
+    from pipeline.tracking import latest_run
+
+    run = latest_run("stage2")
+    if run is None:
+        return None
+    try:
+        return Path(mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="checkpoints/vision_bridge_vlm_final.safetensors"))
+    except (MlflowException, OSError):
+        return None
+
+
+def run_verdict(run_id: str | None) -> str | None:
+    """The `gate.verdict` tag of a run (None when the run or tag is unknown)."""
+    if not run_id:
+        return None
+    try:
+        return MlflowClient().get_run(run_id).data.tags.get(VERDICT_TAG)
+    except MlflowException:
+        return None
+
+
+def register_report_model(checkpoint: str | Path, run_id: str, llm_name: str,
+                          tags: Mapping[str, str]) -> str:
+    """Log the Stage 2 weights as a pyfunc model (LLM by reference) and alias it `candidate`."""
+    from pipeline.serving import ReportVLMPyfunc
+
+    info = mlflow.pyfunc.log_model(
+        name="report_vlm", python_model=ReportVLMPyfunc(),
+        artifacts={"checkpoint": str(checkpoint)}, pip_requirements=PIP_REQUIREMENTS,
+        metadata={"llm": llm_name})
+    version = mlflow.register_model(info.model_uri, REPORT_MODEL,
+                                    tags={**tags, "source_run": run_id, "llm": llm_name})
+    MlflowClient().set_registered_model_alias(REPORT_MODEL, "candidate", version.version)
+    return version.version
+
+
+def resolve_stage2_checkpoint(ref: str) -> tuple[Path, str | None]:
+    """(local final checkpoint, Stage 2 run id) for a run id, URI or path."""
+    from pipeline.checkpoint import read_metadata
+
+    if ref.startswith(("runs:/", "models:/")) or "/" in ref or ref.endswith(".safetensors"):
+        path = download_checkpoint(ref, "vision_bridge_vlm")
+    else:  # a bare run id
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(
+                run_id=ref, artifact_path="checkpoints/vision_bridge_vlm_final.safetensors"))
+        except MlflowException as exc:
+            raise FileNotFoundError(f"run {ref} has no Stage 2 final checkpoint: "
+                                    f"{exc.message}") from exc
+    return path, read_metadata(path).get("run_id")
+
+
+def promote_champion(source_run: str | None, score: float, definition: str) -> str:
+    """Tag the evaluated `report-vlm` version; move `champion` to it if it scores best."""
+    client = MlflowClient()
+    versions = _versions_from_run(REPORT_MODEL, source_run) if source_run else []
+    if not versions:
+        return "no report-vlm version registered for this model; champion unchanged"
+    version = versions[-1].version
+    client.set_model_version_tag(REPORT_MODEL, version, "eval.score", f"{score:.6f}")
+    client.set_model_version_tag(REPORT_MODEL, version, "eval.score_definition", definition)
+    current = _alias_version(REPORT_MODEL, "champion")
+    if current is not None and current != version:
+        best = client.get_model_version(REPORT_MODEL, current).tags.get("eval.score")
+        if best is not None and float(best) >= score:
+            return f"champion stays version {current} (score {float(best):.4f} >= {score:.4f})"
+    client.set_registered_model_alias(REPORT_MODEL, "champion", version)
+    return f"champion -> report-vlm version {version} (score {score:.4f})"

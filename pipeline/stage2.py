@@ -1,0 +1,264 @@
+"""Stage 2: train vision + bridge against the frozen LLM with caption cross-entropy.
+
+Guards, in order: before the first step the LLM is frozen and none of its parameters is in
+the optimizer, and the first batches' labels supervise exactly the report + EOS positions;
+after the first step a loss under 0.1 warns about label masking; every epoch the curve is
+judged against healthy bands; after training the LLM's checksum must equal the one before.
+The loop reports through `log_metrics` / `set_tags` and writes files into `out_dir`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import captioning
+from pipeline.checkpoint import save_checkpoint
+from pipeline.config import Stage2Config, to_dict
+from pipeline.generation import generate_reports
+from pipeline.curve import degenerate, distinct_share, judge_epoch
+from pipeline.guards import (GuardError, check_finite_grads, check_finite_loss,
+                             check_label_mask, check_optimizer_excludes)
+from pipeline.models.bridge import check_visual_tokens
+from pipeline.resume import ResumeState, optimizer_tensors, restore_optimizer
+from pipeline.train_utils import build_optimizer
+
+CSV_FIELDS = ("step", "epoch", "caption_loss", "lr", "grad_norm", "seconds")
+LOW_FIRST_STEP = ("WARNING: first-step caption loss {loss:.4f} < 0.1. A healthy run starts "
+                  "around 3-5; this almost always means label masking is broken (visual, "
+                  "prompt or padding positions supervised).")
+
+
+@dataclass
+class Stage2Result:
+    """What a Stage 2 run produced."""
+
+    first_step_loss: float | None = None
+    final_train_loss: float = float("nan")
+    best_val_loss: float = float("inf")
+    epochs_done: int = 0
+    verdicts: dict = field(default_factory=dict)
+    checkpoints: dict = field(default_factory=dict)
+    llm_checksum_before: str = ""
+    llm_checksum_after: str = ""
+    val_reports: list = field(default_factory=list)
+
+
+class Stage2Trainer:
+    """One Stage 2 run (fresh or resumed from a step checkpoint)."""
+
+    def __init__(self, cfg: Stage2Config, model, llm, loaders, out_dir: str | Path, run_id: str,
+                 log_metrics: Callable, set_tags: Callable, logger: logging.Logger,
+                 label_fn: Callable = captioning.make_labels, flush: Callable = lambda: None):
+        self.cfg, self.model, self.llm, self.loaders = cfg, model, llm, loaders
+        self.out_dir, self.run_id = Path(out_dir), run_id
+        self.log_metrics, self.set_tags, self.log, self.flush = log_metrics, set_tags, logger, flush
+        self.label_fn = label_fn
+        self.result = Stage2Result()
+        self.state = ResumeState()
+        self.csv_path = self.out_dir / "stage2_train_log.csv"
+        self.epoch_history: dict[str, list] = {"epoch_train_loss": [], "val_loss": []}
+        self.optimizer, self.scheduler = build_optimizer(
+            model, cfg.lr, cfg.weight_decay, cfg.epochs * loaders.batches_per_epoch,
+            cfg.warmup_steps)
+
+    # ---- one batch -------------------------------------------------------------------------
+    def _batch(self, batch, check: bool = False):
+        visual = self.model(batch["images"])
+        layout = captioning.tokenize_batch(
+            self.llm.tokenizer, self.cfg.prompt, batch["reports"], self.llm.eos_token_id,
+            self.llm.pad_token_id, visual.shape[1], self.cfg.max_report_tokens)
+        labels = self.label_fn(layout)
+        if check:
+            check_visual_tokens(visual, self.model.num_visual_tokens,
+                                self.cfg.bridge.max_visual_tokens)
+            check_label_mask(labels, captioning.report_positions(layout))
+        embeds, mask = captioning.assemble(visual, layout, self.llm.embed)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss, layout
+
+    def preflight(self, n_batches: int = 2) -> dict:
+        """Frozen LLM, optimizer scope and label layout, before any step; returns statistics."""
+        self.llm.assert_frozen()
+        n_params = check_optimizer_excludes(self.optimizer, self.llm.named_parameters())
+        supervised = 0
+        with torch.no_grad():
+            for i, batch in enumerate(self.loaders.epoch(1, 0)):
+                if i >= n_batches:
+                    break
+                visual = self.model(batch["images"])
+                check_visual_tokens(visual, self.model.num_visual_tokens,
+                                    self.cfg.bridge.max_visual_tokens)
+                layout = captioning.tokenize_batch(
+                    self.llm.tokenizer, self.cfg.prompt, batch["reports"], self.llm.eos_token_id,
+                    self.llm.pad_token_id, visual.shape[1], self.cfg.max_report_tokens)
+                supervised += check_label_mask(self.label_fn(layout),
+                                               captioning.report_positions(layout))
+        return {"preflight_supervised_tokens": supervised, "optimizer_tensors": n_params}
+
+    def _step(self, batch, epoch: int) -> float:
+        loss, layout = self._batch(batch, check=self.state.step == 0)
+        value = check_finite_loss(loss, self.state.step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = check_finite_grads(self.model.named_parameters(), self.state.step + 1)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        if self.result.first_step_loss is None and self.state.step == 1:
+            self.result.first_step_loss = value
+            self.log_metrics({"first_step_loss": value}, 1)
+            if value < self.cfg.low_loss:
+                self.log.warning(LOW_FIRST_STEP.format(loss=value))
+                self.set_tags({"stage2.first_step_warning": "loss<0.1: check label masking"})
+        lr = self.scheduler.get_last_lr()[0]
+        self.log_metrics({"train_loss": value, "learning_rate": lr, "grad_norm": grad_norm},
+                         self.state.step)
+        self._csv_row({"step": self.state.step, "epoch": epoch, "caption_loss": f"{value:.6f}",
+                       "lr": f"{lr:.6g}", "grad_norm": f"{grad_norm:.4f}",
+                       "seconds": f"{time.monotonic() - self._t0:.2f}"})
+        if layout.truncated:
+            self.log_metrics({"truncated_reports": layout.truncated}, self.state.step)
+        return value
+
+    # ---- files -----------------------------------------------------------------------------
+    def _csv_row(self, row: Mapping) -> None:
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _metadata(self, kind: str, final_loss=None) -> dict:
+        return {"stage": "stage2", "run_id": self.run_id, "kind": kind, "lr": self.cfg.lr,
+                "final_loss": final_loss, "step": self.state.step, "epoch": self.state.epoch,
+                "llm": self.cfg.llm.name, "hidden_size": self.llm.hidden_size,
+                "config": json.dumps(to_dict(self.cfg), sort_keys=True), "format_version": 1}
+
+    def save(self, kind: str, final_loss=None) -> Path:
+        """Write a checkpoint; step checkpoints carry optimizer/scheduler state for resume."""
+        name = f"vision_bridge_vlm_{kind}"
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        meta = self._metadata(kind, final_loss)
+        if kind == "step":
+            name = f"vision_bridge_vlm_step{self.state.step}"
+            tensors.update(optimizer_tensors(self.optimizer))
+            meta.update(self.state.to_metadata(self.optimizer, self.scheduler, self.result,
+                                               self.epoch_history))
+        path = save_checkpoint(self.out_dir / "checkpoints" / name, tensors, meta)
+        self.result.checkpoints[name] = path
+        if kind == "step":
+            self._prune_step_checkpoints(keep=2)
+        return path
+
+    def _prune_step_checkpoints(self, keep: int) -> None:
+        # Each step checkpoint holds optimizer state (3x the weights); the last two suffice.
+        steps = sorted(self.result.checkpoints, key=lambda n: int(n.rsplit("step", 1)[1])
+                       if n.startswith("vision_bridge_vlm_step") else -1)
+        steps = [n for n in steps if n.startswith("vision_bridge_vlm_step")]
+        for name in steps[:-keep]:
+            self.result.checkpoints.pop(name).unlink(missing_ok=True)
+
+    # ---- epochs ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _validate(self, epoch: int) -> float:
+        self.model.eval()
+        losses = [float(self._batch(b)[0]) for b in self.loaders.val()]
+        reports = self.loaders.val_records[: self.cfg.n_val_reports]
+        generated = self.generate(reports) if reports else []
+        self.result.val_reports = [{"epoch": epoch, "id": r.id, "reference": r.report,
+                                    "generated": g} for r, g in zip(reports, generated)]
+        self.model.train()
+        return sum(losses) / max(1, len(losses))
+
+    def generate(self, records) -> list[str]:
+        """Greedy reports for records."""
+        return generate_reports(self.model, self.llm, self.loaders.images(records),
+                                self.cfg.prompt, self.cfg.max_new_tokens)
+
+    def _end_epoch(self, epoch: int, losses: list[float]) -> None:
+        train_loss = sum(losses) / max(1, len(losses))
+        val_loss = self._validate(epoch)
+        verdict = judge_epoch(train_loss, epoch, self.cfg.bands)
+        texts = [r["generated"] for r in self.result.val_reports]
+        self.result.verdicts[epoch] = verdict
+        self.epoch_history["epoch_train_loss"].append((epoch, train_loss))
+        self.epoch_history["val_loss"].append((epoch, val_loss))
+        self.log_metrics({"epoch_train_loss": train_loss, "val_loss": val_loss,
+                          "curve_in_band": float(verdict == "healthy"),
+                          "val_distinct_share": distinct_share(texts)}, epoch)
+        self.set_tags({"stage2.curve_verdict": f"epoch {epoch}: {verdict}"})
+        self.log.info("epoch %d: train %.4f val %.4f curve %s | e.g. %r", epoch, train_loss,
+                      val_loss, verdict, (texts or [""])[0][:120])
+        (self.out_dir / "val_reports").mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "val_reports" / f"epoch{epoch:03d}.json").write_text(
+            json.dumps(self.result.val_reports, indent=2), encoding="utf-8")
+        self._flag_low_loss(texts)
+        self.result.final_train_loss, self.result.epochs_done = train_loss, epoch
+        if val_loss < self.result.best_val_loss:
+            self.result.best_val_loss = val_loss
+            self.save("best_val")
+
+    def _flag_low_loss(self, texts: list[str]) -> None:
+        recent = [v for _, v in self.epoch_history["epoch_train_loss"][-self.cfg.low_loss_epochs:]]
+        if len(recent) == self.cfg.low_loss_epochs and max(recent) < self.cfg.low_loss \
+                and degenerate(texts):
+            message = (f"LOSS UNDER {self.cfg.low_loss} FOR {len(recent)} EPOCHS WHILE THE "
+                       "GENERATED VALIDATION REPORTS ARE DEGENERATE: the data or the labels "
+                       "are wrong (check label masking and report/image pairing).")
+            self.log.error("!" * 20 + " " + message)
+            self.set_tags({"stage2.alarm": message})
+
+    def fit(self) -> Stage2Result:
+        """Train to cfg.epochs (continuing from `self.state` when resumed)."""
+        self._t0 = time.monotonic() - self.state.seconds
+        if self.cfg.llm_checksum and not self.result.llm_checksum_before:
+            self.result.llm_checksum_before = self.llm.checksum()
+        self.model.train()
+        total = self.cfg.epochs * self.loaders.batches_per_epoch
+        bar = tqdm(total=total, initial=self.state.step, desc="stage2", unit="step",
+                   dynamic_ncols=True)
+        try:
+            for epoch in range(max(1, self.state.epoch), self.cfg.epochs + 1):
+                self.state.epoch = epoch
+                losses = list(self.state.epoch_losses)
+                for batch in self.loaders.epoch(epoch, self.state.batch_in_epoch):
+                    losses.append(self._step(batch, epoch))
+                    self.state.batch_in_epoch += 1
+                    self.state.epoch_losses = losses
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
+                    if self.state.step % self.cfg.checkpoint_every == 0:
+                        self._checkpoint()
+                self._end_epoch(epoch, losses)
+                self.state.epoch, self.state.batch_in_epoch, self.state.epoch_losses = epoch + 1, 0, []
+                self._checkpoint()
+        finally:
+            bar.close()
+        self.state.epoch = self.cfg.epochs
+        self._finish()
+        return self.result
+
+    def _checkpoint(self) -> None:
+        # Metrics are sent only right after a step checkpoint: after a kill, MLflow never
+        # holds a step the resumed run will log again.
+        self.state.seconds = time.monotonic() - self._t0
+        self.save("step")
+        self.flush()
+
+    def _finish(self) -> None:
+        self.save("final", self.result.final_train_loss)
+        if self.cfg.llm_checksum:
+            self.result.llm_checksum_after = self.llm.checksum()
+            if self.result.llm_checksum_after != self.result.llm_checksum_before:
+                raise GuardError("the LLM's weights changed during training (checksum "
+                                 f"{self.result.llm_checksum_before[:12]} -> "
+                                 f"{self.result.llm_checksum_after[:12]})")

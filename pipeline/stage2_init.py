@@ -1,0 +1,98 @@
+"""Where Stage 2's vision + bridge weights come from, decided in a fixed order.
+
+1. `scratch` (or `--from_scratch`): fresh weights.
+2. an explicit path, `runs:/` or `models:/` URI: that checkpoint, refused when its Stage 1
+   run was rejected by the gate or its features are collapsed (unless forced).
+3. `auto`: the newest `vision_bridge_vlm_final` of an earlier Stage 2 run (output folder,
+   then experiment); else `models:/vision-bridge@stage2-ready`; else fresh.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pipeline import config as C
+from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.guards import GuardError
+from pipeline.health import health_failures
+from pipeline.probe import probe_health, stage1_config_of
+
+
+@dataclass(frozen=True)
+class InitChoice:
+    """The chosen initialisation: `source` is what `init.source` is tagged with."""
+
+    source: str  # scratch | checkpoint | previous-stage2 | registry
+    path: Path | None = None
+    uri: str | None = None
+    note: str = ""
+
+
+def _previous_stage2(output_dir: str) -> Path | None:
+    finals = list(Path(output_dir).glob("*/checkpoints/vision_bridge_vlm_final.safetensors"))
+    return max(finals, key=lambda p: p.stat().st_mtime) if finals else None
+
+
+def choose_init(init: str, output_dir: str) -> InitChoice:
+    """Resolve `init` (scratch / auto / path / URI) to a concrete choice."""
+    from pipeline import registry
+
+    if init == "scratch":
+        return InitChoice("scratch", note="fresh weights (init=scratch)")
+    if init != "auto":
+        return InitChoice("checkpoint", registry.download_checkpoint(init), init,
+                          note=f"explicit checkpoint {init}")
+    previous = _previous_stage2(output_dir) or registry.latest_stage2_final()
+    if previous is not None:
+        return InitChoice("previous-stage2", Path(previous), str(previous),
+                          note=f"continuing from the previous Stage 2 final weights {previous}")
+    uri = f"models:/{registry.VISION_MODEL}@{registry.VISION_ALIAS}"
+    try:
+        path = registry.download_checkpoint(uri)
+    except FileNotFoundError:
+        return InitChoice("scratch", note=f"fresh weights: no earlier Stage 2 run and no {uri}")
+    return InitChoice("registry", path, uri, note=f"gate-approved Stage 1 weights {uri}")
+
+
+def weights_of(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Model tensors (prefix-free, no optimizer state) and metadata of a checkpoint."""
+    tensors, metadata = load_checkpoint(path)
+    if any(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return {k.removeprefix("module."): v for k, v in tensors.items()}, metadata
+
+
+def adopt_architecture(cfg: C.Stage2Config, metadata: dict) -> C.Stage2Config:
+    """Stage 2 config with the checkpoint's encoder and bridge sizes (weights must fit)."""
+    source = stage1_config_of(metadata, None)
+    if source is None:
+        return cfg
+    return replace(cfg, encoder=source.encoder,
+                   bridge=replace(source.bridge, max_visual_tokens=cfg.bridge.max_visual_tokens))
+
+
+def refuse_if_unfit(choice: InitChoice, model, metadata: dict, gate_verdict: str | None,
+                    probe: torch.Tensor, health_cfg: C.HealthConfig, force: bool) -> dict:
+    """Raise GuardError when an explicit checkpoint is rejected or collapsed; return health."""
+    health = probe_health(model, probe)
+    reasons = []
+    if gate_verdict == "rejected":
+        reasons.append(f"its Stage 1 run {metadata.get('run_id')} was rejected by the gate")
+    failures = health_failures(health, health_cfg)
+    if failures:
+        reasons.append("its features are collapsed (" + "; ".join(failures) + ")")
+    if reasons and not force:
+        raise GuardError(f"refusing to initialise Stage 2 from {choice.uri}: "
+                         + " and ".join(reasons)
+                         + ". Use --init scratch (--from_scratch), or --force_init to override")
+    return health
+
+
+def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    """Load weights strictly, with an error that names the checkpoint."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,0 +1,190 @@
+"""A Stage 2 job: choose the initialisation or resume point, open the run, train, record.
+
+MLflow is reached only through `pipeline.tracking` and `pipeline.registry`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from pipeline import config as C
+from pipeline.checkpoint import sha256_file
+from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
+from pipeline.plots import plot_stage2
+from pipeline.registry import model_version_run, register_report_model, run_verdict
+from pipeline.resume import latest_step_checkpoint, restore_optimizer, state_from_metadata, truncate_csv
+from pipeline.stage2 import Stage2Result, Stage2Trainer
+from pipeline.stage2_init import (InitChoice, adopt_architecture, choose_init, load_into,
+                                  refuse_if_unfit, weights_of)
+from pipeline.tracking import (MetricsSink, last_logged_step, log_dataset, log_files,
+                               log_new_params, set_run_tags, stage_run)
+from pipeline.train_utils import EpochLoaders, file_logger, seed_everything
+
+
+def find_interrupted(output_dir: str | Path) -> Path | None:
+    """The newest run folder with step checkpoints but no final checkpoint."""
+    candidates = [d for d in Path(output_dir).glob("*") if d.is_dir()
+                  and latest_step_checkpoint(d) is not None
+                  and not (d / "checkpoints" / "vision_bridge_vlm_final.safetensors").exists()]
+    return max(candidates, key=lambda d: latest_step_checkpoint(d).stat().st_mtime, default=None)
+
+
+class Stage2Job:
+    """Everything around the Stage 2 training loop."""
+
+    def __init__(self, cfg: C.Stage2Config, profile: str, init: str, force_init: bool = False,
+                 resume: str | None = None, echo: Callable[[str], None] = print,
+                 label_fn=None, llm=None):
+        self.cfg, self.profile, self.init, self.force_init = cfg, profile, init, force_init
+        self.resume, self.echo, self.label_fn, self.llm = resume, echo, label_fn, llm
+        self.run_id: str | None = None
+        self.out_dir: Path | None = None
+
+    def _resume_point(self):
+        if self.resume is None and self.init != "auto":
+            return None
+        folder = find_interrupted(self.cfg.output_dir) if self.resume in (None, "auto") \
+            else Path(self.resume)
+        if folder is None:
+            return None
+        ckpt = latest_step_checkpoint(folder)
+        tensors, meta = weights_of(ckpt)
+        saved = C.from_dict(C.Stage2Config, meta["config"])
+        if self.resume is None and C.to_dict(saved) != C.to_dict(self.cfg):
+            self.echo(f"not resuming {folder}: its config differs from this run's")
+            return None
+        self.cfg = saved
+        return ckpt, meta
+
+    def _initialise(self, model, choice: InitChoice, tensors, meta):
+        if choice.path is None:
+            return {}
+        load_into(model, tensors, choice.path)
+        if choice.source != "checkpoint":
+            return {}
+        from pipeline.probe import probe_images
+        verdict = run_verdict(meta.get("run_id")) or run_verdict(model_version_run(choice.uri or ""))
+        probe = probe_images(self.cfg.data, self.cfg.encoder.image_size, C.HealthConfig().probe_size)
+        return refuse_if_unfit(choice, model, meta, verdict, probe, C.HealthConfig(),
+                               self.force_init)
+
+    def _build(self, resume_point):
+        from pipeline.models.llm import load_llm
+        from pipeline.models.vision_bridge import VisionBridge
+
+        if resume_point is not None:
+            choice, tensors, meta = InitChoice("resume", note="resuming"), None, resume_point[1]
+        else:
+            choice = choose_init(self.init, self.cfg.output_dir)
+            tensors, meta = weights_of(choice.path) if choice.path else (None, {})
+            if tensors is not None:
+                self.cfg = adopt_architecture(self.cfg, meta)
+        self.echo(f"init: {choice.source}: {choice.note}")
+        llm = self.llm or load_llm(self.cfg.llm.name, self.cfg.llm.cache_dir, self.cfg.llm.dtype)
+        seed_everything(self.cfg.seed)
+        model = VisionBridge.from_config(self.cfg.encoder, self.cfg.bridge, out_dim=llm.hidden_size)
+        health = self._initialise(model, choice, tensors, meta)
+        return choice, llm, model, health
+
+    def run(self) -> Stage2Result:
+        """Train (or resume) one Stage 2 run; returns its result."""
+        resume_point = self._resume_point()
+        choice, llm, model, health = self._build(resume_point)
+        records = load_dataset(self.cfg.data)
+        loaders = EpochLoaders(records["train"], records["val"], self.cfg.encoder.image_size,
+                               self.cfg.batch_size, self.cfg.seed)
+        run_id = resume_point[1]["run_id"] if resume_point else None
+        with stage_run("stage2", run_id=run_id) as run:
+            self.run_id = run.info.run_id
+            self.out_dir = Path(self.cfg.output_dir) / self.run_id
+            log = file_logger("stage2", self.out_dir / "stage2.log")
+            set_run_tags({"init.source": choice.source, "init.note": choice.note[:500],
+                          **{f"init.health_{k}": f"{v:.4g}" for k, v in health.items()}})
+            if resume_point is None:
+                log_new_params({**C.flatten(self.cfg), "profile": self.profile, "init": self.init})
+                log_dataset(records_frame(records), source=self.cfg.data.source,
+                            name="stage2-data", digest=dataset_digest(records), context="training",
+                            profile=dataset_profile(records))
+            sink = MetricsSink(self.run_id, flush_every=10**9)
+            trainer = Stage2Trainer(self.cfg, model, llm, loaders, self.out_dir, self.run_id,
+                                    sink, set_run_tags, log, flush=sink.flush,
+                                    **({"label_fn": self.label_fn} if self.label_fn else {}))
+            if resume_point is not None:
+                self._restore(trainer, *resume_point, log)
+            sink(trainer.preflight(), trainer.state.step)
+            try:
+                result = trainer.fit()
+            finally:
+                sink.flush()
+                self._log_outputs(trainer)
+            self._record(trainer, result, llm)
+        return result
+
+    def _restore(self, trainer: Stage2Trainer, ckpt: Path, meta: dict, log) -> None:
+        from pipeline.checkpoint import load_checkpoint
+
+        tensors, _ = load_checkpoint(ckpt)
+        model_tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        load_into(trainer.model, model_tensors, ckpt)
+        resume = meta["resume"]
+        restore_optimizer(trainer.optimizer, trainer.scheduler, tensors, resume)
+        trainer.state = state_from_metadata(resume)
+        trainer.result.first_step_loss = resume["first_step_loss"]
+        trainer.result.best_val_loss = resume["best_val_loss"]
+        trainer.result.llm_checksum_before = resume["llm_checksum_before"]
+        trainer.epoch_history = {k: [tuple(x) for x in v] for k, v in resume["epoch_history"].items()}
+        kept = truncate_csv(trainer.csv_path, trainer.state.step)
+        self._relog(trainer)
+        log.info("resumed run %s at step %d (epoch %d, batch %d); CSV rows kept: %d",
+                 self.run_id, trainer.state.step, trainer.state.epoch,
+                 trainer.state.batch_in_epoch, kept)
+
+    def _relog(self, trainer: Stage2Trainer) -> None:
+        """Send the checkpointed steps MLflow missed (killed between save and flush)."""
+        last = last_logged_step(self.run_id, "train_loss")
+        with open(trainer.csv_path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if int(row["step"]) > last:
+                    trainer.log_metrics({"train_loss": float(row["caption_loss"]),
+                                         "learning_rate": float(row["lr"])}, int(row["step"]))
+        last_epoch = last_logged_step(self.run_id, "val_loss")
+        for key, series in trainer.epoch_history.items():
+            for epoch, value in series:
+                if epoch > last_epoch:
+                    trainer.log_metrics({key: value}, epoch)
+        trainer.flush()
+
+    def _log_outputs(self, trainer: Stage2Trainer) -> None:
+        import pandas as pd
+
+        cfg_path = C.save_json(self.cfg, self.out_dir / "stage2_config.json")
+        steps = []
+        if trainer.csv_path.exists():
+            frame = pd.read_csv(trainer.csv_path)
+            per_epoch = max(1, trainer.loaders.batches_per_epoch)
+            steps = list(zip(frame["step"] / per_epoch, frame["caption_loss"]))
+        plot = plot_stage2(steps, trainer.epoch_history, list(self.cfg.bands),
+                           self.out_dir / "stage2_loss.png")
+        log_files([trainer.csv_path, plot, cfg_path, self.out_dir / "stage2.log"])
+        log_files(sorted((self.out_dir / "val_reports").glob("*.json")), "val_reports")
+        for name, path in trainer.result.checkpoints.items():
+            if path.exists():
+                set_run_tags({f"checkpoint.{name}.sha256": sha256_file(path)})
+        log_files([p for p in trainer.result.checkpoints.values() if p.exists()], "checkpoints")
+
+    def _record(self, trainer: Stage2Trainer, result: Stage2Result, llm) -> None:
+        trainer.log_metrics({"final_train_loss": result.final_train_loss,
+                             "best_val_loss": result.best_val_loss}, result.epochs_done)
+        trainer.flush()
+        set_run_tags({"llm.checksum_before": result.llm_checksum_before,
+                      "llm.checksum_after": result.llm_checksum_after,
+                      "llm.name": self.cfg.llm.name})
+        final = trainer.result.checkpoints["vision_bridge_vlm_final"]
+        version = register_report_model(final, self.run_id, self.cfg.llm.name, {
+            "final_train_loss": f"{result.final_train_loss:.4f}",
+            "first_step_loss": f"{result.first_step_loss:.4f}"})
+        set_run_tags({"registry.report_vlm_version": version})
+        self.echo(f"registered models:/report-vlm/{version} (alias candidate)")

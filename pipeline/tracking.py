@@ -1,0 +1,174 @@
+"""Everything that talks to MLflow tracking (the registry lives in `pipeline.registry`).
+
+Training loops never import this: they get a `log_metrics(metrics, step)` callable, which
+here is a `MetricsSink` that buffers points and sends them with one `log_batch` call every
+`flush_every` points (a synchronous `log_metric` costs ~8 ms on sqlite; a batch of 1000
+costs ~0.2 s).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+EXPERIMENT_NAME = "radiology-report-vlm"
+STAGE_TAG = "pipeline.stage"
+
+
+class MetricsSink:
+    """Buffered metric logging into one run; call it as `sink(metrics, step)`."""
+
+    def __init__(self, run_id: str, flush_every: int = 200, client: MlflowClient | None = None):
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.client = client or MlflowClient()
+        self._buffer: list[Metric] = []
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            value = float(value)
+            self._buffer.append(Metric(key, value, now, int(step)))
+            self.history.setdefault(key, []).append((int(step), value))
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send buffered points (log_batch takes at most 1000 metrics per call)."""
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+
+def _experiment() -> None:
+    if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+            or os.environ.get("MLFLOW_RUN_ID")):
+        mlflow.set_experiment(EXPERIMENT_NAME)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None,
+              nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Open (or, under `mlflow run` / on resume, re-attach to) a run tagged with `stage`.
+
+    SIGTERM is turned into KeyboardInterrupt so callers can save and end the run KILLED;
+    an interrupted run is never left RUNNING.
+    """
+    _experiment()
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested)
+        mlflow.set_tag(STAGE_TAG, stage)
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+        except BaseException:
+            mlflow.end_run("FAILED")
+            raise
+        else:
+            mlflow.end_run("FINISHED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def log_new_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Log params not yet on the active run.
+
+    `mlflow run` already logged the `-P` ones as raw strings and MLflow refuses a changed
+    value, so those stay as they are; a differing resolved value goes to `resolved.<key>`.
+    """
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    fresh = {}
+    for key, value in params.items():
+        value = str(value)[:6000]
+        if key not in existing:
+            fresh[key] = value
+        elif existing[key] != value and f"resolved.{key}" not in existing:
+            fresh[f"resolved.{key}"] = value  # e.g. `-P epochs=auto` resolved by the profile
+    items = list(fresh.items())
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i:i + 100]))
+    return fresh
+
+
+def log_dataset(frame, source: str, name: str, digest: str, context: str,
+                profile: Mapping[str, Any] | None = None) -> None:
+    """`log_input` the dataset (digest lets MLflow tell datasets apart) and its profile."""
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+    mlflow.log_input(dataset, context=context)
+    if profile is not None:
+        mlflow.log_dict(dict(profile), f"data/profile_{context}.json")
+
+
+def log_files(paths, artifact_path: str | None = None) -> None:
+    """Log each existing file as an artifact."""
+    for path in paths:
+        if path is not None and Path(path).exists():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def last_logged_step(run_id: str, key: str) -> int:
+    """The highest step logged for `key` on a run, or -1."""
+    history = MlflowClient().get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
+
+
+def latest_run(stage: str, status: str = "FINISHED", experiment_ids=None):
+    """The newest run tagged `pipeline.stage=stage` with `status`, or None."""
+    client = MlflowClient()
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiment_ids, filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and "
+                                      f"attributes.status = '{status}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def set_run_tags(tags: Mapping[str, str]) -> None:
+    """Set tags on the active run (values as strings)."""
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def find_reusable_run(entry_point: str, params: Mapping[str, str], git_commit: str | None):
+    """A FINISHED run of `entry_point` with the same params (as strings) and code version."""
+    client = MlflowClient()
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiment_ids, filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}' and "
+                                      "attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=200)
+    for run in runs:
+        if git_commit and run.data.tags.get("mlflow.gitCommit") != git_commit:
+            continue
+        if all(run.data.params.get(k) == str(v) for k, v in params.items()):
+            return run
+    return None
+
+
+def git_commit() -> str | None:
+    """The working tree's HEAD commit, if this is a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,96 @@
+"""Pieces both training stages share: seeding, optimizer + schedule, loaders, text logs."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.data import ImageReportDataset, collate
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_optimizer(module: torch.nn.Module, lr: float, weight_decay: float,
+                    total_steps: int, warmup_steps: int):
+    """AdamW over the module's parameters + linear warmup then cosine decay to 10% of lr."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = max(0, min(warmup_steps, total_steps // 2))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_loader(records, image_size: int, batch_size: int, shuffle: bool,
+                generator: torch.Generator | None = None) -> DataLoader:
+    """A single-process DataLoader over image/report records."""
+    dataset = ImageReportDataset(records, image_size)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=collate, num_workers=0)
+
+
+def file_logger(name: str, path: str | Path) -> logging.Logger:
+    """A logger that writes plain text to `path` and to stderr (one handler each)."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(fmt)
+    stream = logging.StreamHandler()
+    stream.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(file_handler)
+    logger.addHandler(stream)
+    return logger
+
+
+class EpochLoaders:
+    """Deterministic per-epoch data order that can start part-way into an epoch (resume)."""
+
+    def __init__(self, train_records, val_records, image_size: int, batch_size: int, seed: int):
+        self.train = ImageReportDataset(train_records, image_size)
+        self.val_dataset = ImageReportDataset(val_records, image_size)
+        self.val_records = list(val_records)
+        self.batch_size, self.seed, self.image_size = batch_size, seed, image_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train) / self.batch_size)
+
+    def epoch(self, epoch: int, skip_batches: int = 0):
+        """Batches of `epoch` (its own seeded shuffle), skipping the first `skip_batches`."""
+        order = torch.randperm(len(self.train),
+                               generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        for start in range(skip_batches * self.batch_size, len(order), self.batch_size):
+            yield collate([self.train[int(i)] for i in order[start:start + self.batch_size]])
+
+    def val(self):
+        """Validation batches in file order."""
+        for start in range(0, len(self.val_dataset), self.batch_size):
+            stop = min(start + self.batch_size, len(self.val_dataset))
+            yield collate([self.val_dataset[i] for i in range(start, stop)])
+
+    def images(self, records) -> torch.Tensor:
+        """A batch of images for records (e.g. to generate reports)."""
+        ds = ImageReportDataset(list(records), self.image_size)
+        return collate([ds[i] for i in range(len(ds))])["images"]

@@ -1,0 +1,57 @@
+"""evaluate: generate reports for a split and score them.
+
+Reads: a Stage 2 model (a run id, `runs:/`, `models:/report-vlm@alias` or a checkpoint path).
+Writes: metrics (`greedy_*`, `beam_*`, `score`), `reports.json` (a table of id / reference /
+generated), `plots/finding_f1.png`, `eval_scores.json`; moves `report-vlm@champion` to the
+evaluated version when its score beats the current champion's.
+"""
+from __future__ import annotations
+
+import click
+import mlflow
+
+from pipeline.evaluation import evaluate_model
+from pipeline.registry import promote_champion, resolve_stage2_checkpoint
+from pipeline.tracking import log_new_params, stage_run
+from steps.common import auto, one_line_errors, profile_option
+
+
+@click.command()
+@click.option("--model", "model_ref", default="models:/report-vlm@candidate", show_default=True,
+              help="run id, runs:/..., models:/... or a checkpoint path")
+@click.option("--data", default="synthetic", show_default=True)
+@click.option("--image_dir", "--image-dir", default=None)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test",
+              show_default=True)
+@click.option("--num_beams", "--num-beams", default="3", show_default=True,
+              help="beam width for the beam-search pass (1 = greedy only)")
+@click.option("--max_new_tokens", "--max-new-tokens", default="auto")
+@click.option("--limit", default="auto", help="evaluate the first N studies only")
+@profile_option
+@one_line_errors
+def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, profile):
+    """Generate and score reports; promote the champion."""
+    checkpoint, source_run = resolve_stage2_checkpoint(model_ref)
+    with stage_run("evaluate"):
+        log_new_params({"model": model_ref, "data": data, "split": split, "profile": profile,
+                        "num_beams": num_beams, "source_run": source_run or ""})
+        outcome = evaluate_model(checkpoint, data=data, image_dir=image_dir, split=split,
+                                 num_beams=auto(num_beams, int) or 1,
+                                 max_new_tokens=auto(max_new_tokens, int), limit=auto(limit, int),
+                                 out_dir=f"outputs/evaluate/{mlflow.active_run().info.run_id}")
+        mlflow.log_metrics(outcome.metrics)
+        mlflow.log_param("score_definition", outcome.score_definition)
+        mlflow.log_table(outcome.table, "reports.json")
+        mlflow.log_dict(outcome.metrics, "eval_scores.json")
+        mlflow.log_artifact(str(outcome.figure), "plots")
+        mlflow.set_tags({"eval.model": model_ref, "eval.source_run": source_run or ""})
+        message = promote_champion(source_run, outcome.metrics["score"], outcome.score_definition)
+        click.echo(message, err=True)
+        shown = {k: round(v, 4) for k, v in outcome.metrics.items()
+                 if k.split("_", 1)[-1] in ("bleu4", "cider", "rouge_l", "meteor",
+                                            "finding_macro_f1", "distinct_share") or k == "score"}
+        click.echo(f"evaluate {split}: {shown}")
+
+
+if __name__ == "__main__":
+    main()

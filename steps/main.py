@@ -1,0 +1,91 @@
+"""main: data -> stage1 -> validate -> stage2 -> evaluate, as one parent run with child runs.
+
+A finished child run whose parameters (as strings) and git commit match is reused, so a rerun
+after a crash does only what is missing. When the gate rejects Stage 1, Stage 2 starts from
+scratch (said loudly) unless `--stop_on_reject`.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+import mlflow
+from mlflow.exceptions import ExecutionException
+
+from pipeline import config as C
+from pipeline.data import dataset_digest, load_dataset
+from pipeline.registry import VISION_ALIAS, VISION_MODEL, run_verdict
+from pipeline.tracking import find_reusable_run, git_commit, stage_run
+from steps.common import one_line_errors, profile_option
+
+
+def _step(name: str, params: dict, commit: str | None, allow_fail: bool = False):
+    params = {k: str(v) for k, v in params.items()}
+    reused = find_reusable_run(name, params, commit)
+    if reused is not None:
+        click.echo(f"[main] {name}: reusing finished run {reused.info.run_id}", err=True)
+        return reused.info.run_id, True
+    click.echo(f"[main] {name}: running with {params}", err=True)
+    try:
+        submitted = mlflow.projects.run(".", entry_point=name, parameters=params,
+                                        env_manager="local", synchronous=True)
+    except ExecutionException:
+        if not allow_fail:
+            raise
+        return None, False
+    return submitted.run_id, True
+
+
+@click.command()
+@profile_option
+@click.option("--data", default="synthetic", show_default=True)
+@click.option("--objective", default="vicreg", show_default=True)
+@click.option("--stage1_lr", "--stage1-lr", default="1e-5", show_default=True)
+@click.option("--stage2_lr", "--stage2-lr", default="2e-5", show_default=True)
+@click.option("--llm", default="smollm2", show_default=True)
+@click.option("--stop_on_reject", "--stop-on-reject", is_flag=True)
+@one_line_errors
+def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
+    """Run the whole pipeline; print the metrics, where results are and how to look."""
+    commit = git_commit()
+    records = load_dataset(C.build(C.Stage1Config, profile, {"data.source": data}).data)
+    with stage_run("main") as parent:
+        mlflow.set_tag("data.digest", dataset_digest(records))
+        common = {"profile": profile, "data": data}
+        s1, _ = _step("stage1", {**common, "objective": objective, "lr": stage1_lr}, commit)
+        _, approved = _step("validate", {"stage1_run": s1, "profile": profile}, commit,
+                            allow_fail=True)
+        approved = approved and run_verdict(s1) == "approved"
+        if approved:
+            init = f"models:/{VISION_MODEL}@{VISION_ALIAS}"
+        elif stop_on_reject:
+            raise ValueError(f"the gate rejected Stage 1 run {s1} (see its gate.reasons tag)")
+        else:
+            init = "scratch"
+            click.echo("!" * 70 + f"\n[main] THE GATE REJECTED STAGE 1 RUN {s1}: STAGE 2 STARTS "
+                       "FROM SCRATCH (as advised: do not initialise from collapsed features)\n"
+                       + "!" * 70, err=True)
+        mlflow.set_tag("main.stage2_init", init)
+        s2, _ = _step("stage2", {**common, "lr": stage2_lr, "llm": llm, "init": init}, commit)
+        ev, _ = _step("evaluate", {**common, "model": s2}, commit)
+        _summary(parent.info.run_id, s1, s2, ev)
+
+
+def _summary(parent_id: str, s1: str, s2: str, ev: str) -> None:
+    client = mlflow.tracking.MlflowClient()
+    metrics = client.get_run(ev).data.metrics
+    shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("beam_", "greedy_"))
+             and k.split("_", 1)[1] in ("bleu4", "cider", "rouge_l", "finding_macro_f1",
+                                        "distinct_share")}
+    mlflow.log_metrics({f"eval_{k}": v for k, v in shown.items()})
+    click.echo("\n== pipeline finished ==")
+    click.echo(f"runs: main {parent_id} | stage1 {s1} | stage2 {s2} | evaluate {ev}")
+    click.echo(f"final metrics: {shown} score={metrics.get('score', float('nan')):.4f}")
+    click.echo(f"artifacts: {client.get_run(s2).info.artifact_uri} (Stage 2), "
+               f"{client.get_run(ev).info.artifact_uri} (evaluation); outputs/ holds local copies")
+    click.echo(f"tracking store: {mlflow.get_tracking_uri()}")
+    click.echo("see them: mlflow ui --backend-store-uri sqlite:///mlflow.db")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Stage 2: train vision + bridge against the frozen LLM with caption cross-entropy.
+
+Reads: the data; initial weights (`init`: scratch / auto / path / `runs:/` / `models:/`).
+Writes: `stage2_train_log.csv`, `plots/stage2_loss.png`, `config/stage2_config.json`,
+`checkpoints/vision_bridge_vlm_{best_val,final,step<N>}.safetensors`, `val_reports/`; a
+`report-vlm` version with alias `candidate`. Resumes a killed run with `--resume`.
+"""
+from __future__ import annotations
+
+import click
+import mlflow
+
+from pipeline import config as C
+from pipeline.stage2_run import Stage2Job
+from steps.common import auto, one_line_errors, profile_option
+
+
+@click.command()
+@profile_option
+@click.option("--config", "config_file", default=None, help="JSON config; explicit options win")
+@click.option("--data", default=None, help="synthetic (default) or an annotation/CSV/JSONL path")
+@click.option("--image_dir", "--image-dir", default=None)
+@click.option("--epochs", default=None, help="default: the profile's")
+@click.option("--lr", default=None, help="default 2e-5")
+@click.option("--batch_size", "--batch-size", default=None, help="default 2")
+@click.option("--max_visual_tokens", "--max-visual-tokens", default=None, help="default 96")
+@click.option("--llm", default=None, help="smollm2 (offline default), tiny-random, HF folder, .gguf")
+@click.option("--seed", default=None)
+@click.option("--init", default="auto", show_default=True,
+              help="auto | scratch | a checkpoint path | runs:/... | models:/...")
+@click.option("--from_scratch", "--from-scratch", is_flag=True, help="same as --init scratch")
+@click.option("--vision_checkpoint", "--vision-checkpoint", default=None,
+              help="same as --init PATH_OR_URI")
+@click.option("--force_init", "--force-init", is_flag=True,
+              help="use an explicit checkpoint even if rejected by the gate or collapsed")
+@click.option("--resume", default=None,
+              help="'auto' or an interrupted run's output folder: continue it")
+@click.option("--output_dir", "--output-dir", default="outputs/stage2", show_default=True)
+@one_line_errors
+def main(profile, config_file, data, image_dir, epochs, lr, batch_size, max_visual_tokens, llm,
+         seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir):
+    """Train vision + bridge against the frozen LLM and register the result."""
+    config_file = auto(config_file, str)
+    cfg = C.build(C.Stage2Config, profile, {
+        "data.source": data, "data.image_dir": image_dir, "epochs": auto(epochs, int),
+        "lr": auto(lr, float), "batch_size": auto(batch_size, int),
+        "bridge.max_visual_tokens": auto(max_visual_tokens, int), "llm.name": auto(llm, str),
+        "seed": auto(seed, int), "output_dir": output_dir}, config_file=config_file)
+    init = "scratch" if from_scratch else (vision_checkpoint or init)
+    job = Stage2Job(cfg, profile=profile, init=init, force_init=force_init,
+                    resume=auto(resume, str), echo=lambda m: click.echo(m, err=True))
+    result = job.run()
+    click.echo(f"stage2 done: first-step loss {result.first_step_loss:.4f}, final_train_loss "
+               f"{result.final_train_loss:.4f}; run {job.run_id}; outputs in {job.out_dir}")
+    if mlflow.active_run() is not None:  # never leave a run open
+        mlflow.end_run()
+
+
+if __name__ == "__main__":
+    main()
