@@ -54,7 +54,7 @@ class LLMConfig:
 
     name: str = "smollm2"
     dtype: str = "float32"
-    cache_dir: str = ".cache/llm"
+    cache_dir: str = "~/.cache/report-vlm/llm"  # converted GGUF weights, shared by clones
 
 
 @dataclass(frozen=True)

@@ -75,10 +75,10 @@ class Stage1Trainer:
     def _train_step(self, images: torch.Tensor, optimizer, scheduler) -> float:
         loss, terms, _ = objective_loss(self.cfg.objective, self.model, images,
                                         radiograph_views, self.aug_gen)
-        value = check_finite_loss(loss, self.step)
+        value = check_finite_loss(loss, self.step + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = check_finite_grads(self.model.named_parameters(), self.step)
+        grad_norm = check_finite_grads(self.model.named_parameters(), self.step + 1)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         optimizer.step()
         scheduler.step()

@@ -10,9 +10,11 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import PROFILES, ConfigError
 from pipeline.data import DataError
 from pipeline.guards import GuardError
+from pipeline.models.llm import LLMLoadError, TrainableLLMError
 
 # Errors that end a step with a one-line reason on stderr and a non-zero exit code.
-EXPECTED_ERRORS = (ConfigError, DataError, GuardError, CheckpointError, ValueError, FileNotFoundError)
+EXPECTED_ERRORS = (ConfigError, DataError, GuardError, CheckpointError, TrainableLLMError,
+                   LLMLoadError, ValueError, FileNotFoundError)
 EXIT_REFUSED = 2
 EXIT_INTERRUPTED = 130
 

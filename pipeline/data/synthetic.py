@@ -1,0 +1,399 @@
+"""Synthetic chest-radiograph benchmark: drawn grayscale images with known findings and reports.
+
+Each study samples a set of findings (cardiomegaly, left/right pleural effusion, left/right
+pneumothorax, a nodule or mass in one lung zone, consolidation in one lung zone, or none),
+draws a PA radiograph that shows them, and writes an IU X-Ray style report (findings then
+impression) with paraphrases, negated statements for absent findings and varied sentence
+order. Ground-truth labels over `FINDINGS` are stored with each entry. Patient left is on
+the image's right, as on a real PA film.
+
+Output is the R2Gen layout, so one loader serves this and the real datasets:
+`<out>/annotation.json` (`train`/`val`/`test` -> `{id, report, image_path, labels}`) and
+`<out>/images/<id>/0.png`. Everything derives from one seed through numpy's Generator, and
+PNGs carry no timestamps, so the same arguments give byte-identical files (same numpy and
+Pillow versions, same platform).
+
+    python -m pipeline.data.synthetic --out data/synthetic --seed 0 \\
+        [--n-train 254 --n-val 32 --n-test 64 --image-size 224]
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image
+
+from pipeline.data.labeler import FINDINGS, SIDES, ZONES
+
+VERSION = 1
+META_NAME = "synthetic_meta.json"
+# severity -> (effusion height, pneumothorax lung shrink) ranges in body coordinates
+_SEVERITY = {"small": ((0.1, 0.18), (0.8, 0.88)), "moderate": ((0.18, 0.28), (0.7, 0.8)),
+             "large": ((0.28, 0.4), (0.55, 0.7))}
+
+
+@dataclass(frozen=True)
+class Study:
+    """Sampled findings of one synthetic study; sides are the patient's."""
+
+    cardiomegaly: bool
+    effusion: tuple[str, ...]  # sides with an effusion
+    pneumothorax: str | None  # side
+    nodule: tuple[str, str, int] | None  # (side, zone, diameter in mm)
+    consolidation: tuple[str, str] | None  # (side, zone)
+    effusion_size: str = "small"  # small / moderate / large, drawn as stated
+    pneumothorax_size: str = "small"
+
+    def labels(self) -> dict[str, int]:
+        found = {"cardiomegaly"} if self.cardiomegaly else set()
+        found |= {f"effusion_{side}" for side in self.effusion}
+        if self.pneumothorax:
+            found.add(f"pneumothorax_{self.pneumothorax}")
+        if self.nodule:
+            found.add(f"nodule_{self.nodule[0]}_{self.nodule[1]}")
+        if self.consolidation:
+            found.add(f"consolidation_{self.consolidation[0]}_{self.consolidation[1]}")
+        labels = {name: int(name in found) for name in FINDINGS}
+        labels["no_finding"] = int(not found)
+        return labels
+
+
+def sample_study(rng: np.random.Generator) -> Study:
+    """Draw one study's findings: about 30% normal, otherwise one to three findings."""
+    if rng.random() < 0.3:
+        return Study(False, (), None, None, None)
+    k = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
+    kinds = set(rng.choice(["cardio", "effusion", "ptx", "nodule", "consol"], k, replace=False))
+    effusion: tuple[str, ...] = ()
+    if "effusion" in kinds:
+        effusion = SIDES if rng.random() < 0.2 else (str(rng.choice(SIDES)),)
+    ptx_sides = [s for s in SIDES if s not in effusion]
+    ptx = str(rng.choice(ptx_sides)) if "ptx" in kinds and ptx_sides else None
+    nodule = None
+    if "nodule" in kinds:
+        size = int(rng.integers(30, 55)) if rng.random() < 0.25 else int(rng.integers(6, 25))
+        nodule = (str(rng.choice(SIDES)), str(rng.choice(ZONES)), size)
+    consolidation = None
+    if "consol" in kinds:
+        choices = [(s, z) for s in SIDES for z in ZONES if not nodule or (s, z) != nodule[:2]]
+        consolidation = choices[int(rng.integers(len(choices)))]
+    sizes = [str(s) for s in rng.choice(list(_SEVERITY), 2)]
+    return Study("cardio" in kinds, effusion, ptx, nodule, consolidation, *sizes)
+
+
+# ----------------------------------------------------------------------------- reports
+_HEART_POS = ["The heart is enlarged.", "The heart is mildly enlarged.", "Cardiomegaly is present.",
+              "There is moderate cardiomegaly.", "The cardiac silhouette is enlarged.",
+              "Heart size is enlarged.", "Enlarged cardiac silhouette."]
+_HEART_NEG = ["The heart is normal in size.", "Heart size is within normal limits.",
+              "The cardiac silhouette is normal.", "Normal heart size.",
+              "The heart is not enlarged.", "No cardiomegaly.",
+              "The cardiomediastinal silhouette is within normal limits."]
+_MEDIASTINUM = ["The mediastinum is unremarkable.", "Mediastinal contours are normal.",
+                "The mediastinal silhouette is within normal limits.", "Normal mediastinal contour."]
+_BONES = ["No acute osseous abnormality.", "The osseous structures are intact.",
+          "Visualized osseous structures are unremarkable.",
+          "Mild degenerative changes of the thoracic spine.", "No acute bony abnormality."]
+_LUNGS_CLEAR = ["The lungs are clear.", "Lungs are clear bilaterally.",
+                "No focal consolidation or suspicious pulmonary nodule.",
+                "There is no focal airspace disease.", "The lungs are well expanded and clear."]
+_NO_CONSOLIDATION = ["No focal consolidation.", "There is no focal airspace consolidation.",
+                     "No focal airspace disease."]
+_NO_NODULE = ["No suspicious pulmonary nodules.", "No nodules or masses are seen."]
+_PLEURA_CLEAR = ["No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.",
+                 "No evidence of pneumothorax or pleural effusion.",
+                 "The costophrenic angles are sharp. No pneumothorax."]
+_NO_PTX = ["No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."]
+_NO_EFFUSION = ["No pleural effusion.", "There is no pleural effusion.", "The costophrenic angles are sharp."]
+_EFFUSION = ["There is a {size} {side} pleural effusion.", "{Size} {side} pleural effusion.",
+             "Blunting of the {side} costophrenic angle consistent with a {size} effusion.",
+             "A {size} pleural effusion is present on the {side}.",
+             "{Side} basilar opacity with blunting of the costophrenic angle, consistent with "
+             "pleural effusion."]
+_EFFUSION_BOTH = ["There are {size} bilateral pleural effusions.", "{Size} bilateral pleural effusions.",
+                  "Bilateral pleural effusions with blunting of both costophrenic angles."]
+_PTX = ["There is a {size} {side} pneumothorax.",
+        "{Side} apical pneumothorax with a visible pleural line.",
+        "A {size} {side} pneumothorax is present.",
+        "Pneumothorax on the {side} with a visible visceral pleural line."]
+_NODULE = ["There is a {mm} mm nodule in the {loc}.", "A {cm} cm nodular opacity projects over the {loc}.",
+           "{Loc} pulmonary nodule measuring {mm} mm.",
+           "Rounded opacity in the {loc}, likely a nodule."]
+_MASS = ["There is a {cm} cm mass in the {loc}.", "{Loc} mass measuring {cm} cm.",
+         "A large {cm} cm mass occupies the {loc}."]
+_CONSOL = ["There is focal consolidation in the {loc}.", "Patchy consolidation is seen in the {loc}.",
+           "Airspace opacity in the {loc}, consistent with consolidation.", "{Loc} consolidation.",
+           "Focal airspace disease in the {loc}, compatible with pneumonia."]
+_IMPRESSION_NORMAL = ["No acute cardiopulmonary abnormality.", "No acute cardiopulmonary disease.",
+                      "Normal chest radiograph.", "No active disease."]
+
+
+def _pick(rng: np.random.Generator, options: list[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _fill(template: str, **values: str) -> str:
+    values.update({k.capitalize(): v.capitalize() for k, v in values.items()})
+    return template.format(**values)
+
+
+def _location(rng: np.random.Generator, side: str, zone: str) -> str:
+    if zone == "middle" and side == "left" and rng.random() < 0.3:
+        return "lingula"
+    if rng.random() < 0.3:
+        return f"{side} {zone} lobe" if zone != "middle" or side == "right" else f"{side} mid zone"
+    return f"{side} {_pick(rng, [zone, zone, 'mid'] if zone == 'middle' else [zone])} zone"
+
+
+def _positive_sentences(study: Study, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """(findings sentences, impression sentences) for the abnormal findings."""
+    found, impression = [], []
+    if study.cardiomegaly:
+        found.append(_pick(rng, _HEART_POS))
+        impression.append(_pick(rng, ["Cardiomegaly.", "Enlarged heart."]))
+    if len(study.effusion) == 2:
+        found.append(_fill(_pick(rng, _EFFUSION_BOTH), size=study.effusion_size))
+        impression.append("Bilateral pleural effusions.")
+    elif study.effusion:
+        found.append(_fill(_pick(rng, _EFFUSION), size=study.effusion_size, side=study.effusion[0]))
+        impression.append(_fill("{Side} pleural effusion.", side=study.effusion[0]))
+    if study.pneumothorax:
+        found.append(_fill(_pick(rng, _PTX), size=study.pneumothorax_size, side=study.pneumothorax))
+        impression.append(_fill("{Side} pneumothorax.", side=study.pneumothorax))
+    if study.nodule:
+        side, zone, mm = study.nodule
+        loc = _location(rng, side, zone)
+        options = _MASS if mm >= 30 else _NODULE
+        found.append(_fill(_pick(rng, options), loc=loc, mm=str(mm), cm=f"{mm / 10:.1f}"))
+        what = "mass" if mm >= 30 else "nodule"
+        impression.append(_fill(f"{{Loc}} {what}; CT is recommended.", loc=loc))
+    if study.consolidation:
+        loc = _location(rng, *study.consolidation)
+        found.append(_fill(_pick(rng, _CONSOL), loc=loc))
+        impression.append(_fill("{Loc} consolidation, likely pneumonia.", loc=loc))
+    return found, impression
+
+
+def write_report(study: Study, rng: np.random.Generator) -> str:
+    """An IU X-Ray style report of 20-90 words that states every finding and negates the rest."""
+    for _ in range(20):
+        found, impression = _positive_sentences(study, rng)
+        groups = [found]
+        if not study.cardiomegaly:
+            groups.append([_pick(rng, _HEART_NEG)])
+        if rng.random() < 0.6:
+            groups.append([_pick(rng, _MEDIASTINUM)])
+        if not study.nodule and not study.consolidation:
+            groups.append([_pick(rng, _LUNGS_CLEAR)])
+        elif rng.random() < 0.7:
+            groups.append([_pick(rng, _NO_NODULE if study.consolidation else _NO_CONSOLIDATION)])
+        if not study.effusion and not study.pneumothorax:
+            groups.append([_pick(rng, _PLEURA_CLEAR)])
+        elif not study.pneumothorax:
+            groups.append([_pick(rng, _NO_PTX)])
+        elif not study.effusion:
+            groups.append([_pick(rng, _NO_EFFUSION)])
+        if rng.random() < 0.6:
+            groups.append([_pick(rng, _BONES)])
+        sentences = [s for i in rng.permutation(len(groups)) for s in groups[i]]
+        sentences += impression[:2] if impression else [_pick(rng, _IMPRESSION_NORMAL)]
+        report = " ".join(sentences)
+        if 20 <= len(report.split()) <= 90:
+            return report
+    raise RuntimeError(f"no report of 20-90 words for {study}")  # never seen; a template bug
+
+
+# ----------------------------------------------------------------------------- images
+# Drawing happens in float32 "body" coordinates (u to the image right, v down, about [-1, 1]);
+# each study's pose (scale, shift, rotation) maps pixels into them.
+def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(rng.uniform(low, high))  # a Python float keeps the arrays float32
+
+
+def _ellipse(u, v, cu, cv, ru, rv):
+    """Normalised radius: < 1 inside the ellipse."""
+    return np.sqrt(((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2)
+
+
+def _soft(x, sharpness: float = 25.0):
+    """Soft step, 1 where x < 0 and 0 where x > 0; soft edges avoid aliasing at any size."""
+    return 0.5 - 0.5 * np.tanh(x * (sharpness / 2))
+
+
+def _lung(u, v, side: str, geom: dict):
+    sign = -1.0 if side == "right" else 1.0  # patient right is on the image left
+    cu, ru = sign * geom["lung_u"], geom["lung_ru"]
+    dome = geom["dome_" + side] + 0.16 * ((u - cu) / ru) ** 2
+    inside = _soft(_ellipse(u, v, cu, -0.05, ru, geom["lung_rv"]) - 1) * _soft(v - dome, 40)
+    return inside, cu, dome
+
+
+def _markings(u, v, hilum_u: float, rng: np.random.Generator):
+    """Vessel-like streaks radiating from each hilum, fading towards the periphery."""
+    du = u - np.sign(u) * hilum_u
+    theta, radius = np.arctan2(v, du), np.sqrt(du * du + v * v)
+    streaks = np.zeros_like(u)
+    for _ in range(3):
+        freq, phase, twist = int(rng.integers(10, 24)), _uniform(rng, 0, 6.3), _uniform(rng, -9, 9)
+        streaks += np.cos(freq * theta + (phase + twist * radius))
+    return np.maximum(streaks * (1 / 3), 0) * np.exp(radius * -2.5)
+
+
+def _ribs(u, v, rng: np.random.Generator):
+    """Posterior ribs as periodic arcs: one pass instead of one per rib."""
+    spacing, count = _uniform(rng, 0.11, 0.13), int(rng.integers(8, 11))
+    au = np.abs(u)
+    arch = _uniform(rng, 0.9, 1.3)
+    phase = (v + 0.62 - arch * (au - 0.45) ** 2 - 0.15 * au) / spacing
+    offset = (phase - np.round(phase)) * (spacing / 0.03)
+    keep = (phase > -0.5) & (phase < count - 0.5)
+    return _uniform(rng, 0.04, 0.08) * np.exp(-offset * offset) * keep * _soft(au - 0.8, 20)
+
+
+def _zone_point(rng, side: str, zone: str, geom: dict) -> tuple[float, float]:
+    sign = -1.0 if side == "right" else 1.0
+    top, bottom = -0.05 - geom["lung_rv"] * 0.85, geom["dome_" + side] - 0.02
+    third = (bottom - top) / 3
+    v = top + third * (ZONES.index(zone) + _uniform(rng, 0.3, 0.7))
+    u = sign * (geom["lung_u"] + _uniform(rng, -0.35, 0.35) * geom["lung_ru"])
+    return u, v
+
+
+def _draw_findings(img, u, v, study: Study, lungs: dict, geom: dict, rng):
+    """Paint pathology onto the normal film, in place."""
+    for side in study.effusion:  # basal opacity climbing laterally: a blunted angle
+        inside, cu, _ = lungs[side]
+        lateral = np.minimum(np.abs(u - cu * 0.4) / geom["lung_ru"], 1.5)
+        level = geom["dome_" + side] - _uniform(rng, *_SEVERITY[study.effusion_size][0]) * (
+            0.5 + 0.7 * lateral)
+        img += inside * _soft(level - v, 30) * (0.55 - img)
+    if study.pneumothorax:  # collapsed lung, air rim without markings, pleural line
+        inside, cu, _ = lungs[study.pneumothorax]
+        shrink = _uniform(rng, *_SEVERITY[study.pneumothorax_size][1])
+        ru, rv = geom["lung_ru"], geom["lung_rv"]
+        # shrunk towards the hilum and base, so the air rim is lateral and apical
+        r = _ellipse(u, v, cu - np.sign(cu) * (1 - shrink) * ru, -0.05 + (1 - shrink) * rv,
+                     ru * shrink, rv * shrink)
+        img += inside * (1 - _soft(r - 1)) * (0.05 - img)
+        img += 0.18 * inside * np.exp(-((r - 1) / 0.02) ** 2)
+    if study.nodule:
+        side, zone, mm = study.nodule
+        cu, cv = _zone_point(rng, side, zone, geom)
+        radius = mm / 300 * _uniform(rng, 0.9, 1.1)
+        img += 0.35 * _soft(_ellipse(u, v, cu, cv, radius, radius * _uniform(rng, 0.8, 1.2)) - 1, 8)
+    if study.consolidation:  # patchy opacity confined to the lung
+        side, zone = study.consolidation
+        cu, cv = _zone_point(rng, side, zone, geom)
+        spread = _uniform(rng, 0.1, 0.16)
+        blob = np.exp(-(((u - cu) / (spread * 1.2)) ** 2 + ((v - cv) / spread) ** 2))
+        patchy = 0.6 + 0.4 * np.cos(_uniform(rng, 20, 35) * u + _uniform(rng, 0, 6)) * np.cos(
+            _uniform(rng, 20, 35) * v + _uniform(rng, 0, 6))
+        img += 0.4 * blob * patchy * lungs[side][0]
+
+
+def draw_study(study: Study, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A `size` x `size` uint8 PA radiograph showing the study's findings."""
+    scale, angle = _uniform(rng, 0.9, 1.08), np.deg2rad(_uniform(rng, -6, 6))
+    cos, sin = float(np.cos(angle)) / scale, float(np.sin(angle)) / scale
+    axis = (np.arange(size, dtype=np.float32) + 0.5) * (2 / size) - 1
+    x, y = np.meshgrid(axis - _uniform(rng, -0.06, 0.06), axis - _uniform(rng, -0.06, 0.06))
+    u, v = cos * x + sin * y, cos * y - sin * x
+    geom = {"lung_u": _uniform(rng, 0.36, 0.44), "lung_ru": _uniform(rng, 0.26, 0.32),
+            "lung_rv": _uniform(rng, 0.55, 0.65), "dome_right": _uniform(rng, 0.38, 0.46),
+            "dome_left": _uniform(rng, 0.44, 0.52)}
+    body = _soft(_ellipse(u, v, 0, 0.15, 0.95, 1.2) - 1, 15)
+    img = 0.03 + 0.37 * body + 0.12 * body * _soft(0.5 - v, 10)  # brighter abdomen below domes
+    lungs = {side: _lung(u, v, side, geom) for side in SIDES}
+    lung_tone = 0.13 + 0.12 * _markings(u, v, geom["lung_u"] * 0.45, rng)
+    for inside, _, _ in lungs.values():
+        img += inside * (lung_tone - img)
+    img += _ribs(u, v, rng)
+    clavicles = np.exp(-((v + 0.68 - 0.18 * np.abs(u)) / 0.03) ** 2) * (np.abs(u) < 0.55)
+    img += 0.12 * clavicles
+    img += (0.55 - img) * _soft(np.abs(u) * (1 / _uniform(rng, 0.1, 0.13)) - 1, 6)  # mediastinum
+    normal_ru, enlarged_ru = _uniform(rng, 0.27, 0.33), _uniform(rng, 0.42, 0.5)
+    heart_ru = enlarged_ru if study.cardiomegaly else normal_ru
+    img += _soft(_ellipse(u, v, 0.1, 0.3, heart_ru, 0.26) - 1, 12) * (0.58 - img)
+    # Pathology draws from its own stream, so the same patient with and without a finding
+    # differs only where the finding is.
+    _draw_findings(img, u, v, study, lungs, geom, rng.spawn(1)[0])
+    gamma, contrast = _uniform(rng, 0.8, 1.25), _uniform(rng, 0.85, 1.15)
+    img = np.clip(img * contrast + _uniform(rng, -0.05, 0.05), 0, 1) ** gamma
+    img += rng.standard_normal(img.shape, dtype=np.float32) * _uniform(rng, 0.01, 0.03)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- writing
+def _meta(seed: int, n_train: int, n_val: int, n_test: int, image_size: int) -> dict:
+    return {"generator": "pipeline.data.synthetic", "version": VERSION, "seed": seed,
+            "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size}
+
+
+def _is_complete(out: Path, meta: dict) -> bool:
+    try:
+        stored = json.loads((out / META_NAME).read_text(encoding="utf-8"))
+        annotation = (out / "annotation.json").read_bytes()
+    except (OSError, ValueError):
+        return False
+    if stored.get("annotation_sha256") != hashlib.sha256(annotation).hexdigest():
+        return False
+    if {k: stored.get(k) for k in meta} != meta:
+        return False
+    entries = [e for split in json.loads(annotation).values() for e in split]
+    return all((out / "images" / p).is_file() for e in entries for p in e["image_path"])
+
+
+def generate_synthetic(out_dir: str | Path, seed: int = 0, n_train: int = 254, n_val: int = 32,
+                       n_test: int = 64, image_size: int = 224) -> Path:
+    """Write the synthetic benchmark under `out_dir` (skipped if already there); return annotation.json."""
+    out = Path(out_dir)
+    meta = _meta(seed, n_train, n_val, n_test, image_size)
+    if _is_complete(out, meta):
+        return out / "annotation.json"
+    if min(n_train, n_val, n_test) < 0 or image_size < 16:
+        raise ValueError(f"need split sizes >= 0 and image_size >= 16, got {meta}")
+    (out / META_NAME).unlink(missing_ok=True)  # an interrupted run must not look complete
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    annotation: dict[str, list] = {split: [] for split in counts}
+    index = 0
+    for split, count in counts.items():
+        for _ in range(count):
+            rng = np.random.default_rng([seed, index])  # per study: stable under other sizes
+            study = sample_study(rng)
+            report = write_report(study, rng)
+            study_id = f"SYN-{index:05d}"
+            path = out / "images" / study_id / "0.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(draw_study(study, image_size, rng)).save(
+                path, format="PNG", compress_level=1)
+            annotation[split].append({"id": study_id, "report": report,
+                                      "image_path": [f"{study_id}/0.png"],
+                                      "labels": study.labels()})
+            index += 1
+    text = json.dumps(annotation, indent=1) + "\n"
+    (out / "annotation.json").write_text(text, encoding="utf-8")
+    meta["annotation_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    (out / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return out / "annotation.json"
+
+
+@click.command(help=__doc__.split("\n\n")[0])
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write annotation.json and images/ into.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the whole set.")
+@click.option("--n-train", default=254, show_default=True, help="Number of training studies.")
+@click.option("--n-val", default=32, show_default=True, help="Number of validation studies.")
+@click.option("--n-test", default=64, show_default=True, help="Number of test studies.")
+@click.option("--image-size", default=224, show_default=True, help="Side of the square PNGs.")
+def main(out_dir: str, seed: int, n_train: int, n_val: int, n_test: int, image_size: int) -> None:
+    """Generate the synthetic benchmark."""
+    path = generate_synthetic(out_dir, seed, n_train, n_val, n_test, image_size)
+    click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Report scoring: COCO caption metrics, finding-level F1 from the labeler, diversity, composite.
+
+Text pre-processing. Both sides go through `clean_report`, a pure-python copy of R2Gen's
+`clean_report_mimic_cxr` (lower-case, punctuation stripped, sentences joined by " . "), instead
+of pycocoevalcap's PTBTokenizer: the same tokens R2Gen scores, no Java start-up, and idempotent,
+so reports the model already emits in cleaned form are unchanged. Two deviations from R2Gen:
+empty sentences are dropped and runs of whitespace collapsed (R2Gen keeps "a .  . b ."), and an
+empty report cleans to "." (R2Gen: " ."). So an empty hypothesis is scored as the one-token
+report "." (near-zero scores, no crash) rather than rejected.
+
+NLG metrics are pycocoevalcap's Bleu(4), Meteor(), Rouge() and Cider() over `{i: [text]}`,
+corpus-level as the COCO caption evaluation reports them. CIDEr's document frequencies come
+from the references passed in, so it is only comparable across calls on the same reference set.
+METEOR runs the bundled jar under Java; loading its paraphrase table takes 10-20 s on two
+cores, so one METEOR process is started on first use and reused for the rest of the process.
+Without Java (or if that process fails) METEOR is NaN and a warning is logged once.
+
+Finding scores read both texts with `pipeline.data.labeler.label_report` (see there for the
+negation rules). Per finding: precision tp/(tp+fp), recall tp/(tp+fn), F1 2tp/(2tp+fp+fn).
+A finding that appears on neither side (tp+fp+fn = 0) has no defined score: its three values
+are NaN and it is left out of the macro averages (`finding_n_scored` says how many are in).
+A finding present on one side only has F1 0, and its undefined precision or recall counts as 0
+(sklearn's zero_division=0). Micro scores pool tp/fp/fn over all findings, `no_finding` included.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+# R2GenGPT picks its checkpoint by 0.5 * BLEU-4 + 0.5 * CIDEr; so does the champion here.
+DEFAULT_SCORE_WEIGHTS: Mapping[str, float] = MappingProxyType({"bleu4": 0.5, "cider": 0.5})
+
+# R2Gen's sentence cleaner, verbatim: `:-\[` is a range, so it also strips ; < = > ? @ [.
+_SENT_PUNCT = re.compile(r"[.,?;*!%^&_+():-\[\]{}]")
+
+
+def clean_report(text: str) -> str:
+    """R2Gen's report cleaning: "The heart is enlarged. No effusion." -> "the heart is enlarged . no effusion ."."""
+    text = re.sub(r"\.{2,}", ".", " ".join(text.split())).replace("1. ", "")
+    for k in "2345":  # R2Gen drops list numbering "2. " .. "5. "
+        text = text.replace(f". {k}. ", ". ").replace(f" {k}. ", ". ")
+    sentences = []
+    for sentence in text.strip().lower().split(". "):
+        for char in "\"/\\'":
+            sentence = sentence.replace(char, "")
+        sentence = " ".join(_SENT_PUNCT.sub("", sentence).split())
+        if sentence:
+            sentences.append(f"{sentence} .")
+    return " ".join(sentences) or "."
+
+
+def _check_pairs(references: Sequence[str], hypotheses: Sequence[str]) -> None:
+    if len(references) != len(hypotheses) or not references:
+        raise ValueError(f"need as many hypotheses as references, at least one: got "
+                         f"{len(references)} references and {len(hypotheses)} hypotheses")
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+@functools.cache
+def _meteor_scorer():
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    atexit.register(scorer.meteor_p.kill)
+    return scorer
+
+
+def _meteor(gts: dict, res: dict) -> float:
+    if shutil.which("java") is None:
+        _warn_once("java not found on PATH: METEOR is reported as NaN (install a JRE to score it)")
+        return math.nan
+    try:
+        scorer = _meteor_scorer()
+        return float(scorer.compute_score(gts, res)[0])
+    except (OSError, ValueError) as err:  # java died or answered garbage: start afresh next time
+        if _meteor_scorer.cache_info().currsize:
+            scorer.meteor_p.kill()
+            if scorer.lock.locked():  # compute_score raised holding it; Meteor.__del__ takes it
+                scorer.lock.release()
+            _meteor_scorer.cache_clear()
+        _warn_once(f"METEOR failed ({err!r}): it is reported as NaN")
+        return math.nan
+
+
+def nlg_scores(references: Sequence[str], hypotheses: Sequence[str], *,
+               meteor: bool = True) -> dict[str, float]:
+    """Corpus BLEU-1..4, METEOR, ROUGE-L and CIDEr as pycocoevalcap computes them (NaN METEOR if off)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    _check_pairs(references, hypotheses)
+    gts = {i: [clean_report(text)] for i, text in enumerate(references)}
+    res = {i: [clean_report(text)] for i, text in enumerate(hypotheses)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=1 prints
+    scores = {f"bleu{n}": float(b) for n, b in enumerate(bleu, start=1)}
+    scores["meteor"] = _meteor(gts, res) if meteor else math.nan
+    scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    scores["cider"] = float(Cider().compute_score(gts, res)[0])
+    return scores
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else 0.0
+
+
+def finding_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+    """Per-finding precision/recall/F1 of labeler findings (hypothesis vs reference), macro and micro."""
+    from pipeline.data.labeler import FINDINGS, label_report
+
+    _check_pairs(references, hypotheses)
+    pairs = [(label_report(ref), label_report(hyp)) for ref, hyp in zip(references, hypotheses)]
+    out: dict[str, float] = {}
+    per_finding = {"precision": [], "recall": [], "f1": []}
+    total = {"tp": 0, "fp": 0, "fn": 0}
+    for name in FINDINGS:
+        tp = sum(r[name] and h[name] for r, h in pairs)
+        fp = sum(h[name] and not r[name] for r, h in pairs)
+        fn = sum(r[name] and not h[name] for r, h in pairs)
+        for key, value in zip(total, (tp, fp, fn)):
+            total[key] += value
+        if tp + fp + fn == 0:
+            values = dict.fromkeys(per_finding, math.nan)
+        else:
+            values = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+                      "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
+            for key, value in values.items():
+                per_finding[key].append(value)
+        out.update({f"finding_{key}/{name}": value for key, value in values.items()})
+    for key, values in per_finding.items():
+        out[f"finding_macro_{key}"] = sum(values) / len(values) if values else math.nan
+    tp, fp, fn = total["tp"], total["fp"], total["fn"]
+    out["finding_micro_precision"] = _ratio(tp, tp + fp)
+    out["finding_micro_recall"] = _ratio(tp, tp + fn)
+    out["finding_micro_f1"] = _ratio(2 * tp, 2 * tp + fp + fn)
+    out["finding_n_scored"] = float(len(per_finding["f1"]))
+    return out
+
+
+def distinct_share(hypotheses: Sequence[str]) -> float:
+    """Share of distinct reports among the hypotheses, after lower-casing and collapsing whitespace."""
+    if not hypotheses:
+        raise ValueError("distinct_share needs at least one hypothesis, got 0")
+    return len({" ".join(text.lower().split()) for text in hypotheses}) / len(hypotheses)
+
+
+def score_reports(references: Sequence[str], hypotheses: Sequence[str], *,
+                  meteor: bool = True) -> dict[str, float]:
+    """All scores of generated reports against their references: NLG, findings, diversity, count."""
+    _check_pairs(references, hypotheses)
+    return {**nlg_scores(references, hypotheses, meteor=meteor),
+            **finding_scores(references, hypotheses),
+            "distinct_share": distinct_share(hypotheses), "n_reports": float(len(hypotheses))}
+
+
+def composite_score(scores: Mapping[str, float],
+                    weights: Mapping[str, float] = DEFAULT_SCORE_WEIGHTS) -> float:
+    """Weighted sum of scores (default 0.5*bleu4 + 0.5*cider), the number that picks the champion."""
+    missing = sorted(set(weights) - set(scores))
+    if missing:
+        raise KeyError(f"composite_score needs {missing}, absent from scores {sorted(scores)}")
+    # A NaN would compare False against every champion and so never win or lose: refuse it.
+    bad = {k: scores[k] for k in weights if not math.isfinite(scores[k])}
+    if bad:
+        raise ValueError(f"composite_score got non-finite scores {bad}")
+    return float(sum(w * scores[k] for k, w in weights.items()))
+
+
+def per_finding_f1_figure(scores: Mapping[str, float], path: str | Path) -> Path:
+    """Bar chart PNG of per-finding F1 (grey: finding on neither side) with the macro F1 line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    prefix = "finding_f1/"
+    names = [k.removeprefix(prefix) for k in scores if k.startswith(prefix)]
+    values = [scores[prefix + name] for name in names]
+    fig = Figure(figsize=(max(6.0, 0.45 * len(names) + 2), 4.5))
+    FigureCanvasAgg(fig)  # no pyplot: no global backend switch, no figure registry
+    ax = fig.add_subplot()
+    ax.bar(names, [v if math.isfinite(v) else 0.0 for v in values],
+           color=["tab:blue" if math.isfinite(v) else "lightgrey" for v in values])
+    macro = scores.get("finding_macro_f1", math.nan)
+    if math.isfinite(macro):
+        ax.axhline(macro, color="tab:red", ls="--", lw=1, label=f"macro F1 {macro:.3f}")
+        ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("F1")
+    ax.set_title("Per-finding F1 (labeler on generated vs reference; grey = absent on both sides)")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,158 @@
+"""Stage 1 on the tiny profile: objectives, guards, checkpoints, tracking read back."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import config as C
+from pipeline.checkpoint import load_checkpoint, sha256_file
+from pipeline.guards import GuardError, check_finite_grads, check_finite_loss
+from pipeline.health import feature_health, health_failures
+from pipeline.objectives import l2_proxy, vicreg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_l2_proxy_is_exactly_the_old_proxy():
+    tokens = torch.randn(2, 5, 7)
+    assert torch.equal(l2_proxy(tokens), tokens.pow(2).mean())
+
+
+def test_vicreg_penalises_the_collapsed_solution():
+    collapsed = torch.zeros(2, 8, 16)
+    spread = torch.randn(2, 8, 16)
+    assert vicreg(collapsed, collapsed)["loss"] > 10.0  # variance hinge: 25 * 1.0
+    assert vicreg(spread, spread)["loss"] < vicreg(collapsed, collapsed)["loss"]
+
+
+def test_feature_health_separates_dead_from_live_features():
+    cfg = C.HealthConfig()
+    live = feature_health(torch.randn(8, 4, 32))
+    dead = feature_health(torch.randn(8, 4, 32) * 1e-6)
+    one_direction = feature_health(torch.ones(8, 4, 32) + 1e-4 * torch.randn(8, 4, 32))
+    assert health_failures(live, cfg) == []
+    assert any("feature_std" in r for r in health_failures(dead, cfg))
+    assert any("effective_rank" in r or "normalized_std" in r
+               for r in health_failures(one_direction, cfg))
+
+
+def test_finite_guards_name_the_step_and_parameter():
+    with pytest.raises(GuardError, match="step 7"):
+        check_finite_loss(torch.tensor(float("nan")), 7)
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.tensor([1.0, float("inf")])
+    with pytest.raises(GuardError, match="enc.w"):
+        check_finite_grads([("enc.w", p)], 3)
+
+
+def _run_cli(args):
+    from steps import stage1 as step
+
+    return CliRunner().invoke(step.main, ["--profile", "tiny", *args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("objective", ["vicreg", "l2_proxy"])
+def test_stage1_cli_logs_everything(objective, mlflow_store):
+    result = _run_cli(["--objective", objective, "--lr", "1e-4"])
+    assert result.exit_code == 0, result.output
+    client = mlflow.tracking.MlflowClient()
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    data = run.data
+    assert run.info.status == "FINISHED"
+    assert data.tags["pipeline.stage"] == "stage1"
+    assert data.params["lr"] == "0.0001" and data.params["objective"] == objective
+    assert data.params["encoder.depth"] == "1" and "bridge.max_visual_tokens" in data.params
+    for key in ("final_train_loss", "val_loss", "epoch_train_loss", "train_loss",
+                "health_feature_std", "health_normalized_std", "health_effective_rank"):
+        assert key in data.metrics, key
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == list(range(1, 13))  # 12 samples / bs 2 * 2 epochs, each step once
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {"checkpoints/vision_bridge_best_val.safetensors",
+            "checkpoints/vision_bridge_final.safetensors",
+            "checkpoints/vision_bridge_step4.safetensors"} <= arts
+    logs = [a.path for a in client.list_artifacts(run.info.run_id, "logs")]
+    assert len(logs) == 1 and Path(logs[0]).name.startswith("stage1_lr0.0001_bs2_")
+    assert client.list_artifacts(run.info.run_id, "plots")[0].path.endswith(".png")
+    assert client.list_artifacts(run.info.run_id, "config")
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest
+    final = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="checkpoints/vision_bridge_final.safetensors")
+    assert sha256_file(final) == data.tags["checkpoint.vision_bridge_final.sha256"]
+    _, meta = load_checkpoint(final)
+    assert meta["stage"] == "stage1" and meta["run_id"] == run.info.run_id
+    assert meta["objective"] == objective and meta["lr"] == 1e-4
+    assert meta["final_loss"] == pytest.approx(data.metrics["final_train_loss"])
+    assert "encoder" in meta["config"]
+
+
+def test_low_loss_prints_the_warning_and_tags_the_run(mlflow_store, monkeypatch):
+    # A model whose features are ~0 from the start: l2_proxy loss < 1e-3 in epoch 1.
+    from pipeline.models.vision_bridge import VisionBridge
+
+    original = VisionBridge.from_config
+
+    def tiny_output(*args, **kwargs):
+        model = original(*args, **kwargs)
+        for p in model.parameters():
+            p.data.mul_(1e-3)
+        return model
+
+    monkeypatch.setattr(VisionBridge, "from_config", staticmethod(tiny_output))
+    result = _run_cli(["--objective", "l2_proxy"])
+    assert result.exit_code == 0
+    assert "Do not initialise Stage 2 from this run; use --from_scratch" in result.output
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.data.tags["health.collapse_suspected"] == "true"
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(mlflow_store, monkeypatch):
+    import pipeline.stage1 as s1
+
+    calls = {"n": 0}
+    real = s1.objective_loss
+
+    def poisoned(*args, **kwargs):
+        loss, terms, tokens = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), terms, tokens
+
+    monkeypatch.setattr(s1, "objective_loss", poisoned)
+    from steps import stage1 as step
+
+    result = CliRunner().invoke(step.main, ["--profile", "tiny"])
+    assert result.exit_code == 2
+    assert "non-finite loss nan at step 3" in result.output
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.info.status == "FAILED"
+
+
+def test_sigterm_saves_the_last_checkpoint_and_ends_killed(mlflow_store, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow_store}
+    proc = subprocess.Popen([sys.executable, "-m", "steps.stage1", "--profile", "tiny",
+                             "--epochs", "200", "--output_dir", str(tmp_path / "out")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not list((tmp_path / "out").glob("*/checkpoints/*step*")):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.info.status == "KILLED"
+    arts = [a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id,
+                                                                          "checkpoints")]
+    assert any("step" in a for a in arts)

@@ -1,0 +1,146 @@
+"""Stage 2 guards, layout and resume on the tiny profile with a tiny random LM."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import captioning, config as C
+from pipeline.guards import IGNORE_INDEX, GuardError, check_label_mask
+from pipeline.models.llm import TrainableLLMError
+from pipeline.models.tiny_lm import build_tiny_llm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _layout(llm, reports=("heart is enlarged .", "no effusion")):
+    return captioning.tokenize_batch(llm.tokenizer, "Report:", list(reports), llm.eos_token_id,
+                                     llm.pad_token_id, n_visual=4, max_report_tokens=32)
+
+
+def test_labels_supervise_exactly_report_and_eos_with_pad_equal_eos():
+    llm = build_tiny_llm(pad_is_eos=True)
+    assert llm.pad_token_id == llm.eos_token_id
+    layout = _layout(llm)
+    labels = captioning.make_labels(layout)
+    mask = captioning.report_positions(layout)
+    assert check_label_mask(labels, mask) == sum(len(r) for r in layout.report_ids)
+    start = 4 + len(layout.prompt_ids)
+    for i, report in enumerate(layout.report_ids):
+        end = start + len(report)
+        assert labels[i, end - 1] == llm.eos_token_id  # EOS supervised although pad == EOS
+        assert (labels[i, :start] == IGNORE_INDEX).all() and (labels[i, end:] == IGNORE_INDEX).all()
+    # The shorter sample is right-padded with the pad (= EOS) id, and those are not supervised.
+    ids, attn = captioning.text_ids(layout)
+    short = min(range(2), key=lambda i: len(layout.report_ids[i]))
+    assert (ids[short][attn[short] == 0] == llm.eos_token_id).all()
+
+
+def _supervise_prompt(layout):
+    labels = captioning.make_labels(layout)
+    labels[:, layout.n_visual] = 7  # the first prompt position
+    return labels
+
+
+def _supervise_padding(layout):
+    labels = captioning.make_labels(layout)
+    labels[:, -1] = layout.pad_id
+    return labels
+
+
+@pytest.mark.parametrize("broken", [_supervise_prompt, _supervise_padding])
+def test_broken_masking_is_caught_before_the_first_step(broken, tmp_path):
+    from pipeline.models.vision_bridge import VisionBridge
+    from pipeline.stage2 import Stage2Trainer
+    from pipeline.train_utils import EpochLoaders
+    from pipeline.data import load_dataset
+
+    cfg = C.build(C.Stage2Config, "tiny", {"data.root": str(tmp_path / "data")})
+    llm = build_tiny_llm()
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=llm.hidden_size)
+    records = load_dataset(cfg.data)
+    loaders = EpochLoaders(records["train"], records["val"], cfg.encoder.image_size, 2, 0)
+    trainer = Stage2Trainer(cfg, model, llm, loaders, tmp_path, "run", lambda m, s: None,
+                            lambda t: None, __import__("logging").getLogger("t"), label_fn=broken)
+    with pytest.raises(GuardError, match="label masking broken"):
+        trainer.preflight()
+    assert trainer.state.step == 0
+
+
+def test_unfrozen_llm_parameter_makes_the_step_exit_nonzero_naming_it(mlflow_store, monkeypatch):
+    from steps import stage2 as step
+
+    def unfrozen(*args, **kwargs):
+        llm = build_tiny_llm()
+        llm.model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+        return llm
+
+    monkeypatch.setattr("pipeline.models.llm.load_llm", unfrozen)
+    result = CliRunner().invoke(step.main, ["--profile", "tiny", "--init", "scratch"])
+    assert result.exit_code != 0
+    assert "layers.0.mlp.up_proj.weight" in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_assert_frozen_error_type_names_the_parameter():
+    llm = build_tiny_llm()
+    name, param = next(iter(llm.named_parameters()))
+    param.requires_grad_(True)
+    with pytest.raises(TrainableLLMError, match=name.split(".")[-1]):
+        llm.assert_frozen()
+
+
+def _stage2(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "steps.stage2", "--profile", "tiny", *args],
+                            cwd=kw.get("cwd"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill9_mid_epoch_then_resume_has_every_step_once(mlflow_store, tmp_path):
+    import mlflow
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow_store}
+    args = ["--init", "scratch", "--epochs", "3", "--llm", "tiny-random",
+            "--output_dir", str(tmp_path / "out")]
+    proc = _stage2(args, env, cwd=tmp_path)
+    csv_glob = lambda: list((tmp_path / "out").glob("*/stage2_train_log.csv"))  # noqa: E731
+    deadline = time.time() + 120
+    # Tiny profile: 12 train samples, batch 2 -> 6 steps/epoch; checkpoint every 4 steps.
+    # Kill in the middle of epoch 2 (step 9), after the step-8 checkpoint.
+    while time.time() < deadline:
+        files = csv_glob()
+        if files and len(pd.read_csv(files[0])) >= 9:
+            break
+        if proc.poll() is not None:
+            pytest.fail("stage2 ended before it could be killed:\n" + proc.stdout.read())
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = pd.read_csv(csv_glob()[0])
+    assert 9 <= len(done) < 18
+    run_id = csv_glob()[0].parent.name
+    assert mlflow.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves it so
+
+    resumed = subprocess.run([sys.executable, "-m", "steps.stage2", "--profile", "tiny", *args[2:],
+                              "--resume", "auto"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    frame = pd.read_csv(csv_glob()[0])
+    assert frame["step"].tolist() == list(range(1, 19))
+    assert frame["epoch"].max() == 3
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "train_loss")
+    steps = [m.step for m in history]
+    assert sorted(steps) == list(range(1, 19)), steps
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["llm.checksum_before"] == run.data.tags["llm.checksum_after"]
+    epochs = [m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_loss")]
+    assert sorted(epochs) == [1, 2, 3]
