@@ -44,7 +44,7 @@ _SENT_PUNCT = re.compile(r"[.,?;*!%^&_+():-\[\]{}]")
 
 
 def clean_report(text: str) -> str:
-    """R2Gen's report cleaning: "The heart is enlarged. No effusion." -> "the heart is enlarged . no effusion ."."""
+    """R2Gen's cleaning: "Heart enlarged. No effusion." -> "heart enlarged . no effusion ."."""
     text = re.sub(r"\.{2,}", ".", " ".join(text.split())).replace("1. ", "")
     for k in "2345":  # R2Gen drops list numbering "2. " .. "5. "
         text = text.replace(f". {k}. ", ". ").replace(f" {k}. ", ". ")
@@ -97,7 +97,7 @@ def _meteor(gts: dict, res: dict) -> float:
 
 def nlg_scores(references: Sequence[str], hypotheses: Sequence[str], *,
                meteor: bool = True) -> dict[str, float]:
-    """Corpus BLEU-1..4, METEOR, ROUGE-L and CIDEr as pycocoevalcap computes them (NaN METEOR if off)."""
+    """Corpus BLEU-1..4, METEOR, ROUGE-L and CIDEr as pycocoevalcap computes them."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -118,7 +118,7 @@ def _ratio(num: int, den: int) -> float:
 
 
 def finding_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Per-finding precision/recall/F1 of labeler findings (hypothesis vs reference), macro and micro."""
+    """Per-finding precision/recall/F1 of labeled findings vs the reference, macro and micro."""
     from pipeline.data.labeler import FINDINGS, label_report
 
     _check_pairs(references, hypotheses)
@@ -151,7 +151,7 @@ def finding_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict
 
 
 def distinct_share(hypotheses: Sequence[str]) -> float:
-    """Share of distinct reports among the hypotheses, after lower-casing and collapsing whitespace."""
+    """Share of distinct hypotheses, compared lower-cased with whitespace collapsed."""
     if not hypotheses:
         raise ValueError("distinct_share needs at least one hypothesis, got 0")
     return len({" ".join(text.lower().split()) for text in hypotheses}) / len(hypotheses)
@@ -168,7 +168,7 @@ def score_reports(references: Sequence[str], hypotheses: Sequence[str], *,
 
 def composite_score(scores: Mapping[str, float],
                     weights: Mapping[str, float] = DEFAULT_SCORE_WEIGHTS) -> float:
-    """Weighted sum of scores (default 0.5*bleu4 + 0.5*cider), the number that picks the champion."""
+    """Weighted sum of scores (default 0.5*bleu4 + 0.5*cider), the number picking the champion."""
     missing = sorted(set(weights) - set(scores))
     if missing:
         raise KeyError(f"composite_score needs {missing}, absent from scores {sorted(scores)}")
@@ -180,7 +180,7 @@ def composite_score(scores: Mapping[str, float],
 
 
 def per_finding_f1_figure(scores: Mapping[str, float], path: str | Path) -> Path:
-    """Bar chart PNG of per-finding F1 (grey: finding on neither side) with the macro F1 line."""
+    """Bar chart PNG of per-finding F1 ("n/a": finding on neither side) with the macro F1 line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -190,15 +190,18 @@ def per_finding_f1_figure(scores: Mapping[str, float], path: str | Path) -> Path
     fig = Figure(figsize=(max(6.0, 0.45 * len(names) + 2), 4.5))
     FigureCanvasAgg(fig)  # no pyplot: no global backend switch, no figure registry
     ax = fig.add_subplot()
-    ax.bar(names, [v if math.isfinite(v) else 0.0 for v in values],
-           color=["tab:blue" if math.isfinite(v) else "lightgrey" for v in values])
+    ax.bar(range(len(names)), [v if math.isfinite(v) else 0.0 for v in values], color="tab:blue")
+    for i, value in enumerate(values):
+        if not math.isfinite(value):  # a zero-height bar would read as F1 = 0
+            ax.text(i, 0.02, "n/a", ha="center", va="bottom", rotation=90, color="grey",
+                    fontsize=8)
     macro = scores.get("finding_macro_f1", math.nan)
     if math.isfinite(macro):
         ax.axhline(macro, color="tab:red", ls="--", lw=1, label=f"macro F1 {macro:.3f}")
         ax.legend(fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("F1")
-    ax.set_title("Per-finding F1 (labeler on generated vs reference; grey = absent on both sides)")
+    ax.set_title("Per-finding F1, labeler on generated vs reference (n/a: on neither side)")
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     fig.tight_layout()
     path = Path(path)

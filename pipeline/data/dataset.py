@@ -170,8 +170,8 @@ def _table_rows(rows: list[tuple[str, dict]], has_split: bool, problems: _Proble
         if has_split:
             split = _SPLIT_NAMES.get(str(row.get("split") or "").strip().lower())
             if split is None:
-                problems.add(where, f"split {row.get('split')!r} is not one of {list(SPLITS)}",
-                             study_id)
+                problems.add(where, f"missing or unknown split {row.get('split')!r}; "
+                             f"expected one of {list(SPLITS)}", study_id)
                 continue
         elif isinstance(study_id, (str, int)) and not isinstance(study_id, bool):
             split = _hash_split(str(study_id))
@@ -212,11 +212,8 @@ def _parse_jsonl(text: str, problems: _Problems) -> list[_Raw]:
             problems.add(f"line {number}", f"expected an object, got {_kind(row)}")
             continue
         rows.append((f"line {number}", row))
-    has_split = any("split" in row for _, row in rows)
-    for where, row in rows:
-        if has_split and "split" not in row:
-            row["split"] = None  # reported as a bad split, never guessed
-    return _table_rows(rows, has_split, problems)
+    # Once any row names a split, a row without one is an error, never a guess.
+    return _table_rows(rows, any("split" in row for _, row in rows), problems)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -401,7 +398,8 @@ class ImageReportDataset(Dataset):
         try:
             views = [_decode(p, self.image_size) for p in record.image_paths]
         except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{record.image_paths}: id={record.id!r}: cannot decode: {exc}") from exc
+            raise DataError(f"{', '.join(record.image_paths)}: id={record.id!r}: "
+                            f"cannot decode: {exc}") from exc
         image = (np.mean(views, axis=0) - 0.5) / 0.5
         return {"id": record.id, "image": torch.from_numpy(image[None].astype(np.float32)),
                 "report": record.report}

@@ -77,6 +77,7 @@ _NORMALISE = [
                 r"|improvement|worsening)\b"), "unchanged"),
     (re.compile(r"\bno longer\b"), "not"),
     (re.compile(r"\b(?:left and right|right and left|both|bilaterally)\b"), "bilateral"),
+    (re.compile(r"\bbi(basilar|basal|apical)\b"), r"bilateral \1"),
     (re.compile(r"[.;:!?]+"), " . "),
     (re.compile(r","), " , "),
     (re.compile(r"[^a-z0-9 .,]"), " "),

@@ -86,15 +86,17 @@ def sample_study(rng: np.random.Generator) -> Study:
 
 
 # ----------------------------------------------------------------------------- reports
-_HEART_POS = ["The heart is enlarged.", "The heart is mildly enlarged.", "Cardiomegaly is present.",
-              "There is moderate cardiomegaly.", "The cardiac silhouette is enlarged.",
-              "Heart size is enlarged.", "Enlarged cardiac silhouette."]
+_HEART_POS = ["The heart is enlarged.", "The heart is mildly enlarged.",
+              "Cardiomegaly is present.", "There is moderate cardiomegaly.",
+              "The cardiac silhouette is enlarged.", "Heart size is enlarged.",
+              "Enlarged cardiac silhouette."]
 _HEART_NEG = ["The heart is normal in size.", "Heart size is within normal limits.",
               "The cardiac silhouette is normal.", "Normal heart size.",
               "The heart is not enlarged.", "No cardiomegaly.",
               "The cardiomediastinal silhouette is within normal limits."]
 _MEDIASTINUM = ["The mediastinum is unremarkable.", "Mediastinal contours are normal.",
-                "The mediastinal silhouette is within normal limits.", "Normal mediastinal contour."]
+                "The mediastinal silhouette is within normal limits.",
+                "Normal mediastinal contour."]
 _BONES = ["No acute osseous abnormality.", "The osseous structures are intact.",
           "Visualized osseous structures are unremarkable.",
           "Mild degenerative changes of the thoracic spine.", "No acute bony abnormality."]
@@ -104,29 +106,35 @@ _LUNGS_CLEAR = ["The lungs are clear.", "Lungs are clear bilaterally.",
 _NO_CONSOLIDATION = ["No focal consolidation.", "There is no focal airspace consolidation.",
                      "No focal airspace disease."]
 _NO_NODULE = ["No suspicious pulmonary nodules.", "No nodules or masses are seen."]
-_PLEURA_CLEAR = ["No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.",
+_PLEURA_CLEAR = ["No pleural effusion or pneumothorax.",
+                 "There is no pleural effusion or pneumothorax.",
                  "No evidence of pneumothorax or pleural effusion.",
                  "The costophrenic angles are sharp. No pneumothorax."]
 _NO_PTX = ["No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."]
-_NO_EFFUSION = ["No pleural effusion.", "There is no pleural effusion.", "The costophrenic angles are sharp."]
+_NO_EFFUSION = ["No pleural effusion.", "There is no pleural effusion.",
+                "The costophrenic angles are sharp."]
 _EFFUSION = ["There is a {size} {side} pleural effusion.", "{Size} {side} pleural effusion.",
              "Blunting of the {side} costophrenic angle consistent with a {size} effusion.",
              "A {size} pleural effusion is present on the {side}.",
              "{Side} basilar opacity with blunting of the costophrenic angle, consistent with "
              "pleural effusion."]
-_EFFUSION_BOTH = ["There are {size} bilateral pleural effusions.", "{Size} bilateral pleural effusions.",
+_EFFUSION_BOTH = ["There are {size} bilateral pleural effusions.",
+                  "{Size} bilateral pleural effusions.",
                   "Bilateral pleural effusions with blunting of both costophrenic angles."]
 _PTX = ["There is a {size} {side} pneumothorax.",
         "{Side} apical pneumothorax with a visible pleural line.",
         "A {size} {side} pneumothorax is present.",
         "Pneumothorax on the {side} with a visible visceral pleural line."]
-_NODULE = ["There is a {mm} mm nodule in the {loc}.", "A {cm} cm nodular opacity projects over the {loc}.",
+_NODULE = ["There is a {mm} mm nodule in the {loc}.",
+           "A {cm} cm nodular opacity projects over the {loc}.",
            "{Loc} pulmonary nodule measuring {mm} mm.",
            "Rounded opacity in the {loc}, likely a nodule."]
 _MASS = ["There is a {cm} cm mass in the {loc}.", "{Loc} mass measuring {cm} cm.",
          "A large {cm} cm mass occupies the {loc}."]
-_CONSOL = ["There is focal consolidation in the {loc}.", "Patchy consolidation is seen in the {loc}.",
-           "Airspace opacity in the {loc}, consistent with consolidation.", "{Loc} consolidation.",
+_CONSOL = ["There is focal consolidation in the {loc}.",
+           "Patchy consolidation is seen in the {loc}.",
+           "Airspace opacity in the {loc}, consistent with consolidation.",
+           "{Loc} consolidation.",
            "Focal airspace disease in the {loc}, compatible with pneumonia."]
 _IMPRESSION_NORMAL = ["No acute cardiopulmonary abnormality.", "No acute cardiopulmonary disease.",
                       "Normal chest radiograph.", "No active disease."]
@@ -182,14 +190,14 @@ def write_report(study: Study, rng: np.random.Generator) -> str:
     """An IU X-Ray style report of 20-90 words that states every finding and negates the rest."""
     for _ in range(20):
         found, impression = _positive_sentences(study, rng)
-        groups = [found]
+        groups = [[sentence] for sentence in found]
         if not study.cardiomegaly:
             groups.append([_pick(rng, _HEART_NEG)])
         if rng.random() < 0.6:
             groups.append([_pick(rng, _MEDIASTINUM)])
         if not study.nodule and not study.consolidation:
             groups.append([_pick(rng, _LUNGS_CLEAR)])
-        elif rng.random() < 0.7:
+        elif not (study.nodule and study.consolidation) and rng.random() < 0.7:
             groups.append([_pick(rng, _NO_NODULE if study.consolidation else _NO_CONSOLIDATION)])
         if not study.effusion and not study.pneumothorax:
             groups.append([_pick(rng, _PLEURA_CLEAR)])
@@ -349,7 +357,7 @@ def _is_complete(out: Path, meta: dict) -> bool:
 
 def generate_synthetic(out_dir: str | Path, seed: int = 0, n_train: int = 254, n_val: int = 32,
                        n_test: int = 64, image_size: int = 224) -> Path:
-    """Write the synthetic benchmark under `out_dir` (skipped if already there); return annotation.json."""
+    """Write the benchmark under `out_dir` (skipped if already there); return annotation.json."""
     out = Path(out_dir)
     meta = _meta(seed, n_train, n_val, n_test, image_size)
     if _is_complete(out, meta):
@@ -377,7 +385,8 @@ def generate_synthetic(out_dir: str | Path, seed: int = 0, n_train: int = 254, n
     text = json.dumps(annotation, indent=1) + "\n"
     (out / "annotation.json").write_text(text, encoding="utf-8")
     meta["annotation_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    (out / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    meta_text = json.dumps(meta, indent=1, sort_keys=True) + "\n"
+    (out / META_NAME).write_text(meta_text, encoding="utf-8")
     return out / "annotation.json"
 
 

@@ -1,0 +1,77 @@
+"""The rule-based labeler: exact agreement with the generator, and free-text reports."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.data import FINDINGS, generate_synthetic, label_report
+from pipeline.data.synthetic import sample_study, write_report
+
+
+def _positives(text: str) -> set[str]:
+    return {name for name, value in label_report(text).items() if value}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_agrees_with_stored_labels_on_every_generated_entry(tmp_path, seed):
+    path = generate_synthetic(tmp_path, seed=seed, image_size=16)
+    entries = [e for split in json.loads(path.read_text()).values() for e in split]
+    assert len(entries) == 350
+    wrong = [(e["id"], e["report"]) for e in entries if label_report(e["report"]) != e["labels"]]
+    assert not wrong
+
+
+def test_agrees_with_the_generator_over_many_studies():
+    for seed in range(3):
+        for index in range(1500):
+            rng = np.random.default_rng([seed, index])
+            study = sample_study(rng)
+            report = write_report(study, rng)
+            assert label_report(report) == study.labels(), report
+            cleaned = " ".join(report.lower().replace(".", " .").replace(",", " ,").split())
+            assert label_report(cleaned) == study.labels(), cleaned  # R2Gen-cleaned form
+
+
+@pytest.mark.parametrize("report, expected", [
+    ("The heart is enlarged. No pleural effusion or pneumothorax.", {"cardiomegaly"}),
+    ("the heart is enlarged . no effusion . lungs are clear .", {"cardiomegaly"}),
+    ("Heart size is normal. Small left pleural effusion without pneumothorax.",
+     {"effusion_left"}),
+    ("No evidence of focal consolidation, pneumothorax, or pleural effusion. "
+     "No acute cardiopulmonary abnormality.", {"no_finding"}),
+    ("Lungs are free of consolidation. Negative for pneumothorax. Heart is not enlarged.",
+     {"no_finding"}),
+    ("Previously seen right pneumothorax has resolved. Left effusion and right pneumothorax "
+     "are no longer seen.", {"no_finding"}),
+    ("blunting of the right costophrenic angle . no pneumothorax .", {"effusion_right"}),
+    ("Effusion on the left and pneumothorax on the right.",
+     {"effusion_left", "pneumothorax_right"}),
+    ("The left hemidiaphragm is elevated and there is a nodule in the right upper lobe.",
+     {"nodule_right_upper"}),
+    ("Right middle lobe pneumonia. Bilateral pleural effusions. No pericardial effusion.",
+     {"consolidation_right_middle", "effusion_left", "effusion_right"}),
+    ("Lingular airspace disease; pneumothorax on the right cannot be excluded.",
+     {"consolidation_left_middle", "pneumothorax_right"}),
+    ("No change in the small right pleural effusion.", {"effusion_right"}),
+    ("There is no pneumothorax, there is a small left effusion.", {"effusion_left"}),
+    ("IMPRESSION: 2.5 cm mass in the left lower zone; no cardiomegaly.", {"nodule_left_lower"}),
+    ("The heart is enlarged and the pneumothorax is not seen.", {"cardiomegaly"}),
+    ("No effusion, but moderate cardiomegaly.", {"cardiomegaly"}),
+    ("Cardiac silhouette within normal limits. Lungs clear bilaterally.", {"no_finding"}),
+    ("", {"no_finding"}),
+])
+def test_reads_hand_written_reports(report, expected):
+    assert _positives(report) == expected
+
+
+def test_side_or_zone_that_cannot_be_read_is_not_counted():
+    assert _positives("There is a pleural effusion.") == {"no_finding"}
+    assert _positives("A nodule in the left lung.") == {"no_finding"}
+
+
+def test_returns_every_finding_in_order():
+    labels = label_report("Normal chest.")
+    assert tuple(labels) == FINDINGS
+    assert set(labels.values()) <= {0, 1}
