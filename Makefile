@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench data clean
+.PHONY: install demo test test-fast bench data clean browser
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,7 +22,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m steps.main --profile demo
 
-test: $(STAMP)
+# Headless Chromium for tests/test_ui.py (Debian's package; only as root with apt-get).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || echo "chromium not installed: the UI test will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -36,3 +40,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts mlflow.db outputs .pytest_cache
+
+# No usage telemetry: this project never talks to hosts other than the tracking server.
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true

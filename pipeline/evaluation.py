@@ -36,7 +36,7 @@ def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_s
 
 def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: str = "test",
                    num_beams: int = 3, max_new_tokens=None, limit=None, out_dir="outputs/evaluate",
-                   report_model=None) -> EvalOutcome:
+                   report_model=None, meteor: bool = True) -> EvalOutcome:
     """Score greedy (and, if num_beams > 1, beam) reports of a Stage 2 checkpoint on a split."""
     from pipeline.scoring import (DEFAULT_SCORE_WEIGHTS, composite_score, per_finding_f1_figure,
                                   score_reports)
@@ -55,7 +55,7 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     for name, beams in decodings:
         generated = _generate_all(report_model, records, beams, max_new_tokens)
         table[f"generated_{name}"] = generated
-        scores = score_reports(references, generated)
+        scores = score_reports(references, generated, meteor=meteor)
         metrics.update({f"{name}_{k}": float(v) for k, v in scores.items()})
         best = scores  # the last decoding (beam when run) picks the champion
     weights = DEFAULT_SCORE_WEIGHTS

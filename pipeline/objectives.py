@@ -5,7 +5,10 @@
 - `vicreg` (default): VICReg (Bardes et al. 2022) between two augmented views. The variance
   hinge keeps every dimension's std near `std_target`, so the all-constant solution costs
   `var_weight * std_target` and cannot be a minimum. Variance and covariance are computed over
-  batch *and* tokens, which gives B*T samples and so works at batch size 2.
+  batch *and* tokens (B*T samples, so it works at batch size 2). Token-level variance alone
+  can be met by position alone (every image mapped to the same positional pattern; measured:
+  pooled features collapse, normalized_std ~0.06), so a second variance hinge acts on the
+  per-image pooled features across the batch: different images must map to different points.
 """
 from __future__ import annotations
 
@@ -43,9 +46,15 @@ def vicreg(view_a: torch.Tensor, view_b: torch.Tensor, inv_weight: float = 25.0,
     invariance = F.mse_loss(a, b)
     variance = 0.5 * (_variance_term(a, std_target) + _variance_term(b, std_target))
     covariance = _covariance_term(a) + _covariance_term(b)
-    loss = inv_weight * invariance + var_weight * variance + cov_weight * covariance
+    image_variance = torch.zeros((), device=a.device)
+    if view_a.shape[0] >= 2:
+        pooled_a, pooled_b = view_a.mean(dim=1), view_b.mean(dim=1)  # (B, D)
+        image_variance = 0.5 * (_variance_term(pooled_a, std_target)
+                                + _variance_term(pooled_b, std_target))
+    loss = (inv_weight * invariance + var_weight * (variance + image_variance)
+            + cov_weight * covariance)
     return {"loss": loss, "invariance": invariance, "variance": variance,
-            "covariance": covariance}
+            "image_variance": image_variance, "covariance": covariance}
 
 
 def objective_loss(name: str, model, images: torch.Tensor, augment=None,

@@ -34,7 +34,8 @@ def plot_stage1(history: Mapping[str, Series], path: str | Path, floors: Mapping
         if history.get(key):
             twin.plot(*_xy(history[key]), style, ms=3, label=key)
     twin.set_xlabel("epoch")
-    twin.legend(fontsize=7, loc="center right")
+    if twin.get_legend_handles_labels()[0]:
+        twin.legend(fontsize=7, loc="center right")
     for ax, key in zip(axes[1:], keys):
         if history.get(key):
             ax.plot(*_xy(history[key]), "o-", ms=3)

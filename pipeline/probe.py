@@ -26,8 +26,8 @@ def stage1_config_of(metadata: dict, fallback: C.Stage1Config) -> C.Stage1Config
 
 
 def _output_dim(tensors: dict[str, torch.Tensor], default: int) -> int:
-    norms = [k for k in tensors if k.startswith("bridge.") and k.endswith("norm.weight")]
-    return int(tensors[sorted(norms)[-1]].shape[0]) if norms else default
+    last = tensors.get("bridge.proj.2.weight")  # (out_dim, hidden): the projector's last Linear
+    return int(last.shape[0]) if last is not None else default
 
 
 def load_vision_bridge(path: str | Path, fallback: C.Stage1Config):

@@ -67,9 +67,9 @@ class Stage2Job:
             return {}
         from pipeline.probe import probe_images
         verdict = run_verdict(meta.get("run_id")) or run_verdict(model_version_run(choice.uri or ""))
-        probe = probe_images(self.cfg.data, self.cfg.encoder.image_size, C.HealthConfig().probe_size)
-        return refuse_if_unfit(choice, model, meta, verdict, probe, C.HealthConfig(),
-                               self.force_init)
+        health_cfg = C.build(C.GateConfig, self.profile).health  # the gate's floors
+        probe = probe_images(self.cfg.data, self.cfg.encoder.image_size, health_cfg.probe_size)
+        return refuse_if_unfit(choice, model, meta, verdict, probe, health_cfg, self.force_init)
 
     def _build(self, resume_point):
         from pipeline.models.llm import load_llm

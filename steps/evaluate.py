@@ -27,9 +27,11 @@ from steps.common import auto, one_line_errors, profile_option
               help="beam width for the beam-search pass (1 = greedy only)")
 @click.option("--max_new_tokens", "--max-new-tokens", default="auto")
 @click.option("--limit", default="auto", help="evaluate the first N studies only")
+@click.option("--meteor/--no-meteor", default=True, show_default=True,
+              help="METEOR needs Java and ~15 s to start")
 @profile_option
 @one_line_errors
-def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, profile):
+def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, meteor, profile):
     """Generate and score reports; promote the champion."""
     checkpoint, source_run = resolve_stage2_checkpoint(model_ref)
     with stage_run("evaluate"):
@@ -38,7 +40,8 @@ def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, pr
         outcome = evaluate_model(checkpoint, data=data, image_dir=image_dir, split=split,
                                  num_beams=auto(num_beams, int) or 1,
                                  max_new_tokens=auto(max_new_tokens, int), limit=auto(limit, int),
-                                 out_dir=f"outputs/evaluate/{mlflow.active_run().info.run_id}")
+                                 out_dir=f"outputs/evaluate/{mlflow.active_run().info.run_id}",
+                                 meteor=meteor)
         mlflow.log_metrics(outcome.metrics)
         mlflow.log_param("score_definition", outcome.score_definition)
         mlflow.log_table(outcome.table, "reports.json")

@@ -48,7 +48,7 @@ def main(profile, config_file, data, image_dir, epochs, lr, batch_size, max_visu
         "seed": auto(seed, int), "output_dir": output_dir}, config_file=config_file)
     init = "scratch" if from_scratch else (vision_checkpoint or init)
     job = Stage2Job(cfg, profile=profile, init=init, force_init=force_init,
-                    resume=auto(resume, str), echo=lambda m: click.echo(m, err=True))
+                    resume=None if resume in (None, "", "none") else resume, echo=lambda m: click.echo(m, err=True))
     result = job.run()
     click.echo(f"stage2 done: first-step loss {result.first_step_loss:.4f}, final_train_loss "
                f"{result.final_train_loss:.4f}; run {job.run_id}; outputs in {job.out_dir}")

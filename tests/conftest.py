@@ -6,6 +6,10 @@ import os
 import pytest
 import torch
 
+# Tests never send usage telemetry anywhere.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+
 torch.set_num_threads(2)
 
 
@@ -16,10 +20,17 @@ def mlflow_store(tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; it must not leak between stores.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     yield uri
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    # The fluent API caches the active experiment id; it belongs to the store just removed.
+    mlflow.tracking.fluent._active_experiment_id = None
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,55 @@
+"""VisionBridge: the trainable half of the report model, VisionMamba encoder + Bridge.
+
+The one vision-side assembly that takes configs (`from_config`); the leaf modules take explicit
+sizes. Images (B, C, H, W) -> visual tokens (B, num_visual_tokens, out_dim), where out_dim is
+the LLM's hidden size in Stage 2 (or Stage 1's embed_dim).
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pipeline.config import BridgeConfig, EncoderConfig
+from pipeline.models.bridge import Bridge
+from pipeline.models.vision import VisionMamba
+
+
+class VisionBridge(nn.Module):
+    """Encoder + bridge: images (B, C, H, W) -> visual tokens (B, num_visual_tokens, out_dim)."""
+
+    def __init__(self, encoder: VisionMamba, bridge: Bridge):
+        super().__init__()
+        self.encoder = encoder
+        self.bridge = bridge
+
+    @classmethod
+    def from_config(cls, encoder_cfg: EncoderConfig, bridge_cfg: BridgeConfig,
+                    out_dim: int) -> "VisionBridge":
+        """Build from the encoder and bridge configs; out_dim is the width of the visual tokens."""
+        encoder = VisionMamba(
+            image_size=encoder_cfg.image_size, patch_size=encoder_cfg.patch_size,
+            in_chans=encoder_cfg.in_chans, d_model=encoder_cfg.d_model, depth=encoder_cfg.depth,
+            d_state=encoder_cfg.d_state, d_conv=encoder_cfg.d_conv, expand=encoder_cfg.expand,
+            chunk_size=encoder_cfg.chunk_size)
+        bridge = Bridge(
+            in_dim=encoder_cfg.d_model, out_dim=out_dim, num_tokens=bridge_cfg.num_visual_tokens,
+            kind=bridge_cfg.kind, hidden_mult=bridge_cfg.hidden_mult,
+            max_visual_tokens=bridge_cfg.max_visual_tokens, grid_size=encoder.grid_size)
+        return cls(encoder, bridge)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per image."""
+        return self.bridge.num_tokens
+
+    @property
+    def out_dim(self) -> int:
+        """Width of each visual token."""
+        return self.bridge.out_dim
+
+    def encode(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> encoder tokens (B, N, d_model)."""
+        return self.encoder(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> visual tokens (B, num_visual_tokens, out_dim)."""
+        return self.bridge(self.encoder(images))

@@ -1,0 +1,207 @@
+"""The gate end to end on a temporary MLflow store: approve, reject, idempotence, alias safety."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings, strategies as st
+from mlflow.tracking import MlflowClient
+
+from pipeline import config as C
+from pipeline.checkpoint import save_checkpoint, sha256_file
+from pipeline.registry import VISION_ALIAS, VISION_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stage1(args=()):
+    from steps import stage1
+
+    result = CliRunner().invoke(stage1.main, ["--profile", "tiny", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`pipeline.stage` = 'stage1'")[0]
+
+
+def _validate(args):
+    from steps import validate
+
+    return CliRunner().invoke(validate.main, ["--profile", "tiny", *args])
+
+
+def _alias_run():
+    version = MlflowClient().get_model_version_by_alias(VISION_MODEL, VISION_ALIAS)
+    return version.tags["source_run"], version.version
+
+
+def test_healthy_run_is_approved_once_and_alias_resolves(mlflow_store):
+    run = _stage1()
+    result = _validate([])  # default: the latest finished Stage 1 run
+    assert result.exit_code == 0, result.output
+    source, version = _alias_run()
+    assert source == run.info.run_id
+    assert MlflowClient().get_run(run.info.run_id).data.tags["gate.verdict"] == "approved"
+    local = mlflow.artifacts.download_artifacts(f"models:/{VISION_MODEL}@{VISION_ALIAS}")
+    assert list(Path(local).rglob("*.safetensors"))
+    assert _validate(["--stage1_run", run.info.run_id]).exit_code == 0
+    versions = MlflowClient().search_model_versions(f"name='{VISION_MODEL}'")
+    assert len(versions) == 1 and _alias_run()[1] == version
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`pipeline.stage` = 'validate'")
+    assert len(runs) == 2 and all(r.data.tags["gate.verdict"] == "approved" for r in runs)
+    assert "gate.final_loss_finite.passed" in runs[0].data.metrics
+
+
+def test_collapsed_l2_proxy_at_high_lr_is_rejected_with_reasons(mlflow_store, monkeypatch):
+    from pipeline.models.vision_bridge import VisionBridge
+
+    original = VisionBridge.from_config
+
+    def dead(*args, **kwargs):  # start near zero: the l2_proxy run ends collapsed
+        model = original(*args, **kwargs)
+        for p in model.parameters():
+            p.data.mul_(1e-4)
+        return model
+
+    monkeypatch.setattr(VisionBridge, "from_config", staticmethod(dead))
+    run = _stage1(["--objective", "l2_proxy", "--lr", "1e-4"])
+    result = _validate(["--stage1_run", run.info.run_id])
+    assert result.exit_code == 2
+    line = [l for l in result.output.splitlines() if l.startswith("error:")][0]
+    assert "final_train_loss" in line and "max_lr" in line
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags["gate.verdict"] == "rejected" and "max_lr" in tags["gate.reasons"]
+
+
+def test_sigkilled_run_left_running_is_rejected(mlflow_store, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow_store}
+    proc = subprocess.Popen([sys.executable, "-m", "steps.stage1", "--profile", "tiny",
+                             "--epochs", "200", "--output_dir", str(tmp_path / "o")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline and not list((tmp_path / "o").glob("*/checkpoints/*final*")) \
+            and not list((tmp_path / "o").glob("*/checkpoints/*best_val*")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.info.status == "RUNNING"
+    result = _validate(["--stage1_run", run.info.run_id])
+    assert result.exit_code == 2 and "RUNNING" in result.output
+
+
+def test_checkpoint_modified_after_logging_is_rejected(mlflow_store):
+    run = _stage1()
+    art = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints" / \
+        "vision_bridge_final.safetensors"
+    data = bytearray(art.read_bytes())
+    data[-1] ^= 0xFF
+    art.write_bytes(bytes(data))
+    result = _validate(["--stage1_run", run.info.run_id])
+    assert result.exit_code == 2 and "modified after logging" in result.output
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        MlflowClient().get_model_version_by_alias(VISION_MODEL, VISION_ALIAS)
+
+
+def _legacy(path, collapse: bool):
+    from pipeline.models.vision_bridge import VisionBridge
+
+    cfg = C.build(C.Stage1Config, "tiny")
+    torch.manual_seed(0)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    state = model.state_dict()
+    if collapse:  # dead features: the bridge's output projection and norm are all zero
+        state = {k: torch.zeros_like(v) if k.startswith("bridge.") else v for k, v in state.items()}
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("collapse", [True, False])
+def test_legacy_pt_is_judged_by_its_features(mlflow_store, tmp_path, collapse):
+    path = _legacy(tmp_path / "old.pt", collapse)
+    result = _validate(["--checkpoint", str(path)])
+    if collapse:
+        assert result.exit_code == 2 and "feature_std" in result.output
+    else:
+        assert result.exit_code == 0, result.output
+        version = MlflowClient().get_model_version_by_alias(VISION_MODEL, VISION_ALIAS)
+        assert version.tags["checkpoint_sha256"] == sha256_file(path)
+
+
+# ---- property test over generated run histories on a real store -------------------------
+
+def _fake_run(client, exp, ckpt, status, loss, lr, objective, health, intact):
+    run = client.create_run(exp, tags={"pipeline.stage": "stage1"})
+    rid = run.info.run_id
+    if lr is not None:
+        client.log_param(rid, "lr", str(lr))
+    client.log_param(rid, "objective", objective)
+    if loss is not None:
+        client.log_metric(rid, "final_train_loss", loss)
+    for key, value in health.items():
+        client.log_metric(rid, f"health_{key}", value)
+    client.log_artifact(rid, str(ckpt), "checkpoints")
+    client.set_tag(rid, "checkpoint.vision_bridge_final.sha256",
+                   sha256_file(ckpt) if intact else "0" * 64)
+    if status != "RUNNING":
+        client.set_terminated(rid, status)
+    return rid
+
+
+health_values = st.sampled_from([0.0, 1e-5, 0.05, 0.5, 5.0, float("nan")])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(history=st.lists(st.tuples(
+    st.sampled_from(["FINISHED", "RUNNING", "FAILED", "KILLED"]),
+    st.sampled_from([None, 1e-5, 5e-3, 0.7, float("inf")]),
+    st.sampled_from([1e-6, 1e-5, 1e-4]), st.sampled_from(["vicreg", "l2_proxy"]),
+    health_values, health_values, st.sampled_from([1.0, 3.0, 6.0]), st.booleans()),
+    min_size=1, max_size=3))
+def test_verdict_equals_rule_conjunction_and_alias_never_on_rejected(history):
+    gate = C.build(C.GateConfig, "tiny")
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/m.db"
+        old_cwd = os.getcwd()
+        os.chdir(tmp)
+        mlflow.set_tracking_uri(uri)
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        try:
+            client = MlflowClient()
+            exp = client.create_experiment("prop")
+            ckpt = save_checkpoint(Path(tmp) / "vision_bridge_final", {"w": torch.ones(2)},
+                                   {"stage": "stage1"})
+            for status, loss, lr, objective, fstd, nstd, rank, intact in history:
+                health = {"feature_std": fstd, "normalized_std": nstd, "effective_rank": rank}
+                rid = _fake_run(client, exp, ckpt, status, loss, lr, objective, health, intact)
+                ok = lambda v, f: not math.isnan(v) and v >= f  # noqa: E731
+                expected = (status == "FINISHED" and loss is not None and math.isfinite(loss)
+                            and (objective != "l2_proxy"
+                                 or (loss >= gate.min_final_loss and lr <= gate.max_lr))
+                            and ok(fstd, gate.health.min_feature_std)
+                            and ok(nstd, gate.health.min_normalized_std)
+                            and ok(rank, gate.health.min_effective_rank) and intact)
+                result = _validate(["--stage1_run", rid])
+                assert (result.exit_code == 0) == expected, (result.output, history)
+                try:
+                    version = client.get_model_version_by_alias(VISION_MODEL, VISION_ALIAS)
+                except mlflow.exceptions.MlflowException:
+                    continue
+                source = version.tags["source_run"]
+                assert client.get_run(source).data.tags["gate.verdict"] == "approved"
+                assert version.tags["gate.verdict"] == "approved"
+        finally:
+            os.chdir(old_cwd)
+            mlflow.set_tracking_uri(None)
+            os.environ.pop("MLFLOW_TRACKING_URI", None)

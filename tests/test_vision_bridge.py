@@ -1,0 +1,131 @@
+"""VisionMamba encoder, Bridge, the visual-token guard and the VisionBridge assembly, tiny."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import config as C
+from pipeline.models.bridge import Bridge, VisualTokenError, check_visual_tokens
+from pipeline.models.vision import VisionMamba
+from pipeline.models.vision_bridge import VisionBridge
+
+
+def tiny_encoder(**overrides) -> VisionMamba:
+    sizes = dict(image_size=32, patch_size=8, in_chans=1, d_model=32, depth=1, d_state=4,
+                 d_conv=4, expand=2, chunk_size=32)
+    return VisionMamba(**{**sizes, **overrides})
+
+
+def test_encoder_makes_one_token_per_patch():
+    torch.manual_seed(0)
+    encoder = tiny_encoder(depth=2)
+    tokens = encoder(torch.randn(3, 1, 32, 32))
+    assert tokens.shape == (3, 16, 32) and encoder.grid_size == (4, 4)
+    assert torch.isfinite(tokens).all()
+
+
+def test_encoder_blocks_see_both_directions():
+    # Changing only the last patch moves the first token through the reversed-sequence mixer;
+    # with that mixer silenced the stack is causal and the first token stays bit-identical.
+    torch.manual_seed(0)
+    encoder = tiny_encoder().eval()
+    images = torch.randn(1, 1, 32, 32)
+    changed = images.clone()
+    changed[..., -8:, -8:] += 1.0
+
+    def first_and_last_change():
+        with torch.no_grad():
+            delta = (encoder(changed) - encoder(images)).abs().amax(dim=-1)[0]  # (16,)
+        return float(delta[0]), float(delta[-1])
+
+    first, last = first_and_last_change()
+    assert first > 0 and last > 1e-3
+    with torch.no_grad():
+        encoder.blocks[0].mixer_bwd.out_proj.weight.zero_()
+    first, last = first_and_last_change()
+    assert first == 0 and last > 1e-3
+
+
+def test_rms_norm_variant_runs_and_unknown_norm_is_refused():
+    assert tiny_encoder(norm="rms")(torch.randn(1, 1, 32, 32)).shape == (1, 16, 32)
+    with pytest.raises(ValueError, match="norm"):
+        tiny_encoder(norm="batch")
+
+
+def test_encoder_refuses_sizes_it_was_not_built_for():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tiny_encoder(image_size=30)
+    with pytest.raises(ValueError, match="built for 32x32"):
+        tiny_encoder()(torch.randn(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize("kind,grid", [("pool", (4, 4)), ("pool", None), ("queries", (4, 4))])
+def test_bridge_maps_tokens_to_the_requested_count_and_width(kind, grid):
+    bridge = Bridge(in_dim=32, out_dim=48, num_tokens=4, kind=kind, grid_size=grid)
+    out = bridge(torch.randn(2, 16, 32))
+    assert out.shape == (2, 4, 48)
+    # different inputs give different tokens (no output norm pins them)
+    assert torch.isfinite(out).all() and out.std() > 0
+
+
+def test_grid_pooling_averages_2d_neighbourhoods():
+    bridge = Bridge(in_dim=1, out_dim=8, num_tokens=4, grid_size=(4, 4))
+    grid = torch.arange(16.0).view(1, 16, 1)  # row-major 4x4 grid of token values
+    assert bridge._pool(grid).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_bridge_refuses_more_tokens_than_allowed_naming_the_numbers():
+    with pytest.raises(VisualTokenError, match="120 visual tokens.*max_visual_tokens=96"):
+        Bridge(in_dim=32, out_dim=48, num_tokens=120, max_visual_tokens=96)
+    with pytest.raises(VisualTokenError, match="20 visual tokens out of 16"):
+        Bridge(in_dim=32, out_dim=48, num_tokens=20, grid_size=(4, 4))
+    with pytest.raises(ValueError, match="kind"):
+        Bridge(in_dim=32, out_dim=48, num_tokens=4, kind="mlp")
+
+
+def test_check_visual_tokens_guard():
+    tokens = torch.zeros(2, 49, 8)
+    assert check_visual_tokens(tokens, expected=49, max_visual_tokens=96) == 49
+    with pytest.raises(VisualTokenError, match="got 49 visual tokens.*emit 16"):
+        check_visual_tokens(tokens, expected=16, max_visual_tokens=96)
+    with pytest.raises(VisualTokenError, match="49 visual tokens exceed max_visual_tokens=32"):
+        check_visual_tokens(tokens, expected=49, max_visual_tokens=32)
+    with pytest.raises(VisualTokenError, match="shape"):
+        check_visual_tokens(torch.zeros(49, 8), expected=49, max_visual_tokens=96)
+
+
+@pytest.mark.parametrize("kind", ["pool", "queries"])
+def test_vision_bridge_from_tiny_config_trains_end_to_end(kind):
+    cfg = C.build(C.Stage1Config, "tiny", {"bridge.kind": kind})
+    torch.manual_seed(0)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    images = torch.randn(2, 1, cfg.encoder.image_size, cfg.encoder.image_size)
+    visual = model(images)
+    assert visual.shape == (2, model.num_visual_tokens, model.out_dim) == (2, 4, 64)
+    assert model.encode(images).shape == (2, 16, cfg.encoder.d_model)
+    check_visual_tokens(visual, model.num_visual_tokens, cfg.bridge.max_visual_tokens)
+    visual.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["pool", "queries"])
+def test_checkpoint_readers_find_out_dim_in_the_last_projector_layer(kind):
+    # pipeline.probe reads out_dim from "bridge.proj.2.weight" (the projector's last Linear).
+    model = VisionBridge.from_config(C.EncoderConfig(**{"image_size": 32, "patch_size": 8,
+                                                        "d_model": 32, "depth": 1, "d_state": 4}),
+                                     C.BridgeConfig(num_visual_tokens=4, kind=kind), out_dim=40)
+    state = model.state_dict()
+    assert state["bridge.proj.2.weight"].shape[0] == 40
+
+
+def test_from_config_refuses_too_many_visual_tokens():
+    with pytest.raises(VisualTokenError, match="max_visual_tokens=8"):
+        VisionBridge.from_config(C.EncoderConfig(), C.BridgeConfig(max_visual_tokens=8), 64)
+
+
+@pytest.mark.parametrize("profile,tokens", [("demo", 16), ("default", 49)])
+def test_profiles_build_with_their_sizes(profile, tokens):
+    cfg = C.build(C.Stage1Config, profile)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    assert model.num_visual_tokens == tokens
+    assert model.encoder.num_patches == cfg.encoder.num_patches
