@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -22,6 +23,17 @@ REPORT_MODEL = "report-vlm"
 VERDICT_TAG = "gate.verdict"
 REASONS_TAG = "gate.reasons"
 PIP_REQUIREMENTS = ["torch", "safetensors", "transformers", "mlflow", "pillow", "numpy"]
+
+
+def _log_pyfunc(name: str, checkpoint, metadata=None):
+    """Log a models-from-code pyfunc whose artifact is our checkpoint (no pickled objects)."""
+    code = Path(__file__).parent / "pyfunc_models" / f"{name}.py"
+    with warnings.catch_warnings():
+        # MLflow suggests type hints on predict; inputs are DataFrames of paths/base64 strings.
+        warnings.filterwarnings("ignore", message=".*type hint.*")
+        return mlflow.pyfunc.log_model(name=name, python_model=str(code),
+                                       artifacts={"checkpoint": str(checkpoint)},
+                                       pip_requirements=PIP_REQUIREMENTS, metadata=metadata)
 
 
 def _versions_from_run(name: str, source_run: str) -> list:
@@ -47,15 +59,11 @@ def promote_vision_bridge(checkpoint: str | Path, source_run: str | None,
     Idempotent: a run validated again reuses its version. Under a race two versions may be
     created; the lowest wins, the others are deleted, so the alias converges on one.
     """
-    from pipeline.serving import VisionBridgePyfunc
-
     client = MlflowClient()
     key = source_run or f"file:{tags.get('checkpoint_sha256', '')}"
     existing = _versions_from_run(VISION_MODEL, key)
     if not existing:
-        info = mlflow.pyfunc.log_model(
-            name="vision_bridge", python_model=VisionBridgePyfunc(),
-            artifacts={"checkpoint": str(checkpoint)}, pip_requirements=PIP_REQUIREMENTS)
+        info = _log_pyfunc("vision_bridge", checkpoint)
         mlflow.register_model(info.model_uri, VISION_MODEL,
                               tags={**tags, "source_run": key, VERDICT_TAG: "approved"})
         existing = _versions_from_run(VISION_MODEL, key)
@@ -181,12 +189,7 @@ def run_verdict(run_id: str | None) -> str | None:
 def register_report_model(checkpoint: str | Path, run_id: str, llm_name: str,
                           tags: Mapping[str, str]) -> str:
     """Log the Stage 2 weights as a pyfunc model (LLM by reference) and alias it `candidate`."""
-    from pipeline.serving import ReportVLMPyfunc
-
-    info = mlflow.pyfunc.log_model(
-        name="report_vlm", python_model=ReportVLMPyfunc(),
-        artifacts={"checkpoint": str(checkpoint)}, pip_requirements=PIP_REQUIREMENTS,
-        metadata={"llm": llm_name})
+    info = _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm_name})
     version = mlflow.register_model(info.model_uri, REPORT_MODEL,
                                     tags={**tags, "source_run": run_id, "llm": llm_name})
     MlflowClient().set_registered_model_alias(REPORT_MODEL, "candidate", version.version)

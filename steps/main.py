@@ -6,6 +6,7 @@ scratch (said loudly) unless `--stop_on_reject`.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -47,6 +48,8 @@ def _step(name: str, params: dict, commit: str | None, allow_fail: bool = False)
 @one_line_errors
 def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
     """Run the whole pipeline; print the metrics, where results are and how to look."""
+    # Child steps run `python -m steps.X` (MLproject); make that this interpreter.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     commit = git_commit()
     records = load_dataset(C.build(C.Stage1Config, profile, {"data.source": data}).data)
     with stage_run("main") as parent:

@@ -1,6 +1,6 @@
 """Bridge: encoder tokens (B, N, in_dim) -> visual tokens (B, num_tokens, out_dim) for the LLM.
 
-Two kinds, both ending in the same projector (Linear-GELU-Linear) and a LayerNorm:
+Two kinds, both ending in the same LLaVA-style projector (Linear-GELU-Linear, no output norm):
 - `pool`: adaptive average pooling, over the 2-D patch grid when `grid_size` is given and
   num_tokens is a square (14x14 -> 7x7 keeps neighbourhoods together), else over the sequence.
 - `queries`: num_tokens learned queries cross-attend to the tokens (a one-layer Q-Former).

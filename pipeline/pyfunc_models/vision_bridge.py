@@ -1,0 +1,6 @@
+"""Models-from-code entry for `vision-bridge` versions: images -> pooled visual features."""
+import mlflow
+
+from pipeline.serving import VisionBridgePyfunc
+
+mlflow.models.set_model(VisionBridgePyfunc())
