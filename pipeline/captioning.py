@@ -36,13 +36,26 @@ class Layout:
         return self.n_visual + self.text_length
 
 
+def encode_prompt(tokenizer, prompt: str) -> tuple[int, ...]:
+    """Prompt token ids; in the LLM's chat format (a user turn, then the assistant's start)
+    when its tokenizer has a chat template, so an instruct LLM answers with the report."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.strip()}],
+                                             tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def tokenize_batch(tokenizer, prompt: str, reports: list[str], eos_id: int, pad_id: int,
                    n_visual: int, max_report_tokens: int) -> Layout:
     """Tokenize prompt and reports (no special tokens added) and append EOS to each report."""
-    prompt_ids = tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    # A report follows the prompt's final newline directly; after other text, a space.
+    lead = "" if tokenizer.decode(prompt_ids[-1:]).endswith(("\n", " ")) else " "
     report_ids, truncated = [], 0
     for report in reports:
-        ids = tokenizer(" " + report.strip(), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(lead + report.strip(), add_special_tokens=False)["input_ids"]
         if len(ids) > max_report_tokens:
             ids, truncated = ids[:max_report_tokens], truncated + 1
         report_ids.append(tuple(ids) + (eos_id,))

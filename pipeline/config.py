@@ -190,7 +190,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                  "max_report_tokens": 256, "max_new_tokens": 16, "log_every": 2,
                  "checkpoint_every": 4, "n_val_reports": 2},
         "demo": {"encoder": _ENCODER_PROFILES["demo"], "bridge": _BRIDGE_PROFILES["demo"],
-                 "data": _DATA_PROFILES["demo"], "epochs": 3, "max_report_tokens": 160,
+                 "data": _DATA_PROFILES["demo"], "epochs": 5, "max_report_tokens": 160,
                  "max_new_tokens": 64},
         "default": {},
     },

@@ -14,7 +14,7 @@ def generate_reports(model, llm, images: torch.Tensor, prompt: str, max_new_toke
                      num_beams: int = 1, batch_size: int = 8, **generate_kwargs) -> list[str]:
     """One report per image (greedy when num_beams == 1)."""
     model.eval()
-    prompt_ids = llm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = captioning.encode_prompt(llm.tokenizer, prompt)
     out: list[str] = []
     for start in range(0, images.shape[0], batch_size):
         visual = model(images[start:start + batch_size])

@@ -52,7 +52,7 @@ class VisionBridgePyfunc(mlflow.pyfunc.PythonModel):
         self.model, self.metadata, self.cfg = load_vision_bridge(
             context.artifacts["checkpoint"], C.Stage1Config())
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[dict[str, str]], params=None) -> list[list[float]]:
         frame = _to_frame(model_input)
         size = self.cfg.encoder.image_size
         images = torch.stack([decode_image(v, size) for v in frame["image"]])
@@ -69,7 +69,7 @@ class ReportVLMPyfunc(mlflow.pyfunc.PythonModel):
 
         self.report_model = load_report_model(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[dict[str, str]], params=None) -> list[str]:
         params = params or {}
         frame = _to_frame(model_input)
         size = self.report_model.cfg.encoder.image_size

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -110,8 +111,11 @@ def log_new_params(params: Mapping[str, Any]) -> dict[str, str]:
 def log_dataset(frame, source: str, name: str, digest: str, context: str,
                 profile: Mapping[str, Any] | None = None) -> None:
     """`log_input` the dataset (digest lets MLflow tell datasets apart) and its profile."""
-    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
-    mlflow.log_input(dataset, context=context)
+    with warnings.catch_warnings():
+        # A local path matches MLflow's local-artifact source twice; it picks the same one.
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+        mlflow.log_input(dataset, context=context)
     if profile is not None:
         mlflow.log_dict(dict(profile), f"data/profile_{context}.json")
 
