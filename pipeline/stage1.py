@@ -116,16 +116,17 @@ class Stage1Trainer:
         self._warn(epoch, epoch_loss, health)
 
     def _warn(self, epoch: int, epoch_loss: float, health: Mapping[str, float]) -> None:
-        message = low_loss_warning(epoch_loss, epoch)
+        messages = [m for m in [low_loss_warning(epoch_loss, epoch)] if m]
         reasons = health_failures(health, self.cfg.health)
         if reasons:
-            message = (f"WARNING: feature health collapsed at epoch {epoch} ({'; '.join(reasons)})."
-                       " Do not initialise Stage 2 from this run; use --from_scratch.")
-        if message is None:
-            return
-        self.log.warning(message)
-        self.result.warnings.append(message)
-        self.set_tags({COLLAPSE_TAG: "true", "health.warning": message[:500]})
+            messages.append(f"WARNING: feature health collapsed at epoch {epoch} "
+                            f"({'; '.join(reasons)}). Do not initialise Stage 2 from this run; "
+                            "use --from_scratch.")
+        for message in messages:
+            self.log.warning(message)
+            self.result.warnings.append(message)
+        if messages:
+            self.set_tags({COLLAPSE_TAG: "true", "health.warning": " | ".join(messages)[:500]})
 
     def fit(self) -> Stage1Result:
         """Train for cfg.epochs; on interrupt save `vision_bridge_step{N}` and re-raise."""

@@ -144,3 +144,46 @@ def test_kill9_mid_epoch_then_resume_has_every_step_once(mlflow_store, tmp_path)
     assert run.data.tags["llm.checksum_before"] == run.data.tags["llm.checksum_after"]
     epochs = [m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_loss")]
     assert sorted(epochs) == [1, 2, 3]
+
+
+def _stage1_checkpoint(tmp_path, collapse: bool):
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models.vision_bridge import VisionBridge
+
+    cfg = C.build(C.Stage1Config, "tiny")
+    torch.manual_seed(0)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    state = model.state_dict()
+    if collapse:  # dead features: the projector outputs zeros for every image
+        state = {k: torch.zeros_like(v) if k.startswith("bridge.proj.2") else v
+                 for k, v in state.items()}
+    return save_checkpoint(tmp_path / ("dead" if collapse else "live"), state,
+                           {"stage": "stage1", "config": C.to_dict(cfg)})
+
+
+@pytest.mark.parametrize("collapse", [True, False])
+def test_collapsed_stage1_checkpoint_is_refused_as_init(mlflow_store, tmp_path, collapse):
+    from steps import stage2 as step
+
+    path = _stage1_checkpoint(tmp_path, collapse)
+    result = CliRunner().invoke(step.main, ["--profile", "tiny", "--vision_checkpoint", str(path),
+                                            "--epochs", "1"])
+    if collapse:
+        assert result.exit_code == 2, result.output
+        assert "refusing to initialise Stage 2" in result.output
+        assert "feature_std" in result.output
+        assert not list((tmp_path / "outputs").glob("stage2/*/checkpoints/*"))
+        forced = CliRunner().invoke(step.main, ["--profile", "tiny", "--vision_checkpoint",
+                                                str(path), "--epochs", "1", "--force_init"])
+        assert forced.exit_code == 0, forced.output
+    else:
+        assert result.exit_code == 0, result.output
+        run = mlflow_run_of("stage2")
+        assert run.data.tags["init.source"] == "checkpoint"
+
+
+def mlflow_run_of(stage):
+    import mlflow
+
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`pipeline.stage` = '{stage}'")[0]

@@ -1,0 +1,177 @@
+"""The registered `report-vlm` pyfunc: loaded in-process and served by `mlflow models serve`."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import requests
+from click.testing import CliRunner
+from PIL import Image
+
+from steps import evaluate, stage2
+
+MODEL = "report-vlm"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A store holding one tiny Stage 2 version, evaluated: alias `candidate` and `champion`.
+
+    Module-scoped (unlike `mlflow_store`) so training and evaluation happen once per module.
+    """
+    root = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        try:
+            trained = CliRunner().invoke(stage2.main, ["--profile", "tiny", "--init", "scratch"],
+                                         catch_exceptions=False)
+            assert trained.exit_code == 0, trained.output
+            scored = CliRunner().invoke(evaluate.main, ["--profile", "tiny", "--num_beams", "1",
+                                                        "--no-meteor"], catch_exceptions=False)
+            assert scored.exit_code == 0, scored.output
+            yield {"uri": uri, "root": root,
+                   "image": sorted((root / "data").rglob("*.png"))[0]}
+        finally:
+            if mlflow.active_run() is not None:
+                mlflow.end_run()
+            mlflow.set_tracking_uri(None)
+            mlflow.tracking.fluent._active_experiment_id = None
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _png_b64(size: int = 48) -> str:
+    """A PNG the model has never seen (a different size from the training images)."""
+    buffer = io.BytesIO()
+    Image.new("L", (size, size), color=128).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def candidate(registry):
+    return mlflow.pyfunc.load_model(f"models:/{MODEL}@candidate")
+
+
+def test_pyfunc_writes_one_report_per_path_or_base64_image(registry, candidate):
+    image = registry["image"]
+    from_path = candidate.predict(pd.DataFrame({"image": [str(image)]}))
+    assert len(from_path) == 1 and isinstance(from_path[0], str)
+    mixed = candidate.predict([{"image": _b64(image)}, {"image": str(image)},
+                               {"image": _png_b64()}])
+    assert len(mixed) == 3 and all(isinstance(text, str) for text in mixed)
+    # The same picture as a path or as base64 is the same input; decoding is greedy.
+    assert mixed[0] == mixed[1] == from_path[0]
+
+
+@pytest.mark.parametrize("garbage", ["not an image at all", "aGVsbG8gd29ybGQ=",  # b"hello world"
+                                     "missing/0.png"])
+def test_pyfunc_garbage_image_gives_a_clear_error(candidate, garbage):
+    with pytest.raises(ValueError, match="existing file path or a base64 PNG/JPEG"):
+        candidate.predict([{"image": garbage}])
+
+
+def test_pyfunc_params_reach_generation(registry, candidate):
+    """`num_beams` / `max_new_tokens` (the class's documented params) must not be dropped."""
+    inner = candidate.unwrap_python_model()
+    calls = []
+    generate = inner.report_model.generate
+
+    def spy(images, **kwargs):
+        calls.append(kwargs)
+        return generate(images, **kwargs)
+
+    inner.report_model.generate = spy
+    try:
+        candidate.predict([{"image": str(registry["image"])}],
+                          params={"num_beams": 2, "max_new_tokens": 3})
+    finally:
+        inner.report_model.generate = generate
+    assert calls == [{"num_beams": 2, "max_new_tokens": 3}]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    """`mlflow models serve` of the champion on 127.0.0.1; yields its base URL."""
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"],
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    log = open(registry["root"] / "serve.log", "w+")
+    # Its own session: `serve` runs uvicorn in a child process, and the group is ended as one.
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve",
+                             "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=registry["root"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"server not up after 90 s:\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def _post(url: str, payload: dict) -> requests.Response:
+    return requests.post(f"{url}/invocations", json=payload, timeout=60)
+
+
+def test_served_champion_answers_an_inputs_request(server, registry):
+    response = _post(server, {"inputs": [{"image": _b64(registry["image"])}]})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 1 and isinstance(predictions[0], str)
+
+
+def test_served_champion_answers_a_dataframe_records_request(server):
+    response = _post(server, {"dataframe_records": [{"image": _png_b64()}]})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 1 and isinstance(predictions[0], str)
+
+
+def test_served_champion_refuses_a_garbage_image_with_400(server):
+    response = _post(server, {"inputs": [{"image": "not an image at all"}]})
+    assert response.status_code == 400
+    assert "base64 PNG/JPEG" in response.text
