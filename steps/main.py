@@ -87,7 +87,11 @@ def _summary(parent_id: str, s1: str, s2: str, ev: str) -> None:
     click.echo(f"artifacts: {client.get_run(s2).info.artifact_uri} (Stage 2), "
                f"{client.get_run(ev).info.artifact_uri} (evaluation); outputs/ holds local copies")
     click.echo(f"tracking store: {mlflow.get_tracking_uri()}")
-    click.echo("see them: mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and os.path.abspath(uri[len("sqlite:///"):]) == \
+            os.path.abspath("mlflow.db"):
+        uri = "sqlite:///mlflow.db"
+    click.echo(f"see them: mlflow ui --backend-store-uri {uri}")
 
 
 if __name__ == "__main__":

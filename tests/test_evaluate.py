@@ -98,7 +98,9 @@ def test_champion_moves_only_on_a_strictly_higher_score(mlflow_store):
     # and a tie keeps the earlier champion.
     assert _eval_score_tag(first) == pytest.approx(first_score, abs=1e-6)
     assert _eval_score_tag(second) == pytest.approx(second_score, abs=1e-6)
-    assert _champion() == (second if second_score > first_score else first)
+    tags = [MlflowClient().get_model_version(MODEL, v).tags["eval.score"] for v in (first, second)]
+    assert _champion() == (second if second_score > first_score else first), \
+        f"scores {first_score!r} (v{first}) / {second_score!r} (v{second}), eval.score tags {tags}"
 
     # Force both branches: the challenger is the version that is not champion now.
     champion = _champion()

@@ -1,0 +1,94 @@
+"""`main` on the tiny profile: four child runs under one parent, reused on a rerun.
+
+`main` runs its children through `mlflow.projects.run(".")`, so it runs from the project root;
+the tracking store and the artifacts stay under tmp_path. The children's local copies
+(`outputs/<stage>/<run id>`) land in the project's ignored `outputs/` and are removed after.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import EXPERIMENT_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--profile", "tiny", "--llm", "tiny-random"]
+CHILDREN = ("stage1", "validate", "stage2", "evaluate")
+
+
+def _run_main(tracking_uri: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(ROOT),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+    return subprocess.run([sys.executable, "-m", "steps.main", *ARGS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _runs_by_stage(client: MlflowClient) -> dict[str, list]:
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    by_stage: dict[str, list] = {}
+    for run in client.search_runs(experiment_ids, max_results=1000):
+        by_stage.setdefault(run.data.tags.get("pipeline.stage"), []).append(run)
+    return by_stage
+
+
+def _remove_local_outputs(client: MlflowClient) -> None:
+    outputs = ROOT / "outputs"
+    for stage, runs in _runs_by_stage(client).items():
+        for run in runs:
+            shutil.rmtree(outputs / str(stage) / run.info.run_id, ignore_errors=True)
+    for folder in [*(outputs / stage for stage in CHILDREN), outputs]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _tail(proc: subprocess.CompletedProcess) -> str:
+    return (f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+            f"--- stderr\n{proc.stderr[-5000:]}")
+
+
+def test_main_runs_every_step_as_a_child_and_a_rerun_reuses_them(mlflow_store, tmp_path):
+    client = MlflowClient()
+    # Artifacts under tmp_path rather than the project's ./mlruns.
+    client.create_experiment(EXPERIMENT_NAME, artifact_location=(tmp_path / "artifacts").as_uri())
+    try:
+        first = _run_main(mlflow_store)
+        assert first.returncode == 0, _tail(first)
+
+        by_stage = _runs_by_stage(client)
+        for stage in ("main", *CHILDREN):
+            assert len(by_stage.get(stage, [])) == 1, \
+                f"{stage}: {len(by_stage.get(stage, []))} runs\n{_tail(first)}"
+        (parent,) = by_stage["main"]
+        parent_id = parent.info.run_id
+        children = {stage: by_stage[stage][0] for stage in CHILDREN}
+        for stage, run in children.items():
+            assert run.data.tags.get("mlflow.parentRunId") == parent_id, stage
+            assert run.info.status == "FINISHED", stage
+        assert client.get_run(parent_id).info.status == "FINISHED"
+
+        champion = client.get_model_version_by_alias("report-vlm", "champion")
+        assert champion.tags["source_run"] == children["stage2"].info.run_id
+        assert children["evaluate"].data.params["model"] == children["stage2"].info.run_id
+        assert f"evaluate {children['evaluate'].info.run_id}" in first.stdout
+        assert "mlflow ui --backend-store-uri" in first.stdout
+
+        second = _run_main(mlflow_store)
+        assert second.returncode == 0, _tail(second)
+        for stage, run in children.items():
+            assert f"[main] {stage}: reusing finished run {run.info.run_id}" in second.stderr, \
+                f"{stage} not reused\n{_tail(second)}"
+        again = _runs_by_stage(client)
+        for stage in CHILDREN:
+            assert [r.info.run_id for r in again[stage]] == [children[stage].info.run_id], stage
+        assert len(again["main"]) == 2
+        assert client.get_model_version_by_alias("report-vlm", "champion").version == \
+            champion.version
+    finally:
+        _remove_local_outputs(client)
