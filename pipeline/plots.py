@@ -51,13 +51,15 @@ def plot_stage1(history: Mapping[str, Series], path: str | Path, floors: Mapping
 
 
 def plot_stage2(steps: Series, epochs: Mapping[str, Series], bands: Sequence[tuple[int, float, float]],
-                path: str | Path, title: str = "Stage 2 caption loss") -> Path:
-    """Caption loss per step and per epoch, with the healthy bands as shaded ranges."""
+                path: str | Path, max_epoch: int, title: str = "Stage 2 caption loss") -> Path:
+    """Caption loss per step and per epoch, with the healthy band (up to `max_epoch`) shaded."""
+    from pipeline.curve import band_at
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if bands:
-        xs = [e for e, _, _ in bands]
-        ax.fill_between(xs, [lo for _, lo, _ in bands], [hi for _, _, hi in bands],
-                        color="green", alpha=0.12, label="healthy band")
+        xs = [1 + i * (max(max_epoch, 2) - 1) / 100 for i in range(101)]
+        lows, highs = zip(*(band_at(bands, x) for x in xs))
+        ax.fill_between(xs, lows, highs, color="green", alpha=0.12, label="healthy band")
     if steps:
         ax.plot(*_xy(steps), lw=0.7, alpha=0.5, label="caption_loss (step, x in epochs)")
     for key, style in (("epoch_train_loss", "o-"), ("val_loss", "s-")):

@@ -167,7 +167,7 @@ class Stage2Job:
             per_epoch = max(1, trainer.loaders.batches_per_epoch)
             steps = list(zip(frame["step"] / per_epoch, frame["caption_loss"]))
         plot = plot_stage2(steps, trainer.epoch_history, list(self.cfg.bands),
-                           self.out_dir / "stage2_loss.png")
+                           self.out_dir / "stage2_loss.png", max_epoch=self.cfg.epochs)
         log_files([trainer.csv_path, plot, cfg_path, self.out_dir / "stage2.log"])
         log_files(sorted((self.out_dir / "val_reports").glob("*.json")), "val_reports")
         for name, path in trainer.result.checkpoints.items():
