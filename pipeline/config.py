@@ -19,6 +19,16 @@ class ConfigError(ValueError):
     """A configuration value or file that cannot be used."""
 
 
+def _check_training(cfg) -> None:
+    """Refuse training configs that cannot run (they would finish with nothing learned)."""
+    bad = [f"{name}={getattr(cfg, name)!r} (must be {rule})"
+           for name, ok, rule in (("epochs", cfg.epochs >= 1, ">= 1"), ("lr", cfg.lr > 0, "> 0"),
+                                  ("batch_size", cfg.batch_size >= 1, ">= 1"))
+           if not ok]
+    if bad:
+        raise ConfigError(f"{type(cfg).__name__}: " + "; ".join(bad))
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Vision Mamba encoder size."""
@@ -112,6 +122,9 @@ class Stage1Config:
     checkpoint_every: int = 500
     output_dir: str = "outputs/stage1"
 
+    def __post_init__(self):
+        _check_training(self)
+
 
 @dataclass(frozen=True)
 class Stage2Config:
@@ -142,6 +155,9 @@ class Stage2Config:
     low_loss_epochs: int = 3
     llm_checksum: bool = True
     output_dir: str = "outputs/stage2"
+
+    def __post_init__(self):
+        _check_training(self)
 
 
 @dataclass(frozen=True)

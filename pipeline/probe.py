@@ -15,14 +15,23 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.health import feature_health
 
 
-def stage1_config_of(metadata: dict, fallback: C.Stage1Config) -> C.Stage1Config:
-    """The Stage 1 config stored in a checkpoint's metadata, else `fallback`."""
+def stage1_config_of(metadata: dict, fallback: C.Stage1Config | None) -> C.Stage1Config | None:
+    """The Stage 1 config of a checkpoint (Stage 1 or Stage 2), else `fallback`.
+
+    A Stage 2 checkpoint carries a Stage2Config: its encoder, bridge and data sizes are taken
+    over, the rest stays as in `fallback` (or the defaults).
+    """
     raw = metadata.get("config")
     if isinstance(raw, str):
         raw = json.loads(raw)
-    if isinstance(raw, dict) and "encoder" in raw and "bridge" in raw:
-        return C.from_dict(C.Stage1Config, raw)
-    return fallback
+    if not (isinstance(raw, dict) and "encoder" in raw and "bridge" in raw):
+        return fallback
+    if metadata.get("stage") == "stage2" or "llm" in raw:
+        base = fallback or C.Stage1Config()
+        return replace(base, encoder=C.from_dict(C.EncoderConfig, raw["encoder"]),
+                       bridge=C.from_dict(C.BridgeConfig, raw["bridge"]),
+                       data=C.from_dict(C.DataConfig, raw.get("data", {})))
+    return C.from_dict(C.Stage1Config, raw)
 
 
 def _output_dim(tensors: dict[str, torch.Tensor], default: int) -> int:

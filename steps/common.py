@@ -5,6 +5,7 @@ import functools
 import sys
 
 import click
+from mlflow.exceptions import ExecutionException, MlflowException
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import PROFILES, ConfigError
@@ -14,7 +15,8 @@ from pipeline.models.llm import LLMLoadError, TrainableLLMError
 
 # Errors that end a step with a one-line reason on stderr and a non-zero exit code.
 EXPECTED_ERRORS = (ConfigError, DataError, GuardError, CheckpointError, TrainableLLMError,
-                   LLMLoadError, ValueError, FileNotFoundError)
+                   LLMLoadError, ValueError, FileNotFoundError, MlflowException,
+                   ExecutionException)
 EXIT_REFUSED = 2
 EXIT_INTERRUPTED = 130
 
@@ -46,7 +48,7 @@ def one_line_errors(func):
                        err=True)
             sys.exit(EXIT_INTERRUPTED)
         except EXPECTED_ERRORS as exc:
-            message = " ".join(str(exc).split())
+            message = " ".join(str(getattr(exc, "message", None) or exc).split())
             click.echo(f"error: {type(exc).__name__}: {message}", err=True)
             sys.exit(EXIT_REFUSED)
     return wrapper

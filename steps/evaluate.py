@@ -7,6 +7,8 @@ evaluated version when its score beats the current champion's.
 """
 from __future__ import annotations
 
+import math
+
 import click
 import mlflow
 
@@ -29,7 +31,7 @@ from steps.common import auto, one_line_errors, profile_option
 @click.option("--limit", default="auto", help="evaluate the first N studies only")
 @click.option("--meteor/--no-meteor", default=True, show_default=True,
               help="METEOR needs Java and ~15 s to start")
-@profile_option
+@profile_option  # accepted for symmetry with main; the model's own config sets all sizes
 @one_line_errors
 def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, meteor, profile):
     """Generate and score reports; promote the champion."""
@@ -42,13 +44,18 @@ def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, me
                                  max_new_tokens=auto(max_new_tokens, int), limit=auto(limit, int),
                                  out_dir=f"outputs/evaluate/{mlflow.active_run().info.run_id}",
                                  meteor=meteor)
-        mlflow.log_metrics(outcome.metrics)
+        # Findings absent from references and reports alike have no F1 (NaN): not logged.
+        mlflow.log_metrics({k: v for k, v in outcome.metrics.items() if math.isfinite(v)})
         mlflow.log_param("score_definition", outcome.score_definition)
         mlflow.log_table(outcome.table, "reports.json")
         mlflow.log_dict(outcome.metrics, "eval_scores.json")
         mlflow.log_artifact(str(outcome.figure), "plots")
         mlflow.set_tags({"eval.model": model_ref, "eval.source_run": source_run or ""})
-        message = promote_champion(source_run, outcome.metrics["score"], outcome.score_definition)
+        if split == "test" and auto(limit, int) is None:
+            message = promote_champion(source_run, outcome.metrics["score"],
+                                       outcome.score_definition)
+        else:
+            message = "champion unchanged: only a full test-split evaluation can promote"
         click.echo(message, err=True)
         shown = {k: round(v, 4) for k, v in outcome.metrics.items()
                  if k.split("_", 1)[-1] in ("bleu4", "cider", "rouge_l", "meteor",

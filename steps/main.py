@@ -40,7 +40,8 @@ def _step(name: str, params: dict, commit: str | None, allow_fail: bool = False)
 @click.command()
 @profile_option
 @click.option("--data", default="synthetic", show_default=True)
-@click.option("--objective", default="vicreg", show_default=True)
+@click.option("--objective", type=click.Choice(["vicreg", "l2_proxy"]), default="vicreg",
+              show_default=True)
 @click.option("--stage1_lr", "--stage1-lr", default="1e-5", show_default=True)
 @click.option("--stage2_lr", "--stage2-lr", default="2e-5", show_default=True)
 @click.option("--llm", default="smollm2", show_default=True)
@@ -59,8 +60,10 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
         _, approved = _step("validate", {"stage1_run": s1, "profile": profile}, commit,
                             allow_fail=True)
         approved = approved and run_verdict(s1) == "approved"
-        if approved:
-            init = f"models:/{VISION_MODEL}@{VISION_ALIAS}"
+        if approved:  # pin the version, so a later Stage 1 changes Stage 2's reuse key
+            version = mlflow.tracking.MlflowClient().get_model_version_by_alias(
+                VISION_MODEL, VISION_ALIAS).version
+            init = f"models:/{VISION_MODEL}/{version}"
         elif stop_on_reject:
             raise ValueError(f"the gate rejected Stage 1 run {s1} (see its gate.reasons tag)")
         else:

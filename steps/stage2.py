@@ -1,7 +1,7 @@
 """Stage 2: train vision + bridge against the frozen LLM with caption cross-entropy.
 
 Reads: the data; initial weights (`init`: scratch / auto / path / `runs:/` / `models:/`).
-Writes: `stage2_train_log.csv`, `plots/stage2_loss.png`, `config/stage2_config.json`,
+Writes: `stage2_train_log.csv`, `stage2_loss.png`, `stage2_config.json`, `stage2.log`,
 `checkpoints/vision_bridge_vlm_{best_val,final,step<N>}.safetensors`, `val_reports/`; a
 `report-vlm` version with alias `candidate`. Resumes a killed run with `--resume`.
 """

@@ -187,3 +187,21 @@ def mlflow_run_of(stage):
 
     return mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.`pipeline.stage` = '{stage}'")[0]
+
+
+def test_auto_init_continues_from_the_previous_stage2_final(mlflow_store):
+    from steps import stage2 as step
+
+    first = CliRunner().invoke(step.main, ["--profile", "tiny", "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(step.main, ["--profile", "tiny", "--epochs", "1"])
+    assert second.exit_code == 0, second.output
+    assert "init: previous-stage2" in second.output
+    assert mlflow_run_of("stage2").data.tags["init.source"] == "previous-stage2"
+
+
+def test_nonsense_epochs_are_refused_in_one_line(mlflow_store):
+    from steps import stage2 as step
+
+    result = CliRunner().invoke(step.main, ["--profile", "tiny", "--epochs", "0"])
+    assert result.exit_code == 2 and "epochs=0 (must be >= 1)" in result.output
