@@ -107,18 +107,22 @@ def test_champion_moves_only_on_a_strictly_higher_score(mlflow_store):
     challenger_run, challenger = (second_run, second) if champion == first else (first_run, first)
     client = MlflowClient()
 
+    client.set_model_version_tag(MODEL, champion, "eval.score", "-1.0")
+    _evaluate(challenger_run, "--num_beams", "1", "--limit", "2")
+    assert _champion() == champion, "a partial evaluation (--limit) must not promote"
+
     client.set_model_version_tag(MODEL, champion, "eval.score", "1000000.0")
-    _, challenger_score = _evaluate(challenger_run, "--num_beams", "1", "--limit", "2")
+    _, challenger_score = _evaluate(challenger_run, "--num_beams", "1")
     assert _champion() == champion, "a lower score must not take the champion"
     assert _eval_score_tag(challenger) == pytest.approx(challenger_score, abs=1e-6)
 
     client.set_model_version_tag(MODEL, champion, "eval.score", repr(challenger_score))
-    _, again = _evaluate(challenger_run, "--num_beams", "1", "--limit", "2")
+    _, again = _evaluate(challenger_run, "--num_beams", "1")
     assert again == challenger_score  # greedy decoding on a CPU is deterministic
     assert _champion() == champion, "an equal score must not take the champion"
 
     client.set_model_version_tag(MODEL, champion, "eval.score", "-1.0")
-    _evaluate(challenger_run, "--num_beams", "1", "--limit", "2")
+    _evaluate(challenger_run, "--num_beams", "1")
     assert _champion() == challenger, "a strictly higher score must take the champion"
 
 
