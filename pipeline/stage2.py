@@ -27,7 +27,7 @@ from pipeline.curve import degenerate, distinct_share, judge_epoch
 from pipeline.guards import (GuardError, check_finite_grads, check_finite_loss,
                              check_label_mask, check_optimizer_excludes)
 from pipeline.models.bridge import check_visual_tokens
-from pipeline.resume import ResumeState, optimizer_tensors, restore_optimizer
+from pipeline.resume import ResumeState, optimizer_tensors
 from pipeline.train_utils import build_optimizer
 
 CSV_FIELDS = ("step", "epoch", "caption_loss", "lr", "grad_norm", "seconds")
@@ -70,16 +70,22 @@ class Stage2Trainer:
             cfg.warmup_steps)
 
     # ---- one batch -------------------------------------------------------------------------
-    def _batch(self, batch, check: bool = False):
-        visual = self.model(batch["images"])
+    def _layout(self, batch, visual, check: bool):
+        """Layout and labels of a batch; with `check`, the structural guards run on them."""
         layout = captioning.tokenize_batch(
             self.llm.tokenizer, self.cfg.prompt, batch["reports"], self.llm.eos_token_id,
             self.llm.pad_token_id, visual.shape[1], self.cfg.max_report_tokens)
         labels = self.label_fn(layout)
+        supervised = 0
         if check:
             check_visual_tokens(visual, self.model.num_visual_tokens,
                                 self.cfg.bridge.max_visual_tokens)
-            check_label_mask(labels, captioning.report_positions(layout))
+            supervised = check_label_mask(labels, captioning.report_positions(layout))
+        return layout, labels, supervised
+
+    def _batch(self, batch, check: bool = False):
+        visual = self.model(batch["images"])
+        layout, labels, _ = self._layout(batch, visual, check)
         embeds, mask = captioning.assemble(visual, layout, self.llm.embed)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss, layout
 
@@ -92,14 +98,7 @@ class Stage2Trainer:
             for i, batch in enumerate(self.loaders.epoch(1, 0)):
                 if i >= n_batches:
                     break
-                visual = self.model(batch["images"])
-                check_visual_tokens(visual, self.model.num_visual_tokens,
-                                    self.cfg.bridge.max_visual_tokens)
-                layout = captioning.tokenize_batch(
-                    self.llm.tokenizer, self.cfg.prompt, batch["reports"], self.llm.eos_token_id,
-                    self.llm.pad_token_id, visual.shape[1], self.cfg.max_report_tokens)
-                supervised += check_label_mask(self.label_fn(layout),
-                                               captioning.report_positions(layout))
+                supervised += self._layout(batch, self.model(batch["images"]), check=True)[2]
         return {"preflight_supervised_tokens": supervised, "optimizer_tensors": n_params}
 
     def _step(self, batch, epoch: int) -> float:

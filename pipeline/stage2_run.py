@@ -5,13 +5,11 @@ MLflow is reached only through `pipeline.tracking` and `pipeline.registry`.
 from __future__ import annotations
 
 import csv
-import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from pipeline import config as C
-from pipeline.checkpoint import sha256_file
+from pipeline.checkpoint import load_checkpoint, read_metadata, sha256_file
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
 from pipeline.plots import plot_stage2
 from pipeline.registry import model_version_run, register_report_model, run_verdict
@@ -51,7 +49,7 @@ class Stage2Job:
         if folder is None:
             return None
         ckpt = latest_step_checkpoint(folder)
-        tensors, meta = weights_of(ckpt)
+        meta = read_metadata(ckpt)  # the tensors are loaded once, by _restore
         saved = C.from_dict(C.Stage2Config, meta["config"])
         if self.resume is None and C.to_dict(saved) != C.to_dict(self.cfg):
             self.echo(f"not resuming {folder}: its config differs from this run's")
@@ -124,8 +122,6 @@ class Stage2Job:
         return result
 
     def _restore(self, trainer: Stage2Trainer, ckpt: Path, meta: dict, log) -> None:
-        from pipeline.checkpoint import load_checkpoint
-
         tensors, _ = load_checkpoint(ckpt)
         model_tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         load_into(trainer.model, model_tensors, ckpt)

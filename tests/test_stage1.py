@@ -1,7 +1,6 @@
 """Stage 1 on the tiny profile: objectives, guards, checkpoints, tracking read back."""
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
