@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench data clean browser
+.PHONY: install demo test test-fast property bench data clean browser
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,6 +28,14 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# The property tests with fresh randomness, RUNS times in a row (CI runs them derandomised).
+RUNS ?= 50
+property: $(STAMP)
+	@for i in $$(seq 1 $(RUNS)); do \
+	  HYPOTHESIS_PROFILE=fresh $(PY) -m pytest -q -p no:cacheprovider -m property tests >/tmp/property_$$i.log 2>&1 \
+	    || { echo "property run $$i failed:"; tail -40 /tmp/property_$$i.log; exit 1; }; \
+	  echo "property run $$i/$(RUNS): passed"; done
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

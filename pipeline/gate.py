@@ -7,6 +7,7 @@ evidence and `pipeline/registry.py` acts on the verdict.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,7 +57,19 @@ class Verdict:
                 "rules": [asdict(r) for r in self.rules]}
 
 
+def stored_float(x):
+    """A metric as MLflow stored it -> its true value.
+
+    MLflow's SQL stores write +-inf as +-sys.float_info.max (~1.8e308); read back, an infinite
+    loss would look finite. No real loss or health value reaches that magnitude.
+    """
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) >= sys.float_info.max:
+        return math.copysign(math.inf, x)
+    return x
+
+
 def _finite(x) -> bool:
+    x = stored_float(x)
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 

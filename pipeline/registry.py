@@ -145,7 +145,7 @@ def model_version_run(uri: str) -> str | None:
 def run_evidence(run_id: str, checkpoint_name: str = "vision_bridge_final"):
     """(Evidence, local checkpoint path or None) for a Stage 1 run, from what it logged."""
     from pipeline.checkpoint import sha256_file
-    from pipeline.gate import Evidence
+    from pipeline.gate import Evidence, stored_float
 
     client = MlflowClient()
     run = client.get_run(run_id)
@@ -162,9 +162,11 @@ def run_evidence(run_id: str, checkpoint_name: str = "vision_bridge_final"):
         lr = float(lr) if lr is not None else None
     except ValueError:
         lr = None
-    health = {k.removeprefix("health_"): v for k, v in metrics.items() if k.startswith("health_")}
+    health = {k.removeprefix("health_"): stored_float(v) for k, v in metrics.items()
+              if k.startswith("health_")}
     evidence = Evidence(
-        source="run", status=run.info.status, final_train_loss=metrics.get("final_train_loss"),
+        source="run", status=run.info.status,
+        final_train_loss=stored_float(metrics.get("final_train_loss")),
         lr=lr, objective=params.get("objective"), health=health,
         checkpoint_found=path is not None and path.exists(),
         sha256_recorded=tags.get(f"checkpoint.{checkpoint_name}.sha256"),

@@ -5,6 +5,14 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests: CI is reproducible (derandomised, no example database replaying an old
+# failure), and a failing example is printed with the blob that replays it. `make property`
+# runs them with fresh randomness (HYPOTHESIS_PROFILE=fresh).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("fresh", derandomize=False, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Tests never send usage telemetry anywhere.
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"

@@ -1,6 +1,7 @@
 """The gate's rules as a pure function: the verdict is the conjunction of all rules."""
 import math
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from pipeline.config import GateConfig
@@ -39,6 +40,7 @@ floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
                    st.floats(1e-7, 10.0), st.none())
 
 
+@pytest.mark.property
 @settings(max_examples=400, deadline=None)
 @given(status=st.sampled_from(["FINISHED", "RUNNING", "FAILED", "KILLED"]), loss=floats,
        lr=st.one_of(st.sampled_from([1e-6, 1e-5, 2e-5, 1e-4, 1e-3]), st.none()),
@@ -66,3 +68,17 @@ def test_verdict_is_the_conjunction_of_the_rules(status, loss, lr, objective, fs
     assert verdict.approved == expected
     assert verdict.approved == all(r.passed for r in verdict.rules)
     assert len(verdict.reasons) == sum(not r.passed for r in verdict.rules)
+
+
+def test_mlflow_stored_infinity_is_not_finite():
+    """MLflow's SQL store keeps inf as the largest float; the gate must still refuse it."""
+    import sys
+
+    for stored in (sys.float_info.max, -sys.float_info.max):
+        ev = Evidence("run", "FINISHED", stored, 1e-6, "vicreg", _healthy(), True,
+                      "c" * 64, "c" * 64)
+        verdict = evaluate_gate(ev, CFG)
+        assert not verdict.approved and "final_train_loss" in " ".join(verdict.reasons)
+    health = {**_healthy(), "feature_std": sys.float_info.max}
+    ev = Evidence("run", "FINISHED", 0.5, 1e-6, "vicreg", health, True, "c" * 64, "c" * 64)
+    assert not evaluate_gate(ev, CFG).approved

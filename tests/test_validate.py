@@ -162,6 +162,7 @@ def _fake_run(client, exp, ckpt, status, loss, lr, objective, health, intact):
 health_values = st.sampled_from([0.0, 1e-5, 0.05, 0.5, 5.0, float("nan")])
 
 
+@pytest.mark.property
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(history=st.lists(st.tuples(
     st.sampled_from(["FINISHED", "RUNNING", "FAILED", "KILLED"]),
