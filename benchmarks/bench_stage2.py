@@ -24,12 +24,13 @@ import torch
 @click.option("--llm", "llm_name", default="smollm2", show_default=True)
 @click.option("--steps", default=8, show_default=True)
 def main(profile: str, llm_name: str, steps: int) -> None:
-    from pipeline import captioning, config as C
+    from pipeline.models import captioning
+    from pipeline import config as C
     from pipeline.data import load_dataset
     from pipeline.models.llm import load_llm
     from pipeline.models.vision_bridge import VisionBridge
-    from pipeline.stage2 import Stage2Trainer
-    from pipeline.train_utils import EpochLoaders
+    from pipeline.stage2.trainer import Stage2Trainer
+    from pipeline.train.common import EpochLoaders
 
     torch.set_num_threads(2)
     tmp = tempfile.mkdtemp()

@@ -26,9 +26,9 @@ def main(profile: str, steps: int) -> None:
     import mlflow
 
     from pipeline import config as C
-    from pipeline.stage1 import Stage1Trainer, build_stage1_inputs
-    from pipeline.tracking import MetricsSink
-    from pipeline.train_utils import build_optimizer
+    from pipeline.stage1.trainer import Stage1Trainer, build_stage1_inputs
+    from pipeline.tracking.runs import MetricsSink
+    from pipeline.train.common import build_optimizer
 
     torch.set_num_threads(2)
     tmp = tempfile.mkdtemp()

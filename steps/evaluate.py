@@ -12,9 +12,9 @@ import math
 import click
 import mlflow
 
-from pipeline.evaluation import evaluate_model
-from pipeline.registry import promote_champion, resolve_stage2_checkpoint
-from pipeline.tracking import log_new_params, stage_run
+from pipeline.evaluate.evaluation import evaluate_model
+from pipeline.tracking.registry import promote_champion, resolve_stage2_checkpoint
+from pipeline.tracking.runs import log_new_params, stage_run
 from steps.common import auto, one_line_errors, profile_option
 
 

@@ -15,8 +15,8 @@ from mlflow.exceptions import ExecutionException
 
 from pipeline import config as C
 from pipeline.data import dataset_digest, load_dataset
-from pipeline.registry import VISION_ALIAS, VISION_MODEL, run_verdict
-from pipeline.tracking import find_reusable_run, git_commit, stage_run
+from pipeline.tracking.registry import VISION_ALIAS, VISION_MODEL, run_verdict
+from pipeline.tracking.runs import find_reusable_run, git_commit, stage_run
 from steps.common import one_line_errors, profile_option
 
 

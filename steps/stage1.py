@@ -16,10 +16,10 @@ import mlflow
 from pipeline import config as C
 from pipeline.checkpoint import sha256_file
 from pipeline.data import dataset_digest, dataset_profile, records_frame
-from pipeline.plots import plot_stage1
-from pipeline.stage1 import Stage1Trainer, build_stage1_inputs
-from pipeline.tracking import MetricsSink, log_dataset, log_files, log_new_params, stage_run
-from pipeline.train_utils import file_logger
+from pipeline.train.plots import plot_stage1
+from pipeline.stage1.trainer import Stage1Trainer, build_stage1_inputs
+from pipeline.tracking.runs import MetricsSink, log_dataset, log_files, log_new_params, stage_run
+from pipeline.train.common import file_logger
 from steps.common import auto, one_line_errors, profile_option
 
 

@@ -11,7 +11,7 @@ import click
 import mlflow
 
 from pipeline import config as C
-from pipeline.stage2_run import Stage2Job
+from pipeline.stage2.job import Stage2Job
 from steps.common import auto, one_line_errors, profile_option
 
 

@@ -15,10 +15,10 @@ import mlflow
 
 from pipeline import config as C
 from pipeline.checkpoint import sha256_file
-from pipeline.gate import Evidence, evaluate_gate
-from pipeline.probe import load_vision_bridge, probe_health, probe_images
-from pipeline.registry import mark_approved, promote_vision_bridge, reject_stage1, run_evidence
-from pipeline.tracking import latest_run, log_new_params, stage_run
+from pipeline.gate.rules import Evidence, evaluate_gate
+from pipeline.models.loading import load_vision_bridge, probe_health, probe_images
+from pipeline.tracking.registry import mark_approved, promote_vision_bridge, reject_stage1, run_evidence
+from pipeline.tracking.runs import latest_run, log_new_params, stage_run
 from steps.common import EXIT_REFUSED, auto, one_line_errors, profile_option
 
 

@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Stage2Config
-from pipeline.curve import band_at
+from pipeline.train.curve import band_at
 
 EXPERIMENT = "radiology-report-vlm"
 T0 = 1_767_000_000_000  # ms; a fixed clock keeps runs in a known order

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pipeline.config import GateConfig
-from pipeline.gate import Evidence, evaluate_gate
+from pipeline.gate.rules import Evidence, evaluate_gate
 
 CFG = GateConfig()
 

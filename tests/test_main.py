@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import EXPERIMENT_NAME
+from pipeline.tracking.runs import EXPERIMENT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--profile", "tiny", "--llm", "tiny-random"]

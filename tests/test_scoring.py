@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from pipeline import scoring
-from pipeline.scoring import (DEFAULT_SCORE_WEIGHTS, clean_report, composite_score,
+from pipeline.evaluate import scoring
+from pipeline.evaluate.scoring import (DEFAULT_SCORE_WEIGHTS, clean_report, composite_score,
                               distinct_share, finding_scores, nlg_scores, per_finding_f1_figure,
                               score_reports)
 
@@ -94,7 +94,7 @@ def test_meteor_is_a_probability_when_java_exists():
 def test_missing_java_gives_nan_meteor_and_warns_once(monkeypatch, caplog):
     monkeypatch.setattr(scoring.shutil, "which", lambda name: None)
     scoring._warn_once.cache_clear()  # an earlier test may have warned already
-    with caplog.at_level(logging.WARNING, logger="pipeline.scoring"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate.scoring"):
         first = nlg_scores(REPORTS[:3], REPORTS[:3])
         second = nlg_scores(REPORTS[:3], REPORTS[1:4])
     assert math.isnan(first["meteor"]) and math.isnan(second["meteor"])

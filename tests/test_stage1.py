@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from pipeline import config as C
 from pipeline.checkpoint import load_checkpoint, sha256_file
 from pipeline.guards import GuardError, check_finite_grads, check_finite_loss
-from pipeline.health import feature_health, health_failures
-from pipeline.objectives import l2_proxy, vicreg
+from pipeline.train.health import feature_health, health_failures
+from pipeline.stage1.objectives import l2_proxy, vicreg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_low_loss_prints_the_warning_and_tags_the_run(mlflow_store, monkeypatch)
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(mlflow_store, monkeypatch):
-    import pipeline.stage1 as s1
+    import pipeline.stage1.trainer as s1
 
     calls = {"n": 0}
     real = s1.objective_loss

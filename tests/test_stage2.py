@@ -13,7 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import captioning, config as C
+from pipeline.models import captioning
+from pipeline import config as C
 from pipeline.guards import IGNORE_INDEX, GuardError, check_label_mask
 from pipeline.models.llm import TrainableLLMError
 from pipeline.models.tiny_lm import build_tiny_llm
@@ -59,8 +60,8 @@ def _supervise_padding(layout):
 @pytest.mark.parametrize("broken", [_supervise_prompt, _supervise_padding])
 def test_broken_masking_is_caught_before_the_first_step(broken, tmp_path):
     from pipeline.models.vision_bridge import VisionBridge
-    from pipeline.stage2 import Stage2Trainer
-    from pipeline.train_utils import EpochLoaders
+    from pipeline.stage2.trainer import Stage2Trainer
+    from pipeline.train.common import EpochLoaders
     from pipeline.data import load_dataset
 
     cfg = C.build(C.Stage2Config, "tiny", {"data.root": str(tmp_path / "data")})

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import config as C
 from pipeline.checkpoint import save_checkpoint, sha256_file
-from pipeline.registry import VISION_ALIAS, VISION_MODEL
+from pipeline.tracking.registry import VISION_ALIAS, VISION_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -110,7 +110,7 @@ def test_vision_bridge_from_tiny_config_trains_end_to_end(kind):
 
 @pytest.mark.parametrize("kind", ["pool", "queries"])
 def test_checkpoint_readers_find_out_dim_in_the_last_projector_layer(kind):
-    # pipeline.probe reads out_dim from "bridge.proj.2.weight" (the projector's last Linear).
+    # pipeline.models.loading reads out_dim from "bridge.proj.2.weight" (the projector's last Linear).
     model = VisionBridge.from_config(C.EncoderConfig(**{"image_size": 32, "patch_size": 8,
                                                         "d_model": 32, "depth": 1, "d_state": 4}),
                                      C.BridgeConfig(num_visual_tokens=4, kind=kind), out_dim=40)

@@ -89,7 +89,7 @@ class Bridge(nn.Module):
         hidden = hidden_mult * in_dim
         # LLaVA-style MLP projector, no output norm: a norm would pin the token scale, which
         # hides dead features from the loss and slows a collapse by orders of magnitude.
-        # pipeline.probe reads out_dim from the last Linear ("bridge.proj.2.weight").
+        # pipeline.models.loading reads out_dim from the last Linear ("bridge.proj.2.weight").
         self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
     def _pool(self, tokens: Tensor) -> Tensor:

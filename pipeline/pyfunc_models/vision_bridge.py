@@ -1,6 +1,6 @@
 """Models-from-code entry for `vision-bridge` versions: images -> pooled visual features."""
 import mlflow
 
-from pipeline.serving import VisionBridgePyfunc
+from pipeline.evaluate.serving import VisionBridgePyfunc
 
 mlflow.models.set_model(VisionBridgePyfunc())

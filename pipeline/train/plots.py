@@ -53,7 +53,7 @@ def plot_stage1(history: Mapping[str, Series], path: str | Path, floors: Mapping
 def plot_stage2(steps: Series, epochs: Mapping[str, Series], bands: Sequence[tuple[int, float, float]],
                 path: str | Path, max_epoch: int, title: str = "Stage 2 caption loss") -> Path:
     """Caption loss per step and per epoch, with the healthy band (up to `max_epoch`) shaded."""
-    from pipeline.curve import band_at
+    from pipeline.train.curve import band_at
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if bands:

@@ -1,6 +1,6 @@
 """A Stage 2 job: choose the initialisation or resume point, open the run, train, record.
 
-MLflow is reached only through `pipeline.tracking` and `pipeline.registry`.
+MLflow is reached only through `pipeline.tracking.runs` and `pipeline.tracking.registry`.
 """
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from typing import Callable
 from pipeline import config as C
 from pipeline.checkpoint import load_checkpoint, read_metadata, sha256_file
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
-from pipeline.plots import plot_stage2
-from pipeline.registry import model_version_run, register_report_model, run_verdict
-from pipeline.resume import latest_step_checkpoint, restore_optimizer, state_from_metadata, truncate_csv
-from pipeline.stage2 import Stage2Result, Stage2Trainer
-from pipeline.stage2_init import (InitChoice, adopt_architecture, choose_init, load_into,
+from pipeline.train.plots import plot_stage2
+from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
+from pipeline.stage2.resume import latest_step_checkpoint, restore_optimizer, state_from_metadata, truncate_csv
+from pipeline.stage2.trainer import Stage2Result, Stage2Trainer
+from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, load_into,
                                   refuse_if_unfit, weights_of)
-from pipeline.tracking import (MetricsSink, last_logged_step, log_dataset, log_files,
+from pipeline.tracking.runs import (MetricsSink, last_logged_step, log_dataset, log_files,
                                log_new_params, set_run_tags, stage_run)
-from pipeline.train_utils import EpochLoaders, file_logger, seed_everything
+from pipeline.train.common import EpochLoaders, file_logger, seed_everything
 
 
 def find_interrupted(output_dir: str | Path) -> Path | None:
@@ -63,7 +63,7 @@ class Stage2Job:
         load_into(model, tensors, choice.path)
         if choice.source != "checkpoint":
             return {}
-        from pipeline.probe import probe_images
+        from pipeline.models.loading import probe_images
         verdict = run_verdict(meta.get("run_id")) or run_verdict(model_version_run(choice.uri or ""))
         health_cfg = C.build(C.GateConfig, self.profile).health  # the gate's floors
         probe = probe_images(self.cfg.data, self.cfg.encoder.image_size, health_cfg.probe_size)

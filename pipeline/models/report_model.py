@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import captioning, config as C
+from pipeline.models import captioning
+from pipeline import config as C
 
 
 @torch.no_grad()
@@ -43,7 +44,7 @@ def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = 
     """Rebuild vision-bridge + LLM from a Stage 2 checkpoint (the LLM is loaded by name)."""
     from pipeline.models.llm import load_llm
     from pipeline.models.vision_bridge import VisionBridge
-    from pipeline.stage2_init import load_into, weights_of
+    from pipeline.stage2.init import load_into, weights_of
 
     tensors, metadata = weights_of(Path(checkpoint))
     raw = metadata.get("config")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.config import GateConfig
-from pipeline.health import HEALTH_KEYS, health_floor
+from pipeline.train.health import HEALTH_KEYS, health_floor
 
 
 @dataclass(frozen=True)

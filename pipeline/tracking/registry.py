@@ -34,7 +34,7 @@ def _log_pyfunc(name: str, checkpoint, metadata=None, params=None):
     import pandas as pd
     from mlflow.models import infer_signature
 
-    code = Path(__file__).parent / "pyfunc_models" / f"{name}.py"
+    code = Path(__file__).parents[1] / "pyfunc_models" / f"{name}.py"
     signature = infer_signature(pd.DataFrame({"image": ["path-or-base64"]}), None, params=params)
     with warnings.catch_warnings():
         # MLflow suggests type hints on predict; the signature above serves that purpose.
@@ -145,7 +145,7 @@ def model_version_run(uri: str) -> str | None:
 def run_evidence(run_id: str, checkpoint_name: str = "vision_bridge_final"):
     """(Evidence, local checkpoint path or None) for a Stage 1 run, from what it logged."""
     from pipeline.checkpoint import sha256_file
-    from pipeline.gate import Evidence, stored_float
+    from pipeline.gate.rules import Evidence, stored_float
 
     client = MlflowClient()
     run = client.get_run(run_id)
@@ -176,7 +176,7 @@ def run_evidence(run_id: str, checkpoint_name: str = "vision_bridge_final"):
 
 def latest_stage2_final() -> Path | None:
     """The newest finished Stage 2 run's `vision_bridge_vlm_final` checkpoint, downloaded."""
-    from pipeline.tracking import latest_run
+    from pipeline.tracking.runs import latest_run
 
     run = latest_run("stage2")
     if run is None:

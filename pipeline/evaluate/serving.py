@@ -51,7 +51,7 @@ class VisionBridgePyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from pipeline import config as C
-        from pipeline.probe import load_vision_bridge
+        from pipeline.models.loading import load_vision_bridge
 
         self.model, self.metadata, self.cfg = load_vision_bridge(
             context.artifacts["checkpoint"], C.Stage1Config())
@@ -69,7 +69,7 @@ class ReportVLMPyfunc(mlflow.pyfunc.PythonModel):
     """Images -> generated reports. Params: `num_beams`, `max_new_tokens`."""
 
     def load_context(self, context):
-        from pipeline.generation import load_report_model
+        from pipeline.models.report_model import load_report_model
 
         self.report_model = load_report_model(context.artifacts["checkpoint"])
 

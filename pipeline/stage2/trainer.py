@@ -19,16 +19,16 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import captioning
+from pipeline.models import captioning
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Stage2Config, to_dict
-from pipeline.generation import generate_reports
-from pipeline.curve import degenerate, distinct_share, judge_epoch
+from pipeline.models.report_model import generate_reports
+from pipeline.train.curve import degenerate, distinct_share, judge_epoch
 from pipeline.guards import (GuardError, check_finite_grads, check_finite_loss,
                              check_label_mask, check_optimizer_excludes)
 from pipeline.models.bridge import check_visual_tokens
-from pipeline.resume import ResumeState, optimizer_tensors
-from pipeline.train_utils import build_optimizer
+from pipeline.stage2.resume import ResumeState, optimizer_tensors
+from pipeline.train.common import build_optimizer
 
 CSV_FIELDS = ("step", "epoch", "caption_loss", "lr", "grad_norm", "seconds")
 LOW_FIRST_STEP = ("WARNING: first-step caption loss {loss:.4f} < 0.1. A healthy run starts "

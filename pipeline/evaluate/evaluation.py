@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.data import ImageReportDataset, collate, load_dataset
-from pipeline.generation import load_report_model
+from pipeline.models.report_model import load_report_model
 
 
 @dataclass
@@ -38,7 +38,7 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
                    num_beams: int = 3, max_new_tokens=None, limit=None, out_dir="outputs/evaluate",
                    report_model=None, meteor: bool = True) -> EvalOutcome:
     """Score greedy (and, if num_beams > 1, beam) reports of a Stage 2 checkpoint on a split."""
-    from pipeline.scoring import (DEFAULT_SCORE_WEIGHTS, composite_score, per_finding_f1_figure,
+    from pipeline.evaluate.scoring import (DEFAULT_SCORE_WEIGHTS, composite_score, per_finding_f1_figure,
                                   score_reports)
 
     report_model = report_model or load_report_model(checkpoint)

@@ -16,11 +16,11 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import HealthConfig
-from pipeline.curve import band_at
-from pipeline.registry import REASONS_TAG, VERDICT_TAG
-from pipeline.tracking import STAGE_TAG
+from pipeline.train.curve import band_at
+from pipeline.tracking.registry import REASONS_TAG, VERDICT_TAG
+from pipeline.tracking.runs import STAGE_TAG
 
-COLLAPSE_TAG = "health.collapse_suspected"  # set by pipeline.stage1 (not imported: torch)
+COLLAPSE_TAG = "health.collapse_suspected"  # set by pipeline.stage1.trainer (not imported: torch)
 HEALTH_KEYS = ("health_feature_std", "health_normalized_std", "health_effective_rank")
 PARAMS = {"stage1": ("lr", "objective", "batch_size"), "stage2": ("lr", "batch_size", "init"),
           "evaluate": ("model", "split")}

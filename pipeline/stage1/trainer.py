@@ -14,13 +14,13 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.augment import radiograph_views
+from pipeline.stage1.augment import radiograph_views
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Stage1Config, to_dict
 from pipeline.guards import check_finite_grads, check_finite_loss, low_loss_warning
-from pipeline.health import HEALTH_KEYS, feature_health, health_failures
-from pipeline.objectives import OBJECTIVES, objective_loss
-from pipeline.train_utils import build_optimizer
+from pipeline.train.health import HEALTH_KEYS, feature_health, health_failures
+from pipeline.stage1.objectives import OBJECTIVES, objective_loss
+from pipeline.train.common import build_optimizer
 
 LogMetrics = Callable[[Mapping[str, float], int], None]
 SetTags = Callable[[Mapping[str, str]], None]
@@ -172,7 +172,7 @@ def build_stage1_inputs(cfg: Stage1Config) -> Stage1Inputs:
     """Load (or generate) the data and build the vision-bridge model for `cfg`."""
     from pipeline.data import collate, load_dataset, ImageReportDataset
     from pipeline.models.vision_bridge import VisionBridge
-    from pipeline.train_utils import make_loader, seed_everything
+    from pipeline.train.common import make_loader, seed_everything
 
     gen = seed_everything(cfg.seed)
     records = load_dataset(cfg.data)

@@ -12,7 +12,7 @@ import torch
 
 from pipeline import config as C
 from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.health import feature_health
+from pipeline.train.health import feature_health
 
 
 def stage1_config_of(metadata: dict, fallback: C.Stage1Config | None) -> C.Stage1Config | None:

@@ -16,8 +16,8 @@ import torch
 from pipeline import config as C
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.guards import GuardError
-from pipeline.health import health_failures
-from pipeline.probe import probe_health, stage1_config_of
+from pipeline.train.health import health_failures
+from pipeline.models.loading import probe_health, stage1_config_of
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def _previous_stage2(output_dir: str) -> Path | None:
 
 def choose_init(init: str, output_dir: str) -> InitChoice:
     """Resolve `init` (scratch / auto / path / URI) to a concrete choice."""
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     if init == "scratch":
         return InitChoice("scratch", note="fresh weights (init=scratch)")

@@ -1,4 +1,4 @@
-"""Everything that talks to MLflow tracking (the registry lives in `pipeline.registry`).
+"""Everything that talks to MLflow tracking (the registry lives in `pipeline.tracking.registry`).
 
 Training loops never import this: they get a `log_metrics(metrics, step)` callable, which
 here is a `MetricsSink` that buffers points and sends them with one `log_batch` call every
