@@ -27,7 +27,7 @@ def main(profile: str, llm_name: str, steps: int) -> None:
     from pipeline.models import captioning
     from pipeline import config as C
     from pipeline.data import load_dataset
-    from pipeline.models.llm import load_llm
+    from pipeline.models.llm_loading import load_llm
     from pipeline.models.vision_bridge import VisionBridge
     from pipeline.stage2.trainer import Stage2Trainer
     from pipeline.train.common import EpochLoaders

@@ -94,6 +94,15 @@ def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+STAGE1_FINAL = "vision_bridge_final"
+STAGE2_FINAL = "vision_bridge_vlm_final"
+
+
+def final_checkpoint_path(stage_final: str) -> str:
+    """The run-artifact path of a final checkpoint, e.g. `checkpoints/vision_bridge_vlm_final.safetensors`."""
+    return f"checkpoints/{stage_final}.safetensors"
+
+
 def split_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix.` with the prefix removed."""
     head = prefix + "."

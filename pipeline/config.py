@@ -84,6 +84,10 @@ class DataConfig:
     image_size: int = 224
 
 
+HEALTH_KEYS = ("feature_std", "normalized_std", "effective_rank")
+COLLAPSE_TAG = "health.collapse_suspected"  # set on a Stage 1 run whose features collapse
+
+
 @dataclass(frozen=True)
 class HealthConfig:
     """Feature-health floors; below any of them a run's features count as collapsed.
@@ -98,6 +102,10 @@ class HealthConfig:
     min_feature_std: float = 0.05
     min_normalized_std: float = 0.06
     min_effective_rank: float = 1.5
+
+    def floors(self, prefix: str = "") -> dict[str, float]:
+        """Every health key (as `prefix + key`) with its floor."""
+        return {prefix + key: float(getattr(self, f"min_{key}")) for key in HEALTH_KEYS}
     probe_size: int = 16
 
 

@@ -5,18 +5,17 @@ import functools
 import sys
 
 import click
-from mlflow.exceptions import ExecutionException, MlflowException
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import PROFILES, ConfigError
 from pipeline.data import DataError
 from pipeline.guards import GuardError
 from pipeline.models.llm import LLMLoadError, TrainableLLMError
+from pipeline.tracking.runs import TRACKING_ERRORS
 
 # Errors that end a step with a one-line reason on stderr and a non-zero exit code.
 EXPECTED_ERRORS = (ConfigError, DataError, GuardError, CheckpointError, TrainableLLMError,
-                   LLMLoadError, ValueError, FileNotFoundError, MlflowException,
-                   ExecutionException)
+                   LLMLoadError, ValueError, FileNotFoundError, *TRACKING_ERRORS)
 EXIT_REFUSED = 2
 EXIT_INTERRUPTED = 130
 

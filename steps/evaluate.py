@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 
 import click
-import mlflow
 
 from pipeline.evaluate.evaluation import evaluate_model
 from pipeline.tracking.registry import promote_champion, resolve_stage2_checkpoint
-from pipeline.tracking.runs import log_new_params, stage_run
+from pipeline.tracking.runs import (log_dict, log_files, log_metrics, log_new_params, log_param,
+                                    log_table, set_run_tags, stage_run)
 from steps.common import auto, one_line_errors, profile_option
 
 
@@ -36,21 +36,21 @@ from steps.common import auto, one_line_errors, profile_option
 def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, meteor, profile):
     """Generate and score reports; promote the champion."""
     checkpoint, source_run = resolve_stage2_checkpoint(model_ref)
-    with stage_run("evaluate"):
+    with stage_run("evaluate") as run:
         log_new_params({"model": model_ref, "data": data, "split": split, "profile": profile,
                         "num_beams": num_beams, "source_run": source_run or ""})
         outcome = evaluate_model(checkpoint, data=data, image_dir=image_dir, split=split,
                                  num_beams=auto(num_beams, int) or 1,
                                  max_new_tokens=auto(max_new_tokens, int), limit=auto(limit, int),
-                                 out_dir=f"outputs/evaluate/{mlflow.active_run().info.run_id}",
+                                 out_dir=f"outputs/evaluate/{run.info.run_id}",
                                  meteor=meteor)
         # Findings absent from references and reports alike have no F1 (NaN): not logged.
-        mlflow.log_metrics({k: v for k, v in outcome.metrics.items() if math.isfinite(v)})
-        mlflow.log_param("score_definition", outcome.score_definition)
-        mlflow.log_table(outcome.table, "reports.json")
-        mlflow.log_dict(outcome.metrics, "eval_scores.json")
-        mlflow.log_artifact(str(outcome.figure), "plots")
-        mlflow.set_tags({"eval.model": model_ref, "eval.source_run": source_run or ""})
+        log_metrics({k: v for k, v in outcome.metrics.items() if math.isfinite(v)})
+        log_param("score_definition", outcome.score_definition)
+        log_table(outcome.table, "reports.json")
+        log_dict(outcome.metrics, "eval_scores.json")
+        log_files([outcome.figure], "plots")
+        set_run_tags({"eval.model": model_ref, "eval.source_run": source_run or ""})
         if split == "test" and auto(limit, int) is None:
             message = promote_champion(source_run, outcome.metrics["score"],
                                        outcome.score_definition)

@@ -10,13 +10,13 @@ import os
 import sys
 
 import click
-import mlflow
-from mlflow.exceptions import ExecutionException
 
 from pipeline import config as C
 from pipeline.data import dataset_digest, load_dataset
-from pipeline.tracking.registry import VISION_ALIAS, VISION_MODEL, run_verdict
-from pipeline.tracking.runs import find_reusable_run, git_commit, stage_run
+from pipeline.tracking.registry import VISION_ALIAS, VISION_MODEL, alias_version, run_verdict
+from pipeline.tracking.runs import (StepFailed, artifact_uri, find_reusable_run, git_commit,
+                                    log_metrics, run_entry_point, run_metrics, set_run_tags,
+                                    stage_run, tracking_uri)
 from steps.common import one_line_errors, profile_option
 
 
@@ -28,13 +28,11 @@ def _step(name: str, params: dict, commit: str | None, allow_fail: bool = False)
         return reused.info.run_id, True
     click.echo(f"[main] {name}: running with {params}", err=True)
     try:
-        submitted = mlflow.projects.run(".", entry_point=name, parameters=params,
-                                        env_manager="local", synchronous=True)
-    except ExecutionException:
+        return run_entry_point(name, params), True
+    except StepFailed:
         if not allow_fail:
             raise
         return None, False
-    return submitted.run_id, True
 
 
 @click.command()
@@ -54,15 +52,14 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
     commit = git_commit()
     records = load_dataset(C.build(C.Stage1Config, profile, {"data.source": data}).data)
     with stage_run("main") as parent:
-        mlflow.set_tag("data.digest", dataset_digest(records))
+        set_run_tags({"data.digest": dataset_digest(records)})
         common = {"profile": profile, "data": data}
         s1, _ = _step("stage1", {**common, "objective": objective, "lr": stage1_lr}, commit)
         _, approved = _step("validate", {"stage1_run": s1, "profile": profile}, commit,
                             allow_fail=True)
         approved = approved and run_verdict(s1) == "approved"
         if approved:  # pin the version, so a later Stage 1 changes Stage 2's reuse key
-            version = mlflow.tracking.MlflowClient().get_model_version_by_alias(
-                VISION_MODEL, VISION_ALIAS).version
+            version = alias_version(VISION_MODEL, VISION_ALIAS)
             init = f"models:/{VISION_MODEL}/{version}"
         elif stop_on_reject:
             raise ValueError(f"the gate rejected Stage 1 run {s1} (see its gate.reasons tag)")
@@ -71,30 +68,25 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
             click.echo("!" * 70 + f"\n[main] THE GATE REJECTED STAGE 1 RUN {s1}: STAGE 2 STARTS "
                        "FROM SCRATCH (as advised: do not initialise from collapsed features)\n"
                        + "!" * 70, err=True)
-        mlflow.set_tag("main.stage2_init", init)
+        set_run_tags({"main.stage2_init": init})
         s2, _ = _step("stage2", {**common, "lr": stage2_lr, "llm": llm, "init": init}, commit)
         ev, _ = _step("evaluate", {**common, "model": s2}, commit)
         _summary(parent.info.run_id, s1, s2, ev)
 
 
 def _summary(parent_id: str, s1: str, s2: str, ev: str) -> None:
-    client = mlflow.tracking.MlflowClient()
-    metrics = client.get_run(ev).data.metrics
+    metrics = run_metrics(ev)
     shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("beam_", "greedy_"))
              and k.split("_", 1)[1] in ("bleu4", "cider", "rouge_l", "finding_macro_f1",
                                         "distinct_share")}
-    mlflow.log_metrics({f"eval_{k}": v for k, v in shown.items()})
+    log_metrics({f"eval_{k}": v for k, v in shown.items()})
     click.echo("\n== pipeline finished ==")
     click.echo(f"runs: main {parent_id} | stage1 {s1} | stage2 {s2} | evaluate {ev}")
     click.echo(f"final metrics: {shown} score={metrics.get('score', float('nan')):.4f}")
-    click.echo(f"artifacts: {client.get_run(s2).info.artifact_uri} (Stage 2), "
-               f"{client.get_run(ev).info.artifact_uri} (evaluation); outputs/ holds local copies")
-    click.echo(f"tracking store: {mlflow.get_tracking_uri()}")
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and os.path.abspath(uri[len("sqlite:///"):]) == \
-            os.path.abspath("mlflow.db"):
-        uri = "sqlite:///mlflow.db"
-    click.echo(f"see them: mlflow ui --backend-store-uri {uri}")
+    click.echo(f"artifacts: {artifact_uri(s2)} (Stage 2), "
+               f"{artifact_uri(ev)} (evaluation); outputs/ holds local copies")
+    click.echo(f"tracking store: {tracking_uri(raw=True)}")
+    click.echo(f"see them: mlflow ui --backend-store-uri {tracking_uri()}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ Writes: `stage2_train_log.csv`, `stage2_loss.png`, `stage2_config.json`, `stage2
 from __future__ import annotations
 
 import click
-import mlflow
 
 from pipeline import config as C
 from pipeline.stage2.job import Stage2Job
+from pipeline.tracking.runs import end_active_run
 from steps.common import auto, one_line_errors, profile_option
 
 
@@ -52,8 +52,7 @@ def main(profile, config_file, data, image_dir, epochs, lr, batch_size, max_visu
     result = job.run()
     click.echo(f"stage2 done: first-step loss {result.first_step_loss:.4f}, final_train_loss "
                f"{result.final_train_loss:.4f}; run {job.run_id}; outputs in {job.out_dir}")
-    if mlflow.active_run() is not None:  # never leave a run open
-        mlflow.end_run()
+    end_active_run()
 
 
 if __name__ == "__main__":

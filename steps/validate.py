@@ -11,24 +11,15 @@ from __future__ import annotations
 import sys
 
 import click
-import mlflow
 
 from pipeline import config as C
 from pipeline.checkpoint import sha256_file
-from pipeline.gate.rules import Evidence, evaluate_gate
-from pipeline.models.loading import load_vision_bridge, probe_health, probe_images
-from pipeline.tracking.registry import mark_approved, promote_vision_bridge, reject_stage1, run_evidence
-from pipeline.tracking.runs import latest_run, log_new_params, stage_run
+from pipeline.gate.evidence import checkpoint_evidence, run_evidence
+from pipeline.gate.rules import evaluate_gate
+from pipeline.tracking.registry import mark_approved, promote_vision_bridge, reject_stage1
+from pipeline.tracking.runs import (latest_run, log_dict, log_metrics, log_new_params,
+                                    set_run_tags, stage_run)
 from steps.common import EXIT_REFUSED, auto, one_line_errors, profile_option
-
-
-def _checkpoint_evidence(path: str, profile: str, data: str):
-    fallback = C.build(C.Stage1Config, profile, {"data.source": data})
-    model, metadata, cfg = load_vision_bridge(path, fallback)
-    images = probe_images(cfg.data if metadata.get("config") else fallback.data,
-                          cfg.encoder.image_size, cfg.health.probe_size)
-    health = probe_health(model, images)
-    return Evidence(source="checkpoint", health=health, checkpoint_found=True), metadata
 
 
 @click.command()
@@ -54,18 +45,18 @@ def main(stage1_run, checkpoint, min_final_loss, max_lr, data, profile):
         log_new_params({**C.flatten(gate_cfg), "stage1_run": stage1_run or "",
                         "checkpoint": checkpoint or ""})
         if checkpoint is not None:
-            source_run, (evidence, _) = None, _checkpoint_evidence(checkpoint, profile, data)
+            source_run, (evidence, _) = None, checkpoint_evidence(checkpoint, profile, data)
             path, sha = checkpoint, sha256_file(checkpoint)
         else:
             source_run = stage1_run
             evidence, path = run_evidence(stage1_run)
             sha = evidence.sha256_actual
         verdict = evaluate_gate(evidence, gate_cfg)
-        mlflow.log_dict(verdict.to_dict() | {"evidence": evidence.__dict__}, "gate_report.json")
-        mlflow.log_metrics({f"gate.{r.name}.passed": float(r.passed) for r in verdict.rules} |
+        log_dict(verdict.to_dict() | {"evidence": evidence.__dict__}, "gate_report.json")
+        log_metrics({f"gate.{r.name}.passed": float(r.passed) for r in verdict.rules} |
                            {f"gate.{r.name}.value": float(r.value) for r in verdict.rules
                             if isinstance(r.value, (int, float))})
-        mlflow.set_tags({"gate.verdict": "approved" if verdict.approved else "rejected",
+        set_run_tags({"gate.verdict": "approved" if verdict.approved else "rejected",
                          "gate.reasons": "; ".join(verdict.reasons)[:4900],
                          "gate.source_run": source_run or "", "gate.checkpoint_sha256": sha or ""})
         if not verdict.approved:
@@ -80,7 +71,7 @@ def main(stage1_run, checkpoint, min_final_loss, max_lr, data, profile):
             version = promote_vision_bridge(path, source_run, tags)
             if source_run:
                 mark_approved(source_run)
-            mlflow.set_tag("gate.version", version)
+            set_run_tags({"gate.version": version})
             click.echo(f"approved: models:/vision-bridge@stage2-ready -> version {version}")
     if not verdict.approved:
         sys.exit(EXIT_REFUSED)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from pipeline.config import LLMConfig
-from pipeline.models.llm import (FrozenLLM, LLMLoadError, TrainableLLMError, left_align,
-                                 load_llm)
+from pipeline.models.llm import FrozenLLM, LLMLoadError, TrainableLLMError, left_align
+from pipeline.models.llm_loading import load_llm
 from pipeline.models.tiny_lm import build_tiny_llm
 
 logger = logging.getLogger(__name__)

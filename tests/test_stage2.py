@@ -84,7 +84,7 @@ def test_unfrozen_llm_parameter_makes_the_step_exit_nonzero_naming_it(mlflow_sto
         llm.model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
         return llm
 
-    monkeypatch.setattr("pipeline.models.llm.load_llm", unfrozen)
+    monkeypatch.setattr("pipeline.models.llm_loading.load_llm", unfrozen)
     result = CliRunner().invoke(step.main, ["--profile", "tiny", "--init", "scratch"])
     assert result.exit_code != 0
     assert "layers.0.mlp.up_proj.weight" in result.output

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "DataError": "dataset", "Record": "dataset", "load_records": "dataset",
     "load_dataset": "dataset", "ImageReportDataset": "dataset", "collate": "dataset",
+    "image_batch": "dataset",
     "FINDINGS": "labeler", "label_report": "labeler",
     "dataset_profile": "profile", "dataset_digest": "profile", "records_frame": "profile",
     "generate_synthetic": "synthetic",
@@ -19,7 +20,7 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from pipeline.data.dataset import (DataError, ImageReportDataset, Record, collate,
-                                       load_dataset, load_records)
+                                       image_batch, load_dataset, load_records)
     from pipeline.data.labeler import FINDINGS, label_report
     from pipeline.data.profile import dataset_digest, dataset_profile, records_frame
     from pipeline.data.synthetic import generate_synthetic

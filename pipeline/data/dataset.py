@@ -405,6 +405,12 @@ class ImageReportDataset(Dataset):
                 "report": record.report}
 
 
+def image_batch(records: list[Record], image_size: int) -> torch.Tensor:
+    """The images of `records` as one batch (B, 1, S, S)."""
+    dataset = ImageReportDataset(list(records), image_size)
+    return collate([dataset[i] for i in range(len(dataset))])["images"]
+
+
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack dataset items into `{"ids", "images": (B, 1, S, S), "reports"}`."""
     return {"ids": [item["id"] for item in batch],

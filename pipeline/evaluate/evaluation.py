@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.data import ImageReportDataset, collate, load_dataset
-from pipeline.models.report_model import load_report_model
+from pipeline.models.loading import load_report_model
 
 
 @dataclass

@@ -34,6 +34,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
+from pipeline.train.curve import distinct_share  # noqa: F401 - part of this module's API
+
 log = logging.getLogger(__name__)
 
 # R2GenGPT picks its checkpoint by 0.5 * BLEU-4 + 0.5 * CIDEr; so does the champion here.
@@ -148,13 +150,6 @@ def finding_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict
     out["finding_micro_f1"] = _ratio(2 * tp, 2 * tp + fp + fn)
     out["finding_n_scored"] = float(len(per_finding["f1"]))
     return out
-
-
-def distinct_share(hypotheses: Sequence[str]) -> float:
-    """Share of distinct hypotheses, compared lower-cased with whitespace collapsed."""
-    if not hypotheses:
-        raise ValueError("distinct_share needs at least one hypothesis, got 0")
-    return len({" ".join(text.lower().split()) for text in hypotheses}) / len(hypotheses)
 
 
 def score_reports(references: Sequence[str], hypotheses: Sequence[str], *,

@@ -69,7 +69,7 @@ class ReportVLMPyfunc(mlflow.pyfunc.PythonModel):
     """Images -> generated reports. Params: `num_beams`, `max_new_tokens`."""
 
     def load_context(self, context):
-        from pipeline.models.report_model import load_report_model
+        from pipeline.models.loading import load_report_model
 
         self.report_model = load_report_model(context.artifacts["checkpoint"])
 

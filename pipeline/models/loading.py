@@ -1,6 +1,6 @@
-"""Rebuild a vision-bridge from a checkpoint and measure its feature health on a probe batch.
+"""Checkpoint -> model, in one place: a vision-bridge (Stage 1 or 2) or a report model.
 
-Used by the gate for bare checkpoints and by Stage 2 before it initialises from weights.
+Used by the gate for bare checkpoints, by Stage 2 to initialise and resume, and by serving.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from pipeline import config as C
-from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.train.health import feature_health
+from pipeline.checkpoint import CheckpointError, load_checkpoint, split_prefix
+from pipeline.models.report_model import ReportModel
 
 
 def stage1_config_of(metadata: dict, fallback: C.Stage1Config | None) -> C.Stage1Config | None:
@@ -34,6 +34,27 @@ def stage1_config_of(metadata: dict, fallback: C.Stage1Config | None) -> C.Stage
     return C.from_dict(C.Stage1Config, raw)
 
 
+def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's tensors: under `model.` when the file also holds optimizer state."""
+    if any(k.startswith("model.") for k in tensors):
+        tensors = split_prefix(tensors, "model")
+    return {k.removeprefix("module."): v for k, v in tensors.items()}
+
+
+def weights_of(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Model tensors (prefix-free, no optimizer state) and metadata of a checkpoint."""
+    tensors, metadata = load_checkpoint(path)
+    return model_tensors(tensors), metadata
+
+
+def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    """Load weights strictly, with an error that names the checkpoint."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def _output_dim(tensors: dict[str, torch.Tensor], default: int) -> int:
     last = tensors.get("bridge.proj.2.weight")  # (out_dim, hidden): the projector's last Linear
     return int(last.shape[0]) if last is not None else default
@@ -43,8 +64,7 @@ def load_vision_bridge(path: str | Path, fallback: C.Stage1Config):
     """(model, metadata, stage1 config) from a safetensors or legacy `.pt` checkpoint."""
     from pipeline.models.vision_bridge import VisionBridge
 
-    tensors, metadata = load_checkpoint(path)
-    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    tensors, metadata = weights_of(path)
     cfg = stage1_config_of(metadata, fallback)
     cfg = replace(cfg, embed_dim=_output_dim(tensors, cfg.embed_dim))
     model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
@@ -57,18 +77,16 @@ def load_vision_bridge(path: str | Path, fallback: C.Stage1Config):
     return model.eval(), metadata, cfg
 
 
-@torch.no_grad()
-def probe_health(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """Feature health of `model` on a probe batch of images."""
-    model.eval()
-    return feature_health(model(images))
+def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = None) -> ReportModel:
+    """Rebuild vision-bridge + LLM from a Stage 2 checkpoint (the LLM is loaded by name)."""
+    from pipeline.models.llm_loading import load_llm
+    from pipeline.models.vision_bridge import VisionBridge
 
-
-def probe_images(data_cfg: C.DataConfig, image_size: int, n: int) -> torch.Tensor:
-    """The first `n` validation images of the data, as a batch."""
-    from pipeline.data import ImageReportDataset, collate, load_dataset
-
-    records = load_dataset(data_cfg)
-    pool = records["val"] or records["test"] or records["train"]
-    dataset = ImageReportDataset(pool[:n], image_size)
-    return collate([dataset[i] for i in range(len(dataset))])["images"]
+    tensors, metadata = weights_of(Path(checkpoint))
+    raw = metadata.get("config")
+    cfg = C.from_dict(C.Stage2Config, raw) if isinstance(raw, dict) else C.Stage2Config()
+    if llm is None:
+        llm = load_llm(cfg.llm.name, cache_dir=cache_dir or cfg.llm.cache_dir, dtype=cfg.llm.dtype)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=llm.hidden_size)
+    load_into(model, tensors, checkpoint)
+    return ReportModel(model.eval(), llm, cfg)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -38,19 +37,3 @@ class ReportModel:
         """Reports for a batch of images (B, 1, S, S)."""
         return generate_reports(self.model, self.llm, images, self.cfg.prompt,
                                 max_new_tokens or self.cfg.max_new_tokens, num_beams, **kwargs)
-
-
-def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = None) -> ReportModel:
-    """Rebuild vision-bridge + LLM from a Stage 2 checkpoint (the LLM is loaded by name)."""
-    from pipeline.models.llm import load_llm
-    from pipeline.models.vision_bridge import VisionBridge
-    from pipeline.stage2.init import load_into, weights_of
-
-    tensors, metadata = weights_of(Path(checkpoint))
-    raw = metadata.get("config")
-    cfg = C.from_dict(C.Stage2Config, raw) if isinstance(raw, dict) else C.Stage2Config()
-    if llm is None:
-        llm = load_llm(cfg.llm.name, cache_dir=cache_dir or cfg.llm.cache_dir, dtype=cfg.llm.dtype)
-    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=llm.hidden_size)
-    load_into(model, tensors, checkpoint)
-    return ReportModel(model.eval(), llm, cfg)

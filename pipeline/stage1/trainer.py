@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from pipeline.stage1.augment import radiograph_views
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import Stage1Config, to_dict
+from pipeline.config import COLLAPSE_TAG, Stage1Config, to_dict
 from pipeline.guards import check_finite_grads, check_finite_loss, low_loss_warning
 from pipeline.train.health import HEALTH_KEYS, feature_health, health_failures
 from pipeline.stage1.objectives import OBJECTIVES, objective_loss
@@ -24,7 +24,6 @@ from pipeline.train.common import build_optimizer
 
 LogMetrics = Callable[[Mapping[str, float], int], None]
 SetTags = Callable[[Mapping[str, str]], None]
-COLLAPSE_TAG = "health.collapse_suspected"
 
 
 @dataclass
@@ -170,7 +169,7 @@ class Stage1Inputs:
 
 def build_stage1_inputs(cfg: Stage1Config) -> Stage1Inputs:
     """Load (or generate) the data and build the vision-bridge model for `cfg`."""
-    from pipeline.data import collate, load_dataset, ImageReportDataset
+    from pipeline.data import image_batch, load_dataset
     from pipeline.models.vision_bridge import VisionBridge
     from pipeline.train.common import make_loader, seed_everything
 
@@ -183,6 +182,5 @@ def build_stage1_inputs(cfg: Stage1Config) -> Stage1Inputs:
     size = cfg.encoder.image_size
     train_loader = make_loader(records["train"], size, cfg.batch_size, shuffle=True, generator=gen)
     val_loader = make_loader(records["val"], size, cfg.batch_size, shuffle=False)
-    probe = ImageReportDataset(records["val"][:cfg.health.probe_size], size)
-    probe_images = collate([probe[i] for i in range(len(probe))])["images"]
+    probe_images = image_batch(records["val"][:cfg.health.probe_size], size)
     return Stage1Inputs(model, records, train_loader, val_loader, probe_images)

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from pipeline import config as C
-from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.checkpoint import STAGE2_FINAL, final_checkpoint_path
 from pipeline.guards import GuardError
-from pipeline.train.health import health_failures
-from pipeline.models.loading import probe_health, stage1_config_of
+from pipeline.models.loading import stage1_config_of
+from pipeline.train.health import health_failures, probe_health
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class InitChoice:
 
 
 def _previous_stage2(output_dir: str) -> Path | None:
-    finals = list(Path(output_dir).glob("*/checkpoints/vision_bridge_vlm_final.safetensors"))
+    finals = list(Path(output_dir).glob(f"*/{final_checkpoint_path(STAGE2_FINAL)}"))
     return max(finals, key=lambda p: p.stat().st_mtime) if finals else None
 
 
@@ -54,14 +54,6 @@ def choose_init(init: str, output_dir: str) -> InitChoice:
     except FileNotFoundError:
         return InitChoice("scratch", note=f"fresh weights: no earlier Stage 2 run and no {uri}")
     return InitChoice("registry", path, uri, note=f"gate-approved Stage 1 weights {uri}")
-
-
-def weights_of(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Model tensors (prefix-free, no optimizer state) and metadata of a checkpoint."""
-    tensors, metadata = load_checkpoint(path)
-    if any(k.startswith("model.") for k in tensors):
-        tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return {k.removeprefix("module."): v for k, v in tensors.items()}, metadata
 
 
 def adopt_architecture(cfg: C.Stage2Config, metadata: dict) -> C.Stage2Config:
@@ -88,11 +80,3 @@ def refuse_if_unfit(choice: InitChoice, model, metadata: dict, gate_verdict: str
                          + " and ".join(reasons)
                          + ". Use --init scratch (--from_scratch), or --force_init to override")
     return health
-
-
-def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
-    """Load weights strictly, with an error that names the checkpoint."""
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]}")

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import config as C
-from pipeline.checkpoint import load_checkpoint, read_metadata, sha256_file
+from pipeline.checkpoint import (STAGE2_FINAL, final_checkpoint_path, load_checkpoint, read_metadata, sha256_file)
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
 from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
 from pipeline.stage2.resume import latest_step_checkpoint, restore_optimizer, state_from_metadata, truncate_csv
 from pipeline.stage2.trainer import Stage2Result, Stage2Trainer
-from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, load_into,
-                                  refuse_if_unfit, weights_of)
+from pipeline.models.loading import load_into, model_tensors, weights_of
+from pipeline.stage2.init import InitChoice, adopt_architecture, choose_init, refuse_if_unfit
 from pipeline.tracking.runs import (MetricsSink, last_logged_step, log_dataset, log_files,
                                log_new_params, set_run_tags, stage_run)
 from pipeline.train.common import EpochLoaders, file_logger, seed_everything
@@ -26,7 +26,7 @@ def find_interrupted(output_dir: str | Path) -> Path | None:
     """The newest run folder with step checkpoints but no final checkpoint."""
     candidates = [d for d in Path(output_dir).glob("*") if d.is_dir()
                   and latest_step_checkpoint(d) is not None
-                  and not (d / "checkpoints" / "vision_bridge_vlm_final.safetensors").exists()]
+                  and not (d / final_checkpoint_path(STAGE2_FINAL)).exists()]
     return max(candidates, key=lambda d: latest_step_checkpoint(d).stat().st_mtime, default=None)
 
 
@@ -63,14 +63,15 @@ class Stage2Job:
         load_into(model, tensors, choice.path)
         if choice.source != "checkpoint":
             return {}
-        from pipeline.models.loading import probe_images
+        from pipeline.train.health import probe_images
+
         verdict = run_verdict(meta.get("run_id")) or run_verdict(model_version_run(choice.uri or ""))
         health_cfg = C.build(C.GateConfig, self.profile).health  # the gate's floors
         probe = probe_images(self.cfg.data, self.cfg.encoder.image_size, health_cfg.probe_size)
         return refuse_if_unfit(choice, model, meta, verdict, probe, health_cfg, self.force_init)
 
     def _build(self, resume_point):
-        from pipeline.models.llm import load_llm
+        from pipeline.models.llm_loading import load_llm
         from pipeline.models.vision_bridge import VisionBridge
 
         if resume_point is not None:
@@ -123,8 +124,7 @@ class Stage2Job:
 
     def _restore(self, trainer: Stage2Trainer, ckpt: Path, meta: dict, log) -> None:
         tensors, _ = load_checkpoint(ckpt)
-        model_tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        load_into(trainer.model, model_tensors, ckpt)
+        load_into(trainer.model, model_tensors(tensors), ckpt)
         resume = meta["resume"]
         restore_optimizer(trainer.optimizer, trainer.scheduler, tensors, resume)
         trainer.state = state_from_metadata(resume)
@@ -178,7 +178,7 @@ class Stage2Job:
         set_run_tags({"llm.checksum_before": result.llm_checksum_before,
                       "llm.checksum_after": result.llm_checksum_after,
                       "llm.name": self.cfg.llm.name})
-        final = trainer.result.checkpoints["vision_bridge_vlm_final"]
+        final = trainer.result.checkpoints[STAGE2_FINAL]
         version = register_report_model(final, self.run_id, self.cfg.llm.name, {
             "final_train_loss": f"{result.final_train_loss:.4f}",
             "first_step_loss": f"{result.first_step_loss:.4f}"})

@@ -15,13 +15,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import HealthConfig
+from pipeline.config import COLLAPSE_TAG, HEALTH_KEYS as _HEALTH_KEYS, HealthConfig
 from pipeline.train.curve import band_at
 from pipeline.tracking.registry import REASONS_TAG, VERDICT_TAG
-from pipeline.tracking.runs import STAGE_TAG
+from pipeline.tracking.runs import STAGE_TAG, all_experiment_ids
 
-COLLAPSE_TAG = "health.collapse_suspected"  # set by pipeline.stage1.trainer (not imported: torch)
-HEALTH_KEYS = ("health_feature_std", "health_normalized_std", "health_effective_rank")
+HEALTH_KEYS = tuple(f"health_{key}" for key in _HEALTH_KEYS)
 PARAMS = {"stage1": ("lr", "objective", "batch_size"), "stage2": ("lr", "batch_size", "init"),
           "evaluate": ("model", "split")}
 TAGS = {VERDICT_TAG: "gate_verdict", REASONS_TAG: "gate_reasons", "gate.source_run": "source_run",
@@ -30,7 +29,7 @@ BASE_COLUMNS = ["run_id", "run_name", "experiment_id", "status", "start_time"]
 
 
 def _search(stage: str, client: MlflowClient) -> list:
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    experiment_ids = all_experiment_ids(client)
     if not experiment_ids:
         return []
     runs, token = [], None
@@ -139,10 +138,7 @@ def plot_stage1(runs_df: pd.DataFrame, path: str | Path | None = None,
     client = client or MlflowClient()
     fig = Figure(figsize=(18, 4.2))
     axes = fig.subplots(1, 4)
-    floors = HealthConfig()
-    floor_of = {"health_feature_std": floors.min_feature_std,
-                "health_normalized_std": floors.min_normalized_std,
-                "health_effective_rank": floors.min_effective_rank}
+    floor_of = HealthConfig().floors(prefix="health_")
     palette = iter(["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown"] * 10)
     curves = {key: metric_curves(runs_df["run_id"], key, client)
               for key in ("train_loss", *HEALTH_KEYS)}

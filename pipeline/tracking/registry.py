@@ -1,6 +1,6 @@
 """The MLflow Model Registry side of the pipeline: promote, reject, resolve.
 
-Registered models and aliases (shared/CONTRACT.md):
+Registered models and aliases (the README's "MLflow" section):
 - `vision-bridge`, alias `stage2-ready`: Stage 1 weights the gate approved.
 - `report-vlm`, aliases `candidate` (latest Stage 2) and `champion` (best evaluated).
 Versions are pyfunc models whose artifacts hold our safetensors checkpoint.
@@ -16,6 +16,9 @@ from typing import Mapping
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from pipeline.checkpoint import STAGE2_FINAL, final_checkpoint_path, read_metadata
+from pipeline.tracking.runs import download_run_artifact, latest_run
 
 VISION_MODEL = "vision-bridge"
 VISION_ALIAS = "stage2-ready"
@@ -55,7 +58,8 @@ def _versions_from_run(name: str, source_run: str) -> list:
     return sorted(versions, key=lambda v: int(v.version))
 
 
-def _alias_version(name: str, alias: str) -> str | None:
+def alias_version(name: str, alias: str) -> str | None:
+    """The version number an alias points at, or None."""
     try:
         return MlflowClient().get_model_version_by_alias(name, alias).version
     except MlflowException:
@@ -96,7 +100,7 @@ def reject_stage1(source_run: str | None, reasons: list[str]) -> None:
         client.set_tag(source_run, REASONS_TAG, text)
         for version in _versions_from_run(VISION_MODEL, source_run):
             client.set_model_version_tag(VISION_MODEL, version.version, VERDICT_TAG, "rejected")
-            if _alias_version(VISION_MODEL, VISION_ALIAS) == version.version:
+            if alias_version(VISION_MODEL, VISION_ALIAS) == version.version:
                 client.delete_registered_model_alias(VISION_MODEL, VISION_ALIAS)
 
 
@@ -142,50 +146,12 @@ def model_version_run(uri: str) -> str | None:
     return version.tags.get("source_run")
 
 
-def run_evidence(run_id: str, checkpoint_name: str = "vision_bridge_final"):
-    """(Evidence, local checkpoint path or None) for a Stage 1 run, from what it logged."""
-    from pipeline.checkpoint import sha256_file
-    from pipeline.gate.rules import Evidence, stored_float
-
-    client = MlflowClient()
-    run = client.get_run(run_id)
-    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
-    path = None
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"checkpoints/{checkpoint_name}.safetensors")
-        path = Path(local)
-    except (MlflowException, OSError):
-        path = None
-    lr = params.get("lr")
-    try:
-        lr = float(lr) if lr is not None else None
-    except ValueError:
-        lr = None
-    health = {k.removeprefix("health_"): stored_float(v) for k, v in metrics.items()
-              if k.startswith("health_")}
-    evidence = Evidence(
-        source="run", status=run.info.status,
-        final_train_loss=stored_float(metrics.get("final_train_loss")),
-        lr=lr, objective=params.get("objective"), health=health,
-        checkpoint_found=path is not None and path.exists(),
-        sha256_recorded=tags.get(f"checkpoint.{checkpoint_name}.sha256"),
-        sha256_actual=sha256_file(path) if path is not None and path.exists() else None)
-    return evidence, path
-
-
 def latest_stage2_final() -> Path | None:
     """The newest finished Stage 2 run's `vision_bridge_vlm_final` checkpoint, downloaded."""
-    from pipeline.tracking.runs import latest_run
-
     run = latest_run("stage2")
     if run is None:
         return None
-    try:
-        return Path(mlflow.artifacts.download_artifacts(
-            run_id=run.info.run_id, artifact_path="checkpoints/vision_bridge_vlm_final.safetensors"))
-    except (MlflowException, OSError):
-        return None
+    return download_run_artifact(run.info.run_id, final_checkpoint_path(STAGE2_FINAL))
 
 
 def run_verdict(run_id: str | None) -> str | None:
@@ -211,14 +177,12 @@ def register_report_model(checkpoint: str | Path, run_id: str, llm_name: str,
 
 def resolve_stage2_checkpoint(ref: str) -> tuple[Path, str | None]:
     """(local final checkpoint, Stage 2 run id) for a run id, URI or path."""
-    from pipeline.checkpoint import read_metadata
-
     if ref.startswith(("runs:/", "models:/")) or "/" in ref or ref.endswith(".safetensors"):
         path = download_checkpoint(ref, "vision_bridge_vlm")
     else:  # a bare run id
         try:
             path = Path(mlflow.artifacts.download_artifacts(
-                run_id=ref, artifact_path="checkpoints/vision_bridge_vlm_final.safetensors"))
+                run_id=ref, artifact_path=final_checkpoint_path(STAGE2_FINAL)))
         except MlflowException as exc:
             raise FileNotFoundError(f"run {ref} has no Stage 2 final checkpoint: "
                                     f"{exc.message}") from exc
@@ -234,7 +198,7 @@ def promote_champion(source_run: str | None, score: float, definition: str) -> s
     version = versions[-1].version
     client.set_model_version_tag(REPORT_MODEL, version, "eval.score", repr(float(score)))
     client.set_model_version_tag(REPORT_MODEL, version, "eval.score_definition", definition)
-    current = _alias_version(REPORT_MODEL, "champion")
+    current = alias_version(REPORT_MODEL, "champion")
     if current is not None and current != version:
         best = client.get_model_version(REPORT_MODEL, current).tags.get("eval.score")
         if best is not None and float(best) >= score:

@@ -17,11 +17,15 @@ from typing import Any, Iterator, Mapping
 
 import mlflow
 from mlflow.entities import Metric
+from mlflow.exceptions import ExecutionException, MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 EXPERIMENT_NAME = "radiology-report-vlm"
 STAGE_TAG = "pipeline.stage"
+# Tracking failures a step reports in one line (steps never import mlflow themselves).
+StepFailed = ExecutionException  # an `mlflow run` child step that exited non-zero
+TRACKING_ERRORS = (MlflowException, StepFailed)
 
 
 class MetricsSink:
@@ -134,11 +138,21 @@ def last_logged_step(run_id: str, key: str) -> int:
     return max((m.step for m in history), default=-1)
 
 
+def all_experiment_ids(client: MlflowClient | None = None) -> list[str]:
+    """The ids of every experiment in the tracking store."""
+    return [e.experiment_id for e in (client or MlflowClient()).search_experiments()]
+
+
+def get_run(run_id: str):
+    """A run (info and data) by id."""
+    return MlflowClient().get_run(run_id)
+
+
 def latest_run(stage: str, status: str = "FINISHED", experiment_ids=None):
     """The newest run tagged `pipeline.stage=stage` with `status`, or None."""
     client = MlflowClient()
     if experiment_ids is None:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+        experiment_ids = all_experiment_ids(client)
     runs = client.search_runs(
         experiment_ids, filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and "
                                       f"attributes.status = '{status}'",
@@ -151,10 +165,76 @@ def set_run_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    """Log summary metrics on the active run."""
+    mlflow.log_metrics(dict(metrics))
+
+
+def log_param(key: str, value: Any) -> None:
+    """Log one param on the active run."""
+    mlflow.log_param(key, value)
+
+
+def log_dict(obj: Mapping[str, Any], name: str) -> None:
+    """Log a dict as a JSON artifact of the active run."""
+    mlflow.log_dict(dict(obj), name)
+
+
+def log_table(frame, name: str) -> None:
+    """Log a DataFrame as an MLflow table artifact of the active run."""
+    mlflow.log_table(frame, name)
+
+
+def active_run_id() -> str | None:
+    """The active run's id, or None."""
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+def end_active_run() -> None:
+    """End the active run, if any (a step never leaves a run open)."""
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def run_entry_point(name: str, params: Mapping[str, str]) -> str:
+    """Run an MLproject entry point of this folder synchronously; returns its run id."""
+    submitted = mlflow.projects.run(".", entry_point=name, parameters=dict(params),
+                                    env_manager="local", synchronous=True)
+    return submitted.run_id
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of each metric of a run."""
+    return dict(MlflowClient().get_run(run_id).data.metrics)
+
+
+def artifact_uri(run_id: str) -> str:
+    """Where a run's artifacts live."""
+    return MlflowClient().get_run(run_id).info.artifact_uri
+
+
+def tracking_uri(raw: bool = False) -> str:
+    """The tracking URI in use; unless `raw`, the default store as `sqlite:///mlflow.db`."""
+    uri = mlflow.get_tracking_uri()
+    if not raw and uri.startswith("sqlite:///") and os.path.abspath(uri[len("sqlite:///"):]) == \
+            os.path.abspath("mlflow.db"):
+        uri = "sqlite:///mlflow.db"
+    return uri
+
+
+def download_run_artifact(run_id: str, artifact_path: str) -> Path | None:
+    """A run's artifact as a local file, or None when it cannot be fetched."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path))
+    except (MlflowException, OSError):
+        return None
+
+
 def find_reusable_run(entry_point: str, params: Mapping[str, str], git_commit: str | None):
     """A FINISHED run of `entry_point` with the same params (as strings) and code version."""
     client = MlflowClient()
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    experiment_ids = all_experiment_ids(client)
     runs = client.search_runs(
         experiment_ids, filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}' and "
                                       "attributes.status = 'FINISHED'",

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data import ImageReportDataset, collate
+from pipeline.data import ImageReportDataset, collate, image_batch
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -92,5 +92,4 @@ class EpochLoaders:
 
     def images(self, records) -> torch.Tensor:
         """A batch of images for records (e.g. to generate reports)."""
-        ds = ImageReportDataset(list(records), self.image_size)
-        return collate([ds[i] for i in range(len(ds))])["images"]
+        return image_batch(records, self.image_size)

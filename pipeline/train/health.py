@@ -14,14 +14,27 @@ import math
 
 import torch
 
-from pipeline.config import HealthConfig
+from pipeline.config import HEALTH_KEYS, DataConfig, HealthConfig
 
-HEALTH_KEYS = ("feature_std", "normalized_std", "effective_rank")
-_FLOORS = {"feature_std": "min_feature_std", "normalized_std": "min_normalized_std",
-           "effective_rank": "min_effective_rank"}
 
 
 @torch.no_grad()
+@torch.no_grad()
+def probe_health(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Feature health of `model` on a probe batch of images."""
+    model.eval()
+    return feature_health(model(images))
+
+
+def probe_images(data_cfg: DataConfig, image_size: int, n: int) -> torch.Tensor:
+    """The first `n` validation images of the data (else test, else train), as a batch."""
+    from pipeline.data import image_batch, load_dataset
+
+    records = load_dataset(data_cfg)
+    pool = records["val"] or records["test"] or records["train"]
+    return image_batch(pool[:n], image_size)
+
+
 def feature_health(visual_tokens: torch.Tensor) -> dict[str, float]:
     """Health statistics of a probe batch of visual tokens (B, T, D)."""
     tokens = visual_tokens.detach().float()
@@ -48,7 +61,7 @@ def health_failures(health: dict[str, float], cfg: HealthConfig) -> list[str]:
     """One reason per health metric below its floor (empty when healthy)."""
     reasons = []
     for key in HEALTH_KEYS:
-        floor = getattr(cfg, _FLOORS[key])
+        floor = cfg.floors()[key]
         value = health.get(key, float("nan"))
         if not (value >= floor):  # NaN fails too
             reasons.append(f"{key}={value:.3g} < {floor:g}")
@@ -57,4 +70,4 @@ def health_failures(health: dict[str, float], cfg: HealthConfig) -> list[str]:
 
 def health_floor(key: str, cfg: HealthConfig) -> float:
     """The configured floor of one health metric."""
-    return float(getattr(cfg, _FLOORS[key]))
+    return cfg.floors()[key]

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.config import HEALTH_KEYS  # noqa: E402
+
 Series = Sequence[tuple[int, float]]
 
 
@@ -19,7 +21,7 @@ def _xy(series: Series):
 def plot_stage1(history: Mapping[str, Series], path: str | Path, floors: Mapping[str, float],
                 title: str = "Stage 1") -> Path:
     """Train/val loss (log scale) and the three feature-health curves with their floors."""
-    keys = ["health_feature_std", "health_normalized_std", "health_effective_rank"]
+    keys = [f"health_{key}" for key in HEALTH_KEYS]
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     ax = axes[0]
     if history.get("train_loss"):
