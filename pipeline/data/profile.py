@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.checkpoint import sha256_file
 from pipeline.data.dataset import Record
 from pipeline.data.labeler import FINDINGS, label_report
 
@@ -50,21 +51,13 @@ def dataset_profile(records_by_split: RecordsBySplit) -> dict:
     return profile
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def dataset_digest(records_by_split: RecordsBySplit, length: int = 16) -> str:
     """Short sha256 hex over (split, id, report, image bytes), sorted; independent of paths."""
     digest = hashlib.sha256()
     rows = sorted((split, r.id, r.report, r.image_paths)
                   for split, records in records_by_split.items() for r in records)
     for split, study_id, report, paths in rows:
-        images = [_file_sha256(p) for p in paths]
+        images = [sha256_file(p) for p in paths]
         digest.update(json.dumps([split, study_id, report, images]).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()[:length]

@@ -6,11 +6,10 @@
 """
 from __future__ import annotations
 
+import hashlib
 
 import torch
 from torch import nn
-
-
 
 
 class TrainableLLMError(RuntimeError):
