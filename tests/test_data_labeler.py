@@ -75,3 +75,30 @@ def test_returns_every_finding_in_order():
     labels = label_report("Normal chest.")
     assert tuple(labels) == FINDINGS
     assert set(labels.values()) <= {0, 1}
+
+
+@pytest.mark.parametrize("report, expected", [
+    ("There is a large pleural effusion.", {"effusion"}),
+    ("Pneumothorax.", {"pneumothorax"}),
+    ("A nodule in the left lung.", {"nodule"}),
+    ("Patchy consolidation. The heart is enlarged.", {"consolidation", "cardiomegaly"}),
+    ("No pleural effusion. No pneumothorax.", {"no_finding"}),
+    ("Small left pleural effusion. Nodule in the right upper zone.", {"effusion", "nodule"}),
+    ("", {"no_finding"}),
+])
+def test_coarse_labels_count_unlocalised_findings(report, expected):
+    from pipeline.data import COARSE_FINDINGS, coarse_labels
+
+    labels = coarse_labels(report)
+    assert tuple(labels) == COARSE_FINDINGS
+    assert {k for k, v in labels.items() if v} == expected
+
+
+def test_coarse_labels_agree_with_fine_labels_on_generated_reports():
+    from pipeline.data import coarse_labels, to_coarse
+
+    for index in range(600):
+        rng = np.random.default_rng([3, index])
+        study = sample_study(rng)
+        report = write_report(study, rng)
+        assert coarse_labels(report) == to_coarse(study.labels()), report

@@ -12,7 +12,8 @@ _EXPORTS = {
     "DataError": "dataset", "Record": "dataset", "load_records": "dataset",
     "load_dataset": "dataset", "ImageReportDataset": "dataset", "collate": "dataset",
     "image_batch": "dataset",
-    "FINDINGS": "labeler", "label_report": "labeler",
+    "FINDINGS": "labeler", "label_report": "labeler", "COARSE_FINDINGS": "labeler",
+    "coarse_labels": "labeler", "to_coarse": "labeler",
     "dataset_profile": "profile", "dataset_digest": "profile", "records_frame": "profile",
     "generate_synthetic": "synthetic",
 }
@@ -21,7 +22,8 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from pipeline.data.dataset import (DataError, ImageReportDataset, Record, collate,
                                        image_batch, load_dataset, load_records)
-    from pipeline.data.labeler import FINDINGS, label_report
+    from pipeline.data.labeler import (COARSE_FINDINGS, FINDINGS, coarse_labels, label_report,
+                                       to_coarse)
     from pipeline.data.profile import dataset_digest, dataset_profile, records_frame
     from pipeline.data.synthetic import generate_synthetic
 

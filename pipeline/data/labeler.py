@@ -14,8 +14,13 @@ How it reads:
   effusion"), else from a locative after it ("nodule in the right upper zone"), else from the
   nearest side/zone word in its part of the clause. "Left" and "right" are the patient's.
   A finding whose side (or, for nodules and consolidation, zone) cannot be read is not
-  counted, because it cannot be matched to a side-specific label.
+  counted among the 18 fine labels, because it cannot be matched to a side-specific label;
+  it does count in the coarse labels.
 - `no_finding` is 1 exactly when no other finding is.
+
+`coarse_labels(text)` reads the same report into `COARSE_FINDINGS`, six groups that ignore
+side and zone ("There is a large pleural effusion." -> effusion): the unit that small models
+and small datasets can be judged on.
 """
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ FINDINGS: tuple[str, ...] = (
     *(f"consolidation_{side}_{zone}" for side in SIDES for zone in ZONES),
     "no_finding",
 )
+# Coarse groups: any side or zone, unlocalised mentions counted. Fine label -> group by prefix.
+COARSE_FINDINGS: tuple[str, ...] = ("cardiomegaly", "effusion", "pneumothorax", "nodule",
+                                    "consolidation", "no_finding")
 
 # (kind, pattern, predicative). A predicative mention carries its own verb ("the heart is
 # enlarged"), so a negation cue after it belongs to some other subject.
@@ -231,6 +239,7 @@ def _locate(m: _Mention, tokens: list[str], region: tuple[int, int]) -> tuple[se
 
 
 def _clause_findings(tokens: list[str]) -> set[str]:
+    """Fine labels affirmed in a clause, plus `group:<kind>` for every affirmed mention."""
     clause = " ".join(tokens)
     mentions = _find_mentions(clause)
     if not mentions:
@@ -245,6 +254,7 @@ def _clause_findings(tokens: list[str]) -> set[str]:
             out.add("cardiomegaly")
             continue
         sides, zones = _locate(m, tokens, region)
+        out.add(f"group:{m.kind}")  # the coarse group, whether or not its place can be read
         for side in sides:
             if m.kind in ("effusion", "pneumothorax"):
                 out.add(f"{m.kind}_{side}")
@@ -253,11 +263,39 @@ def _clause_findings(tokens: list[str]) -> set[str]:
     return out
 
 
-def label_report(text: str) -> dict[str, int]:
-    """Read a report's findings as `{finding: 0/1}` over `FINDINGS` (see module docstring)."""
+def _read(text: str) -> set[str]:
     found: set[str] = set()
     for tokens in _clauses(text):
         found |= _clause_findings(tokens)
+    return found
+
+
+def label_report(text: str) -> dict[str, int]:
+    """Read a report's findings as `{finding: 0/1}` over `FINDINGS` (see module docstring)."""
+    found = {name for name in _read(text) if not name.startswith("group:")}
     labels = {name: int(name in found) for name in FINDINGS}
     labels["no_finding"] = int(not found)
     return labels
+
+
+def coarse_group(finding: str) -> str:
+    """The coarse group of a fine label (`effusion_left` -> `effusion`)."""
+    return finding if finding in COARSE_FINDINGS else finding.split("_", 1)[0]
+
+
+def to_coarse(labels: dict[str, int]) -> dict[str, int]:
+    """Fine labels -> coarse groups (a group is 1 when any of its fine labels is)."""
+    out = dict.fromkeys(COARSE_FINDINGS, 0)
+    for name, value in labels.items():
+        if value and name != "no_finding":
+            out[coarse_group(name)] = 1
+    out["no_finding"] = int(not any(out.values()))
+    return out
+
+
+def coarse_labels(text: str) -> dict[str, int]:
+    """Read a report's findings as `{group: 0/1}` over `COARSE_FINDINGS`, unlocalised counted."""
+    found = {coarse_group(name.removeprefix("group:")) for name in _read(text)}
+    out = {name: int(name in found) for name in COARSE_FINDINGS}
+    out["no_finding"] = int(not any(v for k, v in out.items() if k != "no_finding"))
+    return out
