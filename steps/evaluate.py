@@ -1,9 +1,11 @@
 """evaluate: generate reports for a split and score them.
 
 Reads: a Stage 2 model (a run id, `runs:/`, `models:/report-vlm@alias` or a checkpoint path).
-Writes: metrics (`greedy_*`, `beam_*`, `score`), `reports.json` (a table of id / reference /
-generated), `plots/finding_f1.png`, `eval_scores.json`; moves `report-vlm@champion` to the
-evaluated version when its score beats the current champion's.
+Writes: metrics (`greedy_*`, `beam_*`, `score`, `grounding_gap`, `blind_*`), `reports.json`
+(a table of id / reference / generated), `plots/finding_f1.png`, `eval_scores.json`,
+`champion_verdict.json`; moves `report-vlm@champion` to the evaluated version when the
+champion gate approves it (reads the image, beats the blind baseline and the champion), else
+tags the run `champion.verdict=rejected` with `champion.reasons`.
 """
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import math
 
 import click
 
+from pipeline.config import ChampionConfig
 from pipeline.evaluate.evaluation import evaluate_model
-from pipeline.tracking.registry import promote_champion, resolve_stage2_checkpoint
+from pipeline.gate.champion import ChampionEvidence, comparison_key, judge_champion
+from pipeline.tracking.registry import (champion_state, record_champion_verdict,
+                                        resolve_stage2_checkpoint)
 from pipeline.tracking.runs import (log_dict, log_files, log_metrics, log_new_params, log_param,
                                     log_table, set_run_tags, stage_run)
 from steps.common import auto, one_line_errors, profile_option
@@ -52,15 +57,36 @@ def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, me
         log_files([outcome.figure], "plots")
         set_run_tags({"eval.model": model_ref, "eval.source_run": source_run or ""})
         if split == "test" and auto(limit, int) is None:
-            message = promote_champion(source_run, outcome.metrics["score"],
-                                       outcome.score_definition)
+            message = _champion(outcome, source_run)
         else:
             message = "champion unchanged: only a full test-split evaluation can promote"
         click.echo(message, err=True)
         shown = {k: round(v, 4) for k, v in outcome.metrics.items()
-                 if k.split("_", 1)[-1] in ("bleu4", "cider", "rouge_l", "meteor",
-                                            "finding_macro_f1", "distinct_share") or k == "score"}
+                 if k.split("_", 1)[-1] in ("bleu4", "cider", "finding_macro_f1",
+                                            "finding_coarse_macro_f1", "distinct_share")
+                 or k in ("score", "grounding_gap")}
         click.echo(f"evaluate {split}: {shown}")
+
+
+def _champion(outcome, source_run) -> str:
+    """Judge the evaluated model for champion and record the verdict (run and version tags)."""
+    m = outcome.metrics
+    key = comparison_key(outcome.data_digest, int(m[f"{outcome.decoding}_n_reports"]),
+                         outcome.decoding)
+    version, champion_score, champion_key = champion_state()
+    evidence = ChampionEvidence(
+        m[f"{outcome.decoding}_finding_coarse_macro_f1"], m["blind_finding_coarse_macro_f1"],
+        m["grounding_gap"], m["score"], key, version, champion_score, champion_key)
+    verdict = judge_champion(evidence, ChampionConfig())
+    log_dict(verdict.to_dict(), "champion_verdict.json")
+    set_run_tags({"champion.verdict": "approved" if verdict.approved else "rejected",
+                  "champion.reasons": "; ".join(verdict.reasons)[:4000]})
+    log_metrics({f"champion.{r.name}.passed": float(r.passed) for r in verdict.rules})
+    summary = {"eval.coarse_f1": f"{evidence.coarse_f1:.3f}",
+               "eval.blind_coarse_f1": f"{evidence.blind_coarse_f1:.3f}",
+               "eval.grounding_gap": f"{evidence.grounding_gap:.3f}"}
+    return record_champion_verdict(source_run, verdict, m["score"], outcome.score_definition,
+                                   key, summary)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,12 @@ def _step(name: str, params: dict, commit: str | None, allow_fail: bool = False)
 @click.command()
 @profile_option
 @click.option("--data", default="synthetic", show_default=True)
-@click.option("--objective", type=click.Choice(["vicreg", "l2_proxy"]), default="vicreg",
-              show_default=True)
-@click.option("--stage1_lr", "--stage1-lr", default="1e-5", show_default=True)
-@click.option("--stage2_lr", "--stage2-lr", default="2e-5", show_default=True)
+@click.option("--objective", type=click.Choice(["auto", "findings", "vicreg", "l2_proxy"]),
+              default="auto", show_default=True, help="Stage 1's; auto = findings")
+@click.option("--stage1_lr", "--stage1-lr", default="auto", show_default=True,
+              help="auto = 1e-3 (the seed's recipe: vicreg at 1e-5)")
+@click.option("--stage2_lr", "--stage2-lr", default="auto", show_default=True,
+              help="the bridge's; auto = 1e-3 (the seed's recipe: 2e-5)")
 @click.option("--llm", default="smollm2", show_default=True)
 @click.option("--stop_on_reject", "--stop-on-reject", is_flag=True)
 @one_line_errors

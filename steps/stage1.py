@@ -19,10 +19,13 @@ from steps.common import auto, one_line_errors, profile_option
 @click.option("--data", default="synthetic", show_default=True)
 @click.option("--image_dir", "--image-dir", default=None)
 @click.option("--epochs", default="auto", help="default: the profile's")
-@click.option("--lr", default="1e-5", show_default=True)
-@click.option("--batch_size", "--batch-size", default="2", show_default=True)
-@click.option("--objective", type=click.Choice(["vicreg", "l2_proxy"]), default="vicreg",
-              show_default=True, help="vicreg cannot collapse; l2_proxy is the old proxy")
+@click.option("--lr", default="auto", show_default=True,
+              help="default 1e-3 (the seed's vicreg recipe: 1e-5)")
+@click.option("--batch_size", "--batch-size", default="auto", show_default=True,
+              help="default: the profile's (16; tiny: 2)")
+@click.option("--objective", type=click.Choice(["auto", "findings", "vicreg", "l2_proxy"]),
+              default="auto", show_default=True,
+              help="findings (default) and vicreg cannot collapse; l2_proxy is the old proxy")
 @click.option("--max_visual_tokens", "--max-visual-tokens", default="96", show_default=True)
 @click.option("--seed", default="0", show_default=True)
 @click.option("--output_dir", "--output-dir", default="outputs/stage1", show_default=True)
@@ -32,7 +35,7 @@ def main(profile, data, image_dir, epochs, lr, batch_size, objective, max_visual
     """Train vision + bridge (no LLM) and track the run in MLflow."""
     cfg = C.build(C.Stage1Config, profile, {
         "data.source": data, "data.image_dir": image_dir, "epochs": auto(epochs, int),
-        "lr": auto(lr, float), "batch_size": auto(batch_size, int), "objective": objective,
+        "lr": auto(lr, float), "batch_size": auto(batch_size, int), "objective": auto(objective, str),
         "bridge.max_visual_tokens": auto(max_visual_tokens, int), "seed": auto(seed, int),
         "output_dir": output_dir})
     Stage1Job(cfg, profile=profile, echo=lambda m: click.echo(m, err=True)).run()

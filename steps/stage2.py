@@ -21,7 +21,12 @@ from steps.common import auto, one_line_errors, profile_option
 @click.option("--data", default=None, help="synthetic (default) or an annotation/CSV/JSONL path")
 @click.option("--image_dir", "--image-dir", default=None)
 @click.option("--epochs", default=None, help="default: the profile's")
-@click.option("--lr", default=None, help="default 2e-5")
+@click.option("--lr", default=None, help="the bridge's; default 1e-3 (the seed's recipe: 2e-5)")
+@click.option("--encoder_lr", "--encoder-lr", default=None,
+              help="encoder + finding head; default 1e-4; 'same' = lr")
+@click.option("--findings", default=None, type=click.Choice(["true", "false"]),
+              help="classify-then-generate + auxiliary finding loss (default true; false = "
+                   "the seed's plain visual-prefix recipe)")
 @click.option("--batch_size", "--batch-size", default=None, help="default 2")
 @click.option("--max_visual_tokens", "--max-visual-tokens", default=None, help="default 96")
 @click.option("--llm", default=None, help="smollm2 (offline default), tiny-random, HF folder, .gguf")
@@ -37,15 +42,18 @@ from steps.common import auto, one_line_errors, profile_option
               help="'auto' or an interrupted run's output folder: continue it")
 @click.option("--output_dir", "--output-dir", default="outputs/stage2", show_default=True)
 @one_line_errors
-def main(profile, config_file, data, image_dir, epochs, lr, batch_size, max_visual_tokens, llm,
-         seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir):
+def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings, batch_size,
+         max_visual_tokens, llm, seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir):
     """Train vision + bridge against the frozen LLM and register the result."""
     config_file = auto(config_file, str)
     cfg = C.build(C.Stage2Config, profile, {
         "data.source": data, "data.image_dir": image_dir, "epochs": auto(epochs, int),
         "lr": auto(lr, float), "batch_size": auto(batch_size, int),
+        "findings": None if findings is None else findings == "true",
         "bridge.max_visual_tokens": auto(max_visual_tokens, int), "llm.name": auto(llm, str),
         "seed": auto(seed, int), "output_dir": output_dir}, config_file=config_file)
+    if encoder_lr is not None:
+        cfg = C.replace_values(cfg, encoder_lr=None if encoder_lr == "same" else float(encoder_lr))
     init = "scratch" if from_scratch else (vision_checkpoint or init)
     job = Stage2Job(cfg, profile=profile, init=init, force_init=force_init,
                     resume=None if resume in (None, "", "none") else resume, echo=lambda m: click.echo(m, err=True))

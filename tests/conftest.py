@@ -48,3 +48,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def grounded_llm(tmp_path_factory):
+    """A tiny LM that writes each grounded-data report after its findings prompt (HF folder)."""
+    from tests.grounded_data import pretrained_tiny_llm
+
+    return pretrained_tiny_llm(tmp_path_factory.mktemp("grounded_llm"))

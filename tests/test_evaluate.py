@@ -1,21 +1,39 @@
 """`evaluate` on the tiny profile: what it logs, and when it moves `report-vlm@champion`."""
 from __future__ import annotations
 
+import sys
+
 import mlflow
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from steps import evaluate, stage2
+from tests.grounded_data import write_dataset
 
 MODEL = "report-vlm"
 FAST = ["--profile", "tiny", "--no-meteor"]
 
 
+@pytest.fixture()
+def grounded(tmp_path, grounded_llm, monkeypatch):
+    """Train and evaluate on a tiny dataset whose reports the image decides (see
+    tests/grounded_data.py), so the champion gate's grounding rules can pass."""
+    data = str(write_dataset(tmp_path / "data", informative=True, n_eval=4))
+    monkeypatch.setattr(sys.modules[__name__], "DATA", ["--data", data])
+    monkeypatch.setattr(sys.modules[__name__], "TRAIN", [
+        "--data", data, "--llm", str(grounded_llm), "--epochs", "2", "--lr", "1e-2",
+        "--encoder_lr", "same"])
+
+
+DATA: list[str] = []
+TRAIN: list[str] = []
+
+
 def _train(*args: str) -> tuple[str, str]:
     """A tiny Stage 2 run from scratch; (run id, the `report-vlm` version it registered)."""
-    result = CliRunner().invoke(stage2.main, ["--profile", "tiny", "--init", "scratch", *args],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(stage2.main, ["--profile", "tiny", "--init", "scratch", *TRAIN,
+                                              *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     candidate = MlflowClient().get_model_version_by_alias(MODEL, "candidate")
     return candidate.tags["source_run"], candidate.version
@@ -25,7 +43,7 @@ def _evaluate(model: str, *args: str) -> tuple[str, float]:
     """Run `evaluate` in-process; (its run id, its logged `score`)."""
     client = MlflowClient()
     before = {r.info.run_id for r in _evaluate_runs(client)}
-    result = CliRunner().invoke(evaluate.main, ["--model", model, *FAST, *args],
+    result = CliRunner().invoke(evaluate.main, ["--model", model, *FAST, *DATA, *args],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     (run,) = [r for r in _evaluate_runs(client) if r.info.run_id not in before]
@@ -45,7 +63,7 @@ def _eval_score_tag(version: str) -> float:
     return float(MlflowClient().get_model_version(MODEL, version).tags["eval.score"])
 
 
-def test_evaluate_logs_scores_table_and_plot_and_crowns_the_first_champion(mlflow_store):
+def test_evaluate_logs_scores_table_and_plot_and_crowns_the_first_champion(mlflow_store, grounded):
     source_run, version = _train()
     client = MlflowClient()
     with pytest.raises(mlflow.exceptions.MlflowException):
@@ -69,7 +87,7 @@ def test_evaluate_logs_scores_table_and_plot_and_crowns_the_first_champion(mlflo
     columns = table["columns"]
     assert {"id", "reference", "generated_greedy", "generated_beam"} <= set(columns)
     rows = [dict(zip(columns, row)) for row in table["data"]]
-    assert len(rows) == 4  # the tiny profile's test split
+    assert len(rows) == 4  # the test split
     assert len({r["id"] for r in rows}) == len(rows)
     assert all(isinstance(r["generated_greedy"], str) and isinstance(r["generated_beam"], str)
                and r["reference"].strip() for r in rows)
@@ -86,7 +104,7 @@ def test_evaluate_logs_scores_table_and_plot_and_crowns_the_first_champion(mlflo
     assert _eval_score_tag(version) == pytest.approx(score, abs=1e-6)
 
 
-def test_champion_moves_only_on_a_strictly_higher_score(mlflow_store):
+def test_champion_moves_only_on_a_strictly_higher_score(mlflow_store, grounded):
     first_run, first = _train()
     _, first_score = _evaluate(first_run, "--num_beams", "1")
     assert _champion() == first

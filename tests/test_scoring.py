@@ -118,7 +118,8 @@ def test_finding_absent_on_both_sides_is_left_out_of_the_macro_average():
 
 
 def test_composite_score_is_a_weighted_sum_that_refuses_missing_or_nan():
-    assert dict(DEFAULT_SCORE_WEIGHTS) == {"bleu4": 0.5, "cider": 0.5}
+    assert dict(DEFAULT_SCORE_WEIGHTS) == {"finding_coarse_macro_f1": 0.5, "bleu4": 0.25,
+                                           "cider": 0.25}
     with pytest.raises(TypeError):
         DEFAULT_SCORE_WEIGHTS["meteor"] = 1.0
     assert composite_score({"bleu4": 0.2, "cider": 0.6, "meteor": 9.0}) == pytest.approx(0.4)

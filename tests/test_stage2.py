@@ -34,8 +34,8 @@ def test_labels_supervise_exactly_report_and_eos_with_pad_equal_eos():
     labels = captioning.make_labels(layout)
     mask = captioning.report_positions(layout)
     assert check_label_mask(labels, mask) == sum(len(r) for r in layout.report_ids)
-    start = 4 + len(layout.prompt_ids)
     for i, report in enumerate(layout.report_ids):
+        start = 4 + len(layout.prompt_ids[i])  # prompts are per sample
         end = start + len(report)
         assert labels[i, end - 1] == llm.eos_token_id  # EOS supervised although pad == EOS
         assert (labels[i, :start] == IGNORE_INDEX).all() and (labels[i, end:] == IGNORE_INDEX).all()
@@ -43,6 +43,22 @@ def test_labels_supervise_exactly_report_and_eos_with_pad_equal_eos():
     ids, attn = captioning.text_ids(layout)
     short = min(range(2), key=lambda i: len(layout.report_ids[i]))
     assert (ids[short][attn[short] == 0] == llm.eos_token_id).all()
+
+
+def test_per_sample_prompts_of_different_lengths_keep_the_mask_exact():
+    llm = build_tiny_llm(pad_is_eos=True)
+    layout = captioning.tokenize_batch(
+        llm.tokenizer, ["Findings: none.\nReport:", "Findings: cardiomegaly; left pleural "
+                        "effusion.\nReport:"], ["heart is enlarged .", "no effusion"],
+        llm.eos_token_id, llm.pad_token_id, n_visual=4, max_report_tokens=32)
+    assert len(layout.prompt_ids[0]) < len(layout.prompt_ids[1])
+    labels = captioning.make_labels(layout)
+    assert check_label_mask(labels, captioning.report_positions(layout)) == \
+        sum(len(r) for r in layout.report_ids)
+    for i, (prompt, report) in enumerate(zip(layout.prompt_ids, layout.report_ids)):
+        start = 4 + len(prompt)
+        assert labels[i, start:start + len(report)].tolist() == list(report)
+        assert (labels[i, :start] == IGNORE_INDEX).all()
 
 
 def _supervise_prompt(layout):

@@ -1,4 +1,11 @@
-"""Evaluation: generate reports for a split (greedy and beam search) and score them."""
+"""Evaluation: generate reports for a split (greedy and beam search) and score them.
+
+Beside the scores: the grounding gap (caption loss with the images shifted by one study minus
+with their own, through the inference path) and a blind baseline, the same scores for the best
+constant report, the training report whose coarse finding F1 over the training reports is
+highest, written for every study of the split. A model that does not beat it has learned
+nothing about the images.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -8,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data import ImageReportDataset, collate, load_dataset
+from pipeline.data import ImageReportDataset, collate, dataset_digest, image_batch, load_dataset
 from pipeline.models.loading import load_report_model
 
 
@@ -20,6 +27,9 @@ class EvalOutcome:
     table: pd.DataFrame
     figure: Path
     score_definition: str
+    decoding: str = "greedy"
+    blind_report: str = ""
+    data_digest: str = ""
 
 
 def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_size: int = 8):
@@ -44,7 +54,8 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     report_model = report_model or load_report_model(checkpoint)
     data_cfg = report_model.cfg.data if data == "synthetic" else \
         replace(report_model.cfg.data, source=data, image_dir=image_dir)
-    records = load_dataset(data_cfg)[split][:limit]
+    dataset = load_dataset(data_cfg)
+    records = dataset[split][:limit]
     if not records:
         raise ValueError(f"split {split!r} of {data!r} is empty")
     references = [r.report for r in records]
@@ -62,5 +73,40 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     definition = " + ".join(f"{w:g}*{k}" for k, w in weights.items()) + \
         f" ({decodings[-1][0]} decoding)"
     metrics["score"] = composite_score(best, weights)
+    images = image_batch(records, report_model.cfg.encoder.image_size)
+    own, metrics["grounding_gap"] = report_model.grounding_gap(images, references)
+    metrics["caption_loss"] = own
+    blind = best_constant_report([r.report for r in dataset["train"]])
+    blind_scores = score_reports(references, [blind] * len(references), meteor=False)
+    metrics.update({f"blind_{k}": float(blind_scores[k]) for k in BLIND_KEYS})
+    metrics["blind_score"] = composite_score(blind_scores, weights)
+    for key in ("finding_coarse_macro_f1", "finding_macro_f1"):
+        metrics[f"{key}_over_blind"] = best[key] - blind_scores[key]
     figure = per_finding_f1_figure(best, Path(out_dir) / "finding_f1.png")
-    return EvalOutcome(metrics, table, figure, definition)
+    return EvalOutcome(metrics, table, figure, definition, decodings[-1][0], blind,
+                       dataset_digest(dataset))
+
+
+BLIND_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider", "rouge_l")
+
+
+def best_constant_report(train_reports: list[str]) -> str:
+    """The training report that, written for every training study, scores the highest coarse
+    finding macro F1 (ties: fine macro F1, then the shorter report)."""
+    from pipeline.data.labeler import COARSE_FINDINGS, FINDINGS, coarse_labels, label_report
+    from pipeline.models.findings import macro_f1, per_label_f1
+
+    if not train_reports:
+        raise ValueError("the blind baseline needs training reports")
+    fine = [label_report(r) for r in train_reports]
+    coarse = [coarse_labels(r) for r in train_reports]
+    scored = {}
+    for i, report in enumerate(train_reports):
+        key = tuple(sorted(k for k, v in coarse[i].items() if v)), \
+            tuple(sorted(k for k, v in fine[i].items() if v))
+        if key in scored:  # reports with the same findings score the same
+            continue
+        scored[key] = (macro_f1(per_label_f1(coarse, [coarse[i]] * len(coarse), COARSE_FINDINGS)),
+                       macro_f1(per_label_f1(fine, [fine[i]] * len(fine), FINDINGS)),
+                       -len(report), report)
+    return max(scored.values())[3]

@@ -38,8 +38,10 @@ from pipeline.train.curve import distinct_share  # noqa: F401 - part of this mod
 
 log = logging.getLogger(__name__)
 
-# R2GenGPT picks its checkpoint by 0.5 * BLEU-4 + 0.5 * CIDEr; so does the champion here.
-DEFAULT_SCORE_WEIGHTS: Mapping[str, float] = MappingProxyType({"bleu4": 0.5, "cider": 0.5})
+# R2GenGPT picks its checkpoint by 0.5 * BLEU-4 + 0.5 * CIDEr, which a fluent report that
+# names no finding can win; here half the weight is clinical: the coarse finding macro F1.
+DEFAULT_SCORE_WEIGHTS: Mapping[str, float] = MappingProxyType(
+    {"finding_coarse_macro_f1": 0.5, "bleu4": 0.25, "cider": 0.25})
 
 # R2Gen's sentence cleaner, verbatim: `:-\[` is a range, so it also strips ; < = > ? @ [.
 _SENT_PUNCT = re.compile(r"[.,?;*!%^&_+():-\[\]{}]")
@@ -119,36 +121,38 @@ def _ratio(num: int, den: int) -> float:
     return num / den if den else 0.0
 
 
+def _label_scores(references: Sequence[dict], hypotheses: Sequence[dict], names: Sequence[str],
+                  prefix: str) -> dict[str, float]:
+    """Per-label precision/recall/F1, macro averages and pooled micro scores, under `prefix`."""
+    from pipeline.models.findings import counts_f1, per_label_f1
+
+    table = per_label_f1(references, hypotheses, names)
+    out: dict[str, float] = {}
+    for name, values in table.items():
+        out.update({f"{prefix}_{key}/{name}": value for key, value in values.items()})
+    for key in ("precision", "recall", "f1"):
+        scored = [v[key] for v in table.values() if not math.isnan(v[key])]
+        out[f"{prefix}_macro_{key}"] = sum(scored) / len(scored) if scored else math.nan
+    pooled = [sum(bool(r[n]) and bool(h[n]) for r, h in zip(references, hypotheses) for n in names),
+              sum(bool(h[n]) and not r[n] for r, h in zip(references, hypotheses) for n in names),
+              sum(bool(r[n]) and not h[n] for r, h in zip(references, hypotheses) for n in names)]
+    micro = counts_f1(*pooled)
+    out.update({f"{prefix}_micro_{key}": (0.0 if math.isnan(v) else v) for key, v in micro.items()})
+    out[f"{prefix}_n_scored"] = float(sum(not math.isnan(v["f1"]) for v in table.values()))
+    return out
+
+
 def finding_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Per-finding precision/recall/F1 of labeled findings vs the reference, macro and micro."""
-    from pipeline.data.labeler import FINDINGS, label_report
+    """Finding scores of the 18 fine labels (`finding_*`) and the 6 coarse groups
+    (`finding_coarse_*`: any side or zone, unlocalised mentions counted)."""
+    from pipeline.data.labeler import COARSE_FINDINGS, FINDINGS, coarse_labels, label_report
 
     _check_pairs(references, hypotheses)
-    pairs = [(label_report(ref), label_report(hyp)) for ref, hyp in zip(references, hypotheses)]
-    out: dict[str, float] = {}
-    per_finding = {"precision": [], "recall": [], "f1": []}
-    total = {"tp": 0, "fp": 0, "fn": 0}
-    for name in FINDINGS:
-        tp = sum(r[name] and h[name] for r, h in pairs)
-        fp = sum(h[name] and not r[name] for r, h in pairs)
-        fn = sum(r[name] and not h[name] for r, h in pairs)
-        for key, value in zip(total, (tp, fp, fn)):
-            total[key] += value
-        if tp + fp + fn == 0:
-            values = dict.fromkeys(per_finding, math.nan)
-        else:
-            values = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
-                      "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
-            for key, value in values.items():
-                per_finding[key].append(value)
-        out.update({f"finding_{key}/{name}": value for key, value in values.items()})
-    for key, values in per_finding.items():
-        out[f"finding_macro_{key}"] = sum(values) / len(values) if values else math.nan
-    tp, fp, fn = total["tp"], total["fp"], total["fn"]
-    out["finding_micro_precision"] = _ratio(tp, tp + fp)
-    out["finding_micro_recall"] = _ratio(tp, tp + fn)
-    out["finding_micro_f1"] = _ratio(2 * tp, 2 * tp + fp + fn)
-    out["finding_n_scored"] = float(len(per_finding["f1"]))
+    out = _label_scores([label_report(r) for r in references],
+                        [label_report(h) for h in hypotheses], FINDINGS, "finding")
+    out.update(_label_scores([coarse_labels(r) for r in references],
+                             [coarse_labels(h) for h in hypotheses], COARSE_FINDINGS,
+                             "finding_coarse"))
     return out
 
 
@@ -163,7 +167,7 @@ def score_reports(references: Sequence[str], hypotheses: Sequence[str], *,
 
 def composite_score(scores: Mapping[str, float],
                     weights: Mapping[str, float] = DEFAULT_SCORE_WEIGHTS) -> float:
-    """Weighted sum of scores (default 0.5*bleu4 + 0.5*cider), the number picking the champion."""
+    """Weighted sum of scores (DEFAULT_SCORE_WEIGHTS), the number picking the champion."""
     missing = sorted(set(weights) - set(scores))
     if missing:
         raise KeyError(f"composite_score needs {missing}, absent from scores {sorted(scores)}")

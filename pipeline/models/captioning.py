@@ -1,5 +1,8 @@
 """Stage 2 sequence layout and labels: [visual tokens][prompt][report][EOS], right-padded.
 
+Each sample has its own prompt (classify-then-generate puts that image's predicted findings
+in it), so segment lengths are per sample.
+
 Labels are the report and EOS token ids at their own positions (HF shifts them inside the
 loss) and -100 everywhere else. Padding is defined by position (the attention mask), never
 by token id, so EOS stays supervised when the tokenizer's pad token is EOS.
@@ -11,6 +14,7 @@ cannot go unnoticed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -22,14 +26,14 @@ class Layout:
     """Token ids and segment lengths of one right-padded batch (visual tokens excluded)."""
 
     n_visual: int
-    prompt_ids: tuple[int, ...]
+    prompt_ids: tuple[tuple[int, ...], ...]  # per sample
     report_ids: tuple[tuple[int, ...], ...]  # report tokens + EOS, per sample
     pad_id: int
     truncated: int  # how many reports were cut to max_report_tokens
 
     @property
     def text_length(self) -> int:
-        return len(self.prompt_ids) + max(len(r) for r in self.report_ids)
+        return max(len(p) + len(r) for p, r in zip(self.prompt_ids, self.report_ids))
 
     @property
     def length(self) -> int:
@@ -47,19 +51,24 @@ def encode_prompt(tokenizer, prompt: str) -> tuple[int, ...]:
     return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def tokenize_batch(tokenizer, prompt: str, reports: list[str], eos_id: int, pad_id: int,
-                   n_visual: int, max_report_tokens: int) -> Layout:
-    """Tokenize prompt and reports (no special tokens added) and append EOS to each report."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    # A report follows the prompt's final newline directly; after other text, a space.
-    lead = "" if tokenizer.decode(prompt_ids[-1:]).endswith(("\n", " ")) else " "
-    report_ids, truncated = [], 0
-    for report in reports:
+def tokenize_batch(tokenizer, prompt: str | Sequence[str], reports: list[str], eos_id: int,
+                   pad_id: int, n_visual: int, max_report_tokens: int) -> Layout:
+    """Tokenize prompts (one, or one per report) and reports (no special tokens added) and
+    append EOS to each report."""
+    prompts = [prompt] * len(reports) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(reports):
+        raise ValueError(f"{len(prompts)} prompts for {len(reports)} reports")
+    prompt_ids, report_ids, truncated = [], [], 0
+    for text, report in zip(prompts, reports):
+        ids_p = encode_prompt(tokenizer, text)
+        # A report follows the prompt's final newline directly; after other text, a space.
+        lead = "" if tokenizer.decode(ids_p[-1:]).endswith(("\n", " ")) else " "
         ids = tokenizer(lead + report.strip(), add_special_tokens=False)["input_ids"]
         if len(ids) > max_report_tokens:
             ids, truncated = ids[:max_report_tokens], truncated + 1
+        prompt_ids.append(ids_p)
         report_ids.append(tuple(ids) + (eos_id,))
-    return Layout(n_visual, prompt_ids, tuple(report_ids), pad_id, truncated)
+    return Layout(n_visual, tuple(prompt_ids), tuple(report_ids), pad_id, truncated)
 
 
 def text_ids(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +76,8 @@ def text_ids(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     T = layout.text_length
     ids = torch.full((len(layout.report_ids), T), layout.pad_id, dtype=torch.long)
     mask = torch.zeros((len(layout.report_ids), T), dtype=torch.long)
-    for i, report in enumerate(layout.report_ids):
-        row = layout.prompt_ids + report
+    for i, (prompt, report) in enumerate(zip(layout.prompt_ids, layout.report_ids)):
+        row = prompt + report
         ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, :len(row)] = 1
     return ids, mask
@@ -78,8 +87,8 @@ def make_labels(layout: Layout) -> torch.Tensor:
     """Labels (B, L) over the full sequence: report + EOS ids, -100 elsewhere."""
     ids, _ = text_ids(layout)
     labels = torch.full((ids.shape[0], layout.length), IGNORE_INDEX, dtype=torch.long)
-    start = layout.n_visual + len(layout.prompt_ids)
-    for i, report in enumerate(layout.report_ids):
+    for i, (prompt, report) in enumerate(zip(layout.prompt_ids, layout.report_ids)):
+        start = layout.n_visual + len(prompt)
         labels[i, start:start + len(report)] = torch.tensor(report, dtype=torch.long)
     return labels
 
@@ -87,7 +96,7 @@ def make_labels(layout: Layout) -> torch.Tensor:
 def report_positions(layout: Layout) -> torch.Tensor:
     """Bool (B, L): True exactly on report + EOS positions, from segment lengths only."""
     positions = torch.arange(layout.length).unsqueeze(0)  # (1, L)
-    start = layout.n_visual + len(layout.prompt_ids)
+    start = layout.n_visual + torch.tensor([len(p) for p in layout.prompt_ids]).unsqueeze(1)
     lengths = torch.tensor([len(r) for r in layout.report_ids]).unsqueeze(1)  # (B, 1)
     return (positions >= start) & (positions < start + lengths)
 
@@ -103,9 +112,17 @@ def assemble(visual_tokens: torch.Tensor, layout: Layout, embed) -> tuple[torch.
     return inputs_embeds, attention_mask
 
 
-def prompt_only(visual_tokens: torch.Tensor, prompt_ids, embed) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs_embeds, attention_mask) of [visual][prompt] for generation."""
-    B = visual_tokens.shape[0]
-    ids = torch.tensor(prompt_ids, dtype=torch.long).unsqueeze(0).expand(B, -1)
+def prompt_only(visual_tokens: torch.Tensor, prompt_ids: Sequence[Sequence[int]], pad_id: int,
+                embed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs_embeds, attention_mask) of [visual][prompt] per sample, right-padded, for
+    generation (the LLM wrapper left-aligns them)."""
+    B, V = visual_tokens.shape[:2]
+    T = max(len(p) for p in prompt_ids)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, V + T), dtype=torch.long)
+    mask[:, :V] = 1
+    for i, prompt in enumerate(prompt_ids):
+        ids[i, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, V:V + len(prompt)] = 1
     embeds = torch.cat([visual_tokens, embed(ids.to(visual_tokens.device)).to(visual_tokens.dtype)], 1)
-    return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=visual_tokens.device)
+    return embeds, mask.to(visual_tokens.device)

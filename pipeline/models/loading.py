@@ -47,12 +47,33 @@ def weights_of(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return model_tensors(tensors), metadata
 
 
-def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
-    """Load weights strictly, with an error that names the checkpoint."""
+HEAD_PREFIX = "finding_head."
+
+
+def has_finding_head(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a checkpoint's model tensors include a finding head."""
+    return any(k.startswith(HEAD_PREFIX) for k in tensors)
+
+
+def with_head_of(bridge_cfg: C.BridgeConfig, tensors: dict[str, torch.Tensor]) -> C.BridgeConfig:
+    """The bridge config with `finding_head` as the checkpoint has it (older ones have none)."""
+    return replace(bridge_cfg, finding_head=has_finding_head(tensors))
+
+
+def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> list[str]:
+    """Load weights strictly, with an error that names the checkpoint.
+
+    One exception: weights without a finding head load into a model with one (the head then
+    starts from its initialisation, e.g. Stage 2 from a vicreg Stage 1). Returns the names
+    of such freshly initialised tensors.
+    """
     missing, unexpected = model.load_state_dict(tensors, strict=False)
+    fresh = [k for k in missing if k.startswith(HEAD_PREFIX)] if not has_finding_head(tensors) else []
+    missing = [k for k in missing if k not in fresh]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit the model: missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return fresh
 
 
 def _output_dim(tensors: dict[str, torch.Tensor], default: int) -> int:
@@ -66,7 +87,8 @@ def load_vision_bridge(path: str | Path, fallback: C.Stage1Config):
 
     tensors, metadata = weights_of(path)
     cfg = stage1_config_of(metadata, fallback)
-    cfg = replace(cfg, embed_dim=_output_dim(tensors, cfg.embed_dim))
+    cfg = replace(cfg, embed_dim=_output_dim(tensors, cfg.embed_dim),
+                  bridge=with_head_of(cfg.bridge, tensors))
     model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
@@ -85,6 +107,7 @@ def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = 
     tensors, metadata = weights_of(Path(checkpoint))
     raw = metadata.get("config")
     cfg = C.from_dict(C.Stage2Config, raw) if isinstance(raw, dict) else C.Stage2Config()
+    cfg = replace(cfg, bridge=with_head_of(cfg.bridge, tensors))
     if llm is None:
         llm = load_llm(cfg.llm.name, cache_dir=cache_dir or cfg.llm.cache_dir, dtype=cfg.llm.dtype)
     model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=llm.hidden_size)

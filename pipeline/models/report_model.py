@@ -1,24 +1,112 @@
-"""Report generation from images: vision-bridge -> [visual][prompt] -> frozen LLM decode."""
+"""The report model's one path from image to text: vision-bridge -> [visual][prompt] -> LLM.
+
+Training, validation, the grounding gap, evaluation and serving all go through `prompts_for`
+and `caption_forward` / `generate_reports`, so everything the model derives from an image
+(its visual tokens and, with `findings`, the predicted findings written into its prompt) is
+derived the same way everywhere. With `findings`, training prompts may carry the findings the
+labeler reads from the true report instead (teacher forcing); nothing outside the LLM ever
+writes report text.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
-from pipeline.models import captioning
 from pipeline import config as C
+from pipeline.models import captioning
+from pipeline.models.findings import decode_findings, findings_text
+
+
+def prompts_for(prompt: str, n: int, logits: torch.Tensor | None = None,
+                true_labels: Sequence[dict] | None = None) -> list[str]:
+    """One prompt per sample: the findings (true ones if given, else decoded from `logits`)
+    as words before `prompt`; just `prompt` when the model has no findings."""
+    if true_labels is not None:
+        labels = list(true_labels)
+    elif logits is not None:
+        labels = decode_findings(logits)
+    else:
+        return [prompt] * n
+    return [f"{findings_text(lab)}\n{prompt}" for lab in labels]
+
+
+def uses_findings(cfg: C.Stage2Config, model) -> bool:
+    """Classify-then-generate: asked for by the config and possible for the model (a model
+    saved before finding heads existed writes from its visual tokens alone)."""
+    return bool(cfg.findings and getattr(model, "has_findings", False))
+
+
+@dataclass
+class CaptionOutput:
+    """Caption loss of one batch and what it was computed from."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor | None  # finding logits (None without a finding head)
+    visual: torch.Tensor
+    layout: captioning.Layout
+    labels: torch.Tensor
+
+
+def caption_forward(model, llm, images: torch.Tensor, reports: Sequence[str], cfg: C.Stage2Config,
+                    true_labels: Sequence[dict] | None = None,
+                    label_fn: Callable = captioning.make_labels) -> CaptionOutput:
+    """Caption cross-entropy of `reports` given `images`, through the inference path."""
+    if uses_findings(cfg, model):
+        visual, logits = model.forward_with_findings(images)
+    else:
+        visual, logits, true_labels = model(images), None, None
+    prompts = prompts_for(cfg.prompt, len(reports), logits, true_labels)
+    layout = captioning.tokenize_batch(llm.tokenizer, prompts, list(reports), llm.eos_token_id,
+                                       llm.pad_token_id, visual.shape[1], cfg.max_report_tokens)
+    labels = label_fn(layout)
+    embeds, mask = captioning.assemble(visual, layout, llm.embed)
+    loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    return CaptionOutput(loss, logits, visual, layout, labels)
+
+
+@torch.no_grad()
+def grounding_losses(model, llm, images: torch.Tensor, reports: Sequence[str],
+                     cfg: C.Stage2Config, batch_size: int = 8) -> tuple[float, float]:
+    """(mean caption loss with each report's own image, with the images shifted by one study).
+
+    Same batches and reports on both sides; only the images move, and with them everything
+    the model derives from them. A model that ignores the image has a gap of ~0.
+    """
+    was_training = model.training
+    model.eval()
+    shifted = torch.roll(images, shifts=1, dims=0)
+    own_sum = shifted_sum = 0.0
+    n = len(reports)
+    for start in range(0, n, batch_size):
+        part = list(reports[start:start + batch_size])
+        weight = len(part) / n
+        own_sum += weight * float(caption_forward(model, llm, images[start:start + batch_size],
+                                                  part, cfg).loss)
+        shifted_sum += weight * float(caption_forward(
+            model, llm, shifted[start:start + batch_size], part, cfg).loss)
+    model.train(was_training)
+    return own_sum, shifted_sum
 
 
 @torch.no_grad()
 def generate_reports(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
-                     num_beams: int = 1, batch_size: int = 8, **generate_kwargs) -> list[str]:
+                     num_beams: int = 1, batch_size: int = 8, findings: bool = False,
+                     **generate_kwargs) -> list[str]:
     """One report per image (greedy when num_beams == 1)."""
     model.eval()
-    prompt_ids = captioning.encode_prompt(llm.tokenizer, prompt)
+    generate_kwargs.setdefault("no_repeat_ngram_size", 4)  # greedy loops on a small LM
     out: list[str] = []
     for start in range(0, images.shape[0], batch_size):
-        visual = model(images[start:start + batch_size])
-        embeds, mask = captioning.prompt_only(visual, prompt_ids, llm.embed)
+        chunk = images[start:start + batch_size]
+        if findings:
+            visual, logits = model.forward_with_findings(chunk)
+        else:
+            visual, logits = model(chunk), None
+        prompts = prompts_for(prompt, chunk.shape[0], logits)
+        prompt_ids = [captioning.encode_prompt(llm.tokenizer, p) for p in prompts]
+        embeds, mask = captioning.prompt_only(visual, prompt_ids, llm.pad_token_id, llm.embed)
         out += llm.generate(embeds, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                             **generate_kwargs)
     return [text.strip() for text in out]
@@ -36,4 +124,10 @@ class ReportModel:
                  **kwargs) -> list[str]:
         """Reports for a batch of images (B, 1, S, S)."""
         return generate_reports(self.model, self.llm, images, self.cfg.prompt,
-                                max_new_tokens or self.cfg.max_new_tokens, num_beams, **kwargs)
+                                max_new_tokens or self.cfg.max_new_tokens, num_beams,
+                                findings=uses_findings(self.cfg, self.model), **kwargs)
+
+    def grounding_gap(self, images: torch.Tensor, reports: Sequence[str]) -> tuple[float, float]:
+        """(own-image caption loss, shifted-image loss minus own) over a split."""
+        own, shifted = grounding_losses(self.model, self.llm, images, reports, self.cfg)
+        return own, shifted - own

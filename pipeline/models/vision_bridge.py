@@ -10,16 +10,18 @@ from torch import Tensor, nn
 
 from pipeline.config import BridgeConfig, EncoderConfig
 from pipeline.models.bridge import Bridge
+from pipeline.models.findings import FindingHead
 from pipeline.models.vision import VisionMamba
 
 
 class VisionBridge(nn.Module):
     """Encoder + bridge: images (B, C, H, W) -> visual tokens (B, num_visual_tokens, out_dim)."""
 
-    def __init__(self, encoder: VisionMamba, bridge: Bridge):
+    def __init__(self, encoder: VisionMamba, bridge: Bridge, finding_head: FindingHead | None = None):
         super().__init__()
         self.encoder = encoder
         self.bridge = bridge
+        self.finding_head = finding_head
 
     @classmethod
     def from_config(cls, encoder_cfg: EncoderConfig, bridge_cfg: BridgeConfig,
@@ -34,7 +36,8 @@ class VisionBridge(nn.Module):
             in_dim=encoder_cfg.d_model, out_dim=out_dim, num_tokens=bridge_cfg.num_visual_tokens,
             kind=bridge_cfg.kind, hidden_mult=bridge_cfg.hidden_mult,
             max_visual_tokens=bridge_cfg.max_visual_tokens, grid_size=encoder.grid_size)
-        return cls(encoder, bridge)
+        head = FindingHead(encoder_cfg.d_model) if bridge_cfg.finding_head else None
+        return cls(encoder, bridge, head)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -50,6 +53,23 @@ class VisionBridge(nn.Module):
         """(B, C, H, W) -> encoder tokens (B, N, d_model)."""
         return self.encoder(images)
 
+    @property
+    def has_findings(self) -> bool:
+        """Whether the model classifies findings (classify-then-generate)."""
+        return self.finding_head is not None
+
     def forward(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> visual tokens (B, num_visual_tokens, out_dim)."""
         return self.bridge(self.encoder(images))
+
+    def forward_with_findings(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(visual tokens, finding logits (B, HEAD_OUTPUTS) or None) from one encoder pass."""
+        tokens = self.encoder(images)
+        logits = self.finding_head(tokens) if self.finding_head is not None else None
+        return self.bridge(tokens), logits
+
+    def findings(self, images: Tensor) -> Tensor:
+        """Finding logits only (Stage 1's `findings` objective; the bridge is not run)."""
+        if self.finding_head is None:
+            raise ValueError("this vision-bridge has no finding head (bridge.finding_head=false)")
+        return self.finding_head(self.encoder(images))

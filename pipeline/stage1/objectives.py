@@ -2,7 +2,11 @@
 
 - `l2_proxy`: the old proxy `visual_tokens.pow(2).mean()`, kept to reproduce old runs. Its
   minimum is all-zero features, so it collapses by construction.
-- `vicreg` (default): VICReg (Bardes et al. 2022) between two augmented views. The variance
+- `findings` (default): binary cross-entropy of the finding head against the findings the
+  labeler reads from each training report (18 fine labels + 6 coarse groups, positive
+  weights from the training split), on an augmented view. It cannot collapse: its targets
+  differ across images, and a constant output pays the label entropy.
+- `vicreg`: VICReg (Bardes et al. 2022) between two augmented views. The variance
   hinge keeps every dimension's std near `std_target`, so the all-constant solution costs
   `var_weight * std_target` and cannot be a minimum. Variance and covariance are computed over
   batch *and* tokens (B*T samples, so it works at batch size 2). Token-level variance alone
@@ -15,8 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("vicreg", "l2_proxy")
-TWO_VIEW = {"vicreg"}
+from pipeline.models.findings import finding_loss
+
+OBJECTIVES = ("findings", "vicreg", "l2_proxy")
 
 
 def l2_proxy(visual_tokens: torch.Tensor) -> torch.Tensor:
@@ -58,8 +63,15 @@ def vicreg(view_a: torch.Tensor, view_b: torch.Tensor, inv_weight: float = 25.0,
 
 
 def objective_loss(name: str, model, images: torch.Tensor, augment=None,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """(loss, extra terms, visual tokens of the first view) for objective `name`."""
+                   generator: torch.Generator | None = None, reports=None,
+                   pos_weight: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """(loss, extra terms, visual tokens of the first view or None) for objective `name`."""
+    if name == "findings":
+        if reports is None:
+            raise ValueError("the findings objective needs the batch's reports")
+        view = augment(images, generator) if augment is not None else images
+        return finding_loss(model.findings(view), reports, pos_weight), {}, None
     if name == "l2_proxy":
         tokens = model(images)
         return l2_proxy(tokens), {}, tokens

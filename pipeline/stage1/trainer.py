@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 from pipeline.stage1.augment import radiograph_views
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import COLLAPSE_TAG, Stage1Config, to_dict
-from pipeline.guards import check_finite_grads, check_finite_loss, low_loss_warning
+from pipeline.guards import check_finite_loss, low_loss_warning
 from pipeline.train.health import HEALTH_KEYS, feature_health, health_failures
 from pipeline.stage1.objectives import OBJECTIVES, objective_loss
-from pipeline.train.common import build_optimizer
+from pipeline.train.common import build_optimizer, optimizer_step
 
 LogMetrics = Callable[[Mapping[str, float], int], None]
 SetTags = Callable[[Mapping[str, str]], None]
@@ -35,6 +35,7 @@ class Stage1Result:
     epochs_done: int = 0
     steps_done: int = 0
     health: dict = field(default_factory=dict)
+    val_scores: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     checkpoints: dict = field(default_factory=dict)  # kind -> Path
 
@@ -62,6 +63,11 @@ class Stage1Trainer:
         self.result = Stage1Result()
         self.step = 0
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.pos_weight = None
+        if cfg.objective == "findings":
+            from pipeline.models.findings import positive_weights
+            self.pos_weight = positive_weights(
+                [r for batch in train_loader for r in batch["reports"]])
 
     def _save(self, kind: str, epoch: int, final_loss: float | None = None) -> Path:
         name = f"vision_bridge_step{self.step}" if kind == "step" else f"vision_bridge_{kind}"
@@ -71,16 +77,13 @@ class Stage1Trainer:
         self.result.checkpoints[name] = path
         return path
 
-    def _train_step(self, images: torch.Tensor, optimizer, scheduler) -> float:
-        loss, terms, _ = objective_loss(self.cfg.objective, self.model, images,
-                                        radiograph_views, self.aug_gen)
+    def _train_step(self, batch, optimizer, scheduler) -> float:
+        loss, terms, _ = objective_loss(self.cfg.objective, self.model, batch["images"],
+                                        radiograph_views, self.aug_gen, batch["reports"],
+                                        self.pos_weight)
         value = check_finite_loss(loss, self.step + 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = check_finite_grads(self.model.named_parameters(), self.step + 1)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        grad_norm = optimizer_step(self.model, loss, optimizer, scheduler, self.cfg.grad_clip,
+                                   self.step + 1)
         self.step += 1
         metrics = {"train_loss": value, "learning_rate": scheduler.get_last_lr()[0],
                    "grad_norm": grad_norm}
@@ -92,20 +95,35 @@ class Stage1Trainer:
     def _validate(self) -> float:
         self.model.eval()
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)  # same views every epoch
+        # The findings objective is validated on the images as they are (no augmentation).
+        augment = None if self.cfg.objective == "findings" else radiograph_views
         losses = [float(objective_loss(self.cfg.objective, self.model, batch["images"],
-                                       radiograph_views, gen)[0])
+                                       augment, gen, batch["reports"], self.pos_weight)[0])
                   for batch in self.val_loader]
+        if self.cfg.objective == "findings":
+            self.result.val_scores = self._finding_scores()
         health = feature_health(self.model(self.probe_images))
         self.model.train()
         self.result.health = health
         return sum(losses) / max(1, len(losses))
+
+    def _finding_scores(self) -> dict[str, float]:
+        """Validation finding F1 of the head's decoded predictions (coarse and fine)."""
+        from pipeline.models.findings import decode_findings, label_f1
+
+        predicted, reports = [], []
+        for batch in self.val_loader:
+            predicted += decode_findings(self.model.findings(batch["images"]))
+            reports += batch["reports"]
+        return label_f1(reports, predicted, prefix="val_")
 
     def _end_epoch(self, epoch: int, losses: list[float]) -> None:
         epoch_loss = sum(losses) / max(1, len(losses))
         val_loss = self._validate()
         health = self.result.health
         self.log_metrics({"epoch_train_loss": epoch_loss, "val_loss": val_loss,
-                          **{f"health_{k}": health[k] for k in HEALTH_KEYS}}, epoch)
+                          **{f"health_{k}": health[k] for k in HEALTH_KEYS},
+                          **self.result.val_scores}, epoch)
         self.log.info("epoch %d: train_loss %.6g val_loss %.6g health %s", epoch, epoch_loss,
                       val_loss, {k: round(v, 4) for k, v in health.items()})
         self.result.final_train_loss, self.result.epochs_done = epoch_loss, epoch
@@ -139,7 +157,7 @@ class Stage1Trainer:
             for epoch in range(1, cfg.epochs + 1):
                 losses = []
                 for batch in self.train_loader:
-                    losses.append(self._train_step(batch["images"], optimizer, scheduler))
+                    losses.append(self._train_step(batch, optimizer, scheduler))
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4g}")
                     if self.step % cfg.checkpoint_every == 0:

@@ -22,15 +22,17 @@ from tqdm.auto import tqdm
 from pipeline.models import captioning
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Stage2Config, to_dict
-from pipeline.models.report_model import generate_reports
+from pipeline.models.findings import decode_findings, finding_loss, label_f1, positive_weights
+from pipeline.models.report_model import caption_forward, generate_reports, grounding_losses, uses_findings
 from pipeline.train.curve import degenerate, distinct_share, judge_epoch
 from pipeline.guards import (GuardError, check_finite_grads, check_finite_loss,
                              check_label_mask, check_optimizer_excludes)
 from pipeline.models.bridge import check_visual_tokens
 from pipeline.stage2.resume import ResumeState, optimizer_tensors
-from pipeline.train.common import build_optimizer
+from pipeline.train.common import build_optimizer, optimizer_step
 
-CSV_FIELDS = ("step", "epoch", "caption_loss", "lr", "grad_norm", "seconds")
+CSV_FIELDS = ("step", "epoch", "caption_loss", "finding_loss", "lr", "grad_norm", "seconds")
+IMAGE_IGNORED_TAG = "stage2.image_ignored"
 LOW_FIRST_STEP = ("WARNING: first-step caption loss {loss:.4f} < 0.1. A healthy run starts "
                   "around 3-5; this almost always means label masking is broken (visual, "
                   "prompt or padding positions supervised).")
@@ -49,6 +51,7 @@ class Stage2Result:
     llm_checksum_before: str = ""
     llm_checksum_after: str = ""
     val_reports: list = field(default_factory=list)
+    image_ignored: bool = False
 
 
 class Stage2Trainer:
@@ -64,30 +67,50 @@ class Stage2Trainer:
         self.result = Stage2Result()
         self.state = ResumeState()
         self.csv_path = self.out_dir / "stage2_train_log.csv"
-        self.epoch_history: dict[str, list] = {"epoch_train_loss": [], "val_loss": []}
+        self.epoch_history: dict[str, list] = {"epoch_train_loss": [], "val_loss": [],
+                                               "val_grounding_gap": []}
+        self.findings = uses_findings(cfg, model)
+        self.pos_weight = positive_weights([r.report for r in loaders.train.records]) \
+            if self.findings else None
         self.optimizer, self.scheduler = build_optimizer(
             model, cfg.lr, cfg.weight_decay, cfg.epochs * loaders.batches_per_epoch,
-            cfg.warmup_steps)
+            cfg.warmup_steps, groups=self._param_groups())
+
+    def _param_groups(self):
+        """Bridge at `lr`, encoder (+ finding head) at `encoder_lr` (LLaVA: projector fast)."""
+        if self.cfg.encoder_lr is None or self.cfg.encoder_lr == self.cfg.lr:
+            return None
+        slow = [p for name, p in self.model.named_parameters() if not name.startswith("bridge.")]
+        return [(list(self.model.bridge.parameters()), self.cfg.lr), (slow, self.cfg.encoder_lr)]
 
     # ---- one batch -------------------------------------------------------------------------
-    def _layout(self, batch, visual, check: bool):
-        """Layout and labels of a batch; with `check`, the structural guards run on them."""
-        layout = captioning.tokenize_batch(
-            self.llm.tokenizer, self.cfg.prompt, batch["reports"], self.llm.eos_token_id,
-            self.llm.pad_token_id, visual.shape[1], self.cfg.max_report_tokens)
-        labels = self.label_fn(layout)
-        supervised = 0
-        if check:
-            check_visual_tokens(visual, self.model.num_visual_tokens,
-                                self.cfg.bridge.max_visual_tokens)
-            supervised = check_label_mask(labels, captioning.report_positions(layout))
-        return layout, labels, supervised
+    def _teacher_labels(self, reports):
+        """True findings for the training prompt, with probability cfg.teacher_forcing."""
+        if not self.findings:
+            return None
+        draw = torch.rand((), generator=torch.Generator().manual_seed(
+            self.cfg.seed * 100_003 + self.state.step)).item()
+        if draw >= self.cfg.teacher_forcing:
+            return None
+        from pipeline.data.labeler import label_report
+        return [label_report(r) for r in reports]
 
-    def _batch(self, batch, check: bool = False):
-        visual = self.model(batch["images"])
-        layout, labels, _ = self._layout(batch, visual, check)
-        embeds, mask = captioning.assemble(visual, layout, self.llm.embed)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss, layout
+    def _check(self, out) -> int:
+        """The structural guards on one batch's visual tokens and labels."""
+        check_visual_tokens(out.visual, self.model.num_visual_tokens,
+                            self.cfg.bridge.max_visual_tokens)
+        return check_label_mask(out.labels, captioning.report_positions(out.layout))
+
+    def _batch(self, batch, check: bool = False, teacher: bool = True):
+        true_labels = self._teacher_labels(batch["reports"]) if teacher else None
+        out = caption_forward(self.model, self.llm, batch["images"], batch["reports"], self.cfg,
+                              true_labels, self.label_fn)
+        if check:
+            self._check(out)
+        aux = None
+        if self.findings and self.cfg.aux_finding_weight > 0:
+            aux = finding_loss(out.logits, batch["reports"], self.pos_weight)
+        return out.loss, aux, out.layout
 
     def preflight(self, n_batches: int = 2) -> dict:
         """Frozen LLM, optimizer scope and label layout, before any step; returns statistics."""
@@ -98,18 +121,19 @@ class Stage2Trainer:
             for i, batch in enumerate(self.loaders.epoch(1, 0)):
                 if i >= n_batches:
                     break
-                supervised += self._layout(batch, self.model(batch["images"]), check=True)[2]
+                out = caption_forward(self.model, self.llm, batch["images"], batch["reports"],
+                                      self.cfg, self._teacher_labels(batch["reports"]),
+                                      self.label_fn)
+                supervised += self._check(out)
         return {"preflight_supervised_tokens": supervised, "optimizer_tensors": n_params}
 
     def _step(self, batch, epoch: int) -> float:
-        loss, layout = self._batch(batch, check=self.state.step == 0)
+        loss, aux, layout = self._batch(batch, check=self.state.step == 0)
         value = check_finite_loss(loss, self.state.step + 1)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = check_finite_grads(self.model.named_parameters(), self.state.step + 1)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        aux_value = check_finite_loss(aux, self.state.step + 1) if aux is not None else 0.0
+        total = loss + self.cfg.aux_finding_weight * aux if aux is not None else loss
+        grad_norm = optimizer_step(self.model, total, self.optimizer, self.scheduler,
+                                   self.cfg.grad_clip, self.state.step + 1)
         self.state.step += 1
         if self.result.first_step_loss is None and self.state.step == 1:
             self.result.first_step_loss = value
@@ -118,9 +142,11 @@ class Stage2Trainer:
                 self.log.warning(LOW_FIRST_STEP.format(loss=value))
                 self.set_tags({"stage2.first_step_warning": "loss<0.1: check label masking"})
         lr = self.scheduler.get_last_lr()[0]
-        self.log_metrics({"train_loss": value, "learning_rate": lr, "grad_norm": grad_norm},
+        self.log_metrics({"train_loss": value, "learning_rate": lr, "grad_norm": grad_norm,
+                          **({"train_finding_loss": aux_value} if aux is not None else {})},
                          self.state.step)
         self._csv_row({"step": self.state.step, "epoch": epoch, "caption_loss": f"{value:.6f}",
+                       "finding_loss": f"{aux_value:.6f}",
                        "lr": f"{lr:.6g}", "grad_norm": f"{grad_norm:.4f}",
                        "seconds": f"{time.monotonic() - self._t0:.2f}"})
         if layout.truncated:
@@ -168,35 +194,56 @@ class Stage2Trainer:
 
     # ---- epochs ----------------------------------------------------------------------------
     @torch.no_grad()
-    def _validate(self, epoch: int) -> float:
+    def _validate(self, epoch: int) -> dict[str, float]:
+        """Validation through the inference path: caption loss with each study's own image and
+        with the images shifted by one study (the grounding gap), finding F1, sample reports."""
         self.model.eval()
-        losses = [float(self._batch(b)[0]) for b in self.loaders.val()]
-        reports = self.loaders.val_records[: self.cfg.n_val_reports]
-        generated = self.generate(reports) if reports else []
+        records = self.loaders.val_records
+        images = self.loaders.images(records)
+        reports = [r.report for r in records]
+        own, shifted = grounding_losses(self.model, self.llm, images, reports, self.cfg)
+        scores = {"val_loss": own, "val_loss_shifted": shifted, "val_grounding_gap": shifted - own}
+        if self.findings:
+            predicted = decode_findings(self.model.forward_with_findings(images)[1])
+            scores.update(label_f1(reports, predicted, prefix="val_"))
+        shown = records[: self.cfg.n_val_reports]
+        generated = self.generate(shown) if shown else []
         self.result.val_reports = [{"epoch": epoch, "id": r.id, "reference": r.report,
-                                    "generated": g} for r, g in zip(reports, generated)]
+                                    "generated": g} for r, g in zip(shown, generated)]
         self.model.train()
-        return sum(losses) / max(1, len(losses))
+        return scores
 
     def generate(self, records) -> list[str]:
         """Greedy reports for records."""
         return generate_reports(self.model, self.llm, self.loaders.images(records),
-                                self.cfg.prompt, self.cfg.max_new_tokens)
+                                self.cfg.prompt, self.cfg.max_new_tokens, findings=self.findings)
+
+    def _image_ignored(self) -> bool:
+        """True when the grounding gap stayed under its floor for cfg.ignored_epochs epochs."""
+        series = self.epoch_history.setdefault("val_grounding_gap", [])
+        recent = [v for _, v in series[-self.cfg.ignored_epochs:]]
+        return len(recent) == self.cfg.ignored_epochs and max(recent) < self.cfg.min_grounding_gap
 
     def _end_epoch(self, epoch: int, losses: list[float]) -> None:
         train_loss = sum(losses) / max(1, len(losses))
-        val_loss = self._validate(epoch)
+        scores = self._validate(epoch)
+        val_loss, gap = scores["val_loss"], scores["val_grounding_gap"]
         verdict = judge_epoch(train_loss, epoch, self.cfg.bands)
         texts = [r["generated"] for r in self.result.val_reports]
-        self.result.verdicts[epoch] = verdict
         self.epoch_history["epoch_train_loss"].append((epoch, train_loss))
         self.epoch_history["val_loss"].append((epoch, val_loss))
-        self.log_metrics({"epoch_train_loss": train_loss, "val_loss": val_loss,
+        self.epoch_history.setdefault("val_grounding_gap", []).append((epoch, gap))
+        if self._image_ignored():
+            verdict = (f"image ignored (grounding gap {gap:.4f} < {self.cfg.min_grounding_gap:g} "
+                       f"for {self.cfg.ignored_epochs} epochs)")
+            self._flag_image_ignored(gap)
+        self.result.verdicts[epoch] = verdict
+        self.log_metrics({"epoch_train_loss": train_loss, **scores,
                           "curve_in_band": float(verdict == "healthy"),
                           "val_distinct_share": distinct_share(texts)}, epoch)
         self.set_tags({"stage2.curve_verdict": f"epoch {epoch}: {verdict}"})
-        self.log.info("epoch %d: train %.4f val %.4f curve %s | e.g. %r", epoch, train_loss,
-                      val_loss, verdict, (texts or [""])[0][:120])
+        self.log.info("epoch %d: train %.4f val %.4f grounding gap %.4f curve %s | e.g. %r",
+                      epoch, train_loss, val_loss, gap, verdict, (texts or [""])[0][:120])
         (self.out_dir / "val_reports").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "val_reports" / f"epoch{epoch:03d}.json").write_text(
             json.dumps(self.result.val_reports, indent=2), encoding="utf-8")
@@ -205,6 +252,16 @@ class Stage2Trainer:
         if val_loss < self.result.best_val_loss:
             self.result.best_val_loss = val_loss
             self.save("best_val")
+
+    def _flag_image_ignored(self, gap: float) -> None:
+        message = (f"THE MODEL IGNORES THE IMAGE: validation caption loss with the images "
+                   f"shifted by one study is only {gap:.4f} nats above the loss with their own "
+                   f"images (floor {self.cfg.min_grounding_gap:g}) for "
+                   f"{self.cfg.ignored_epochs} epochs. It writes the same report whatever the "
+                   "image; a falling loss curve here is the LLM learning the report style.")
+        self.log.error("!" * 20 + " " + message)
+        self.result.image_ignored = True
+        self.set_tags({IMAGE_IGNORED_TAG: "true", "stage2.image_ignored_reason": message[:500]})
 
     def _flag_low_loss(self, texts: list[str]) -> None:
         recent = [v for _, v in self.epoch_history["epoch_train_loss"][-self.cfg.low_loss_epochs:]]

@@ -189,19 +189,33 @@ def resolve_stage2_checkpoint(ref: str) -> tuple[Path, str | None]:
     return path, read_metadata(path).get("run_id")
 
 
-def promote_champion(source_run: str | None, score: float, definition: str) -> str:
-    """Tag the evaluated `report-vlm` version; move `champion` to it if it scores best."""
+def champion_state() -> tuple[str | None, float | None, str | None]:
+    """(version, score, comparison key) of the current `report-vlm@champion`, or Nones."""
+    current = alias_version(REPORT_MODEL, "champion")
+    if current is None:
+        return None, None, None
+    tags = MlflowClient().get_model_version(REPORT_MODEL, current).tags
+    score = tags.get("eval.score")
+    return current, float(score) if score is not None else None, tags.get("eval.key")
+
+
+def record_champion_verdict(source_run: str | None, verdict, score: float, definition: str,
+                            key: str, summary: dict[str, str]) -> str:
+    """Tag the evaluated `report-vlm` version with its scores and the champion verdict; move
+    `champion` to it when the verdict approves. Returns one line saying what happened."""
     client = MlflowClient()
     versions = _versions_from_run(REPORT_MODEL, source_run) if source_run else []
     if not versions:
         return "no report-vlm version registered for this model; champion unchanged"
     version = versions[-1].version
-    client.set_model_version_tag(REPORT_MODEL, version, "eval.score", repr(float(score)))
-    client.set_model_version_tag(REPORT_MODEL, version, "eval.score_definition", definition)
-    current = alias_version(REPORT_MODEL, "champion")
-    if current is not None and current != version:
-        best = client.get_model_version(REPORT_MODEL, current).tags.get("eval.score")
-        if best is not None and float(best) >= score:
-            return f"champion stays version {current} (score {float(best):.4f} >= {score:.4f})"
+    tags = {"eval.score": repr(float(score)), "eval.score_definition": definition,
+            "eval.key": key, "champion.verdict": "approved" if verdict.approved else "rejected",
+            "champion.reasons": "; ".join(verdict.reasons)[:4000], **summary}
+    for name, value in tags.items():
+        client.set_model_version_tag(REPORT_MODEL, version, name, value)
+    if not verdict.approved:
+        return (f"champion unchanged: report-vlm version {version} rejected: "
+                + "; ".join(verdict.reasons))
     client.set_registered_model_alias(REPORT_MODEL, "champion", version)
     return f"champion -> report-vlm version {version} (score {score:.4f})"
+

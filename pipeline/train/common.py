@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data import ImageReportDataset, collate, image_batch
+from pipeline.guards import check_finite_grads
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -22,10 +23,21 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def build_optimizer(module: torch.nn.Module, lr: float, weight_decay: float,
-                    total_steps: int, warmup_steps: int):
-    """AdamW over the module's parameters + linear warmup then cosine decay to 10% of lr."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+                    total_steps: int, warmup_steps: int, groups=None):
+    """AdamW + linear warmup then cosine decay to 10% of each group's lr.
+
+    `groups`: optional [(parameters, lr), ...] covering the module's parameters (a learning
+    rate per module); by default one group at `lr`.
+    """
+    if groups is None:
+        groups = [([p for p in module.parameters() if p.requires_grad], lr)]
+    param_groups = [{"params": [p for p in params if p.requires_grad], "lr": group_lr}
+                    for params, group_lr in groups]
+    covered = sum(len(g["params"]) for g in param_groups)
+    expected = sum(1 for p in module.parameters() if p.requires_grad)
+    if covered != expected:
+        raise ValueError(f"optimizer groups cover {covered} of {expected} trainable tensors")
+    optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
     warmup = max(0, min(warmup_steps, total_steps // 2))
 
     def factor(step: int) -> float:
@@ -35,6 +47,19 @@ def build_optimizer(module: torch.nn.Module, lr: float, weight_decay: float,
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer, scheduler,
+                   grad_clip: float, step: int) -> float:
+    """The one optimizer step of both stages: backward, finite gradients, clip, step,
+    schedule. `loss` must already have passed `check_finite_loss`; returns the gradient norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = check_finite_grads(model.named_parameters(), step)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return grad_norm
 
 
 def make_loader(records, image_size: int, batch_size: int, shuffle: bool,

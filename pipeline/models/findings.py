@@ -1,0 +1,131 @@
+"""Finding supervision read from reports: targets, the classification head, prompt words.
+
+Labels come from the rule-based labeler applied to each training report, so any dataset with
+reports works with no extra annotation. The head predicts the 18 fine labels and the 6
+coarse groups (any side or zone) from the mean-pooled encoder tokens; the coarse logits
+decide which groups are present, the fine ones where (classify-then-generate: the predicted
+findings become plain words in the frozen LLM's prompt).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.data.labeler import (COARSE_FINDINGS, FINDINGS, coarse_group, coarse_labels,
+                                   label_report, to_coarse)
+
+FINE = tuple(name for name in FINDINGS if name != "no_finding")  # no_finding is derived
+COARSE = tuple(name for name in COARSE_FINDINGS if name != "no_finding")
+HEAD_OUTPUTS = len(FINE) + len(COARSE)  # fine logits first, then coarse
+
+
+class FindingHead(nn.Module):
+    """(B, N, d) encoder tokens -> (B, HEAD_OUTPUTS) finding logits."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, HEAD_OUTPUTS)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.linear(self.norm(tokens.mean(dim=1)))
+
+
+@lru_cache(maxsize=65536)
+def _target_row(report: str) -> tuple[float, ...]:
+    fine, coarse = label_report(report), coarse_labels(report)
+    return tuple(float(fine[n]) for n in FINE) + tuple(float(coarse[n]) for n in COARSE)
+
+
+def finding_targets(reports: Sequence[str]) -> Tensor:
+    """(B, HEAD_OUTPUTS) 0/1 targets read from the reports by the labeler."""
+    return torch.tensor([_target_row(r) for r in reports], dtype=torch.float32)
+
+
+def positive_weights(reports: Sequence[str], max_weight: float = 10.0) -> Tensor:
+    """BCE positive weights (negatives / positives per output, capped) over training reports."""
+    share = finding_targets(reports).mean(dim=0).clamp(min=1e-3)
+    return ((1 - share) / share).clamp(max=max_weight)
+
+
+def finding_loss(logits: Tensor, reports: Sequence[str], pos_weight: Tensor | None) -> Tensor:
+    """BCE of finding logits against the labeler's reading of the reports."""
+    targets = finding_targets(reports).to(logits.device)
+    weight = pos_weight.to(logits.device) if pos_weight is not None else None
+    return nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
+
+
+def decode_findings(logits: Tensor, threshold: float = 0.5) -> list[dict[str, int]]:
+    """Fine labels per row: a coarse group present -> its fine labels over threshold, or its
+    most likely one (a group the head sees but cannot place still gets its best guess)."""
+    probs = torch.sigmoid(logits.detach().float()).cpu()
+    out = []
+    for row in probs:
+        fine_p, coarse_p = row[:len(FINE)], row[len(FINE):]
+        labels = dict.fromkeys(FINDINGS, 0)
+        for group, p in zip(COARSE, coarse_p):
+            if p < threshold:
+                continue
+            members = [i for i, name in enumerate(FINE) if coarse_group(name) == group]
+            chosen = [i for i in members if fine_p[i] >= threshold] or \
+                [max(members, key=lambda i: float(fine_p[i]))]
+            for i in chosen:
+                labels[FINE[i]] = 1
+        labels["no_finding"] = int(not any(labels.values()))
+        out.append(labels)
+    return out
+
+
+def _phrase(name: str) -> str:
+    if name == "cardiomegaly":
+        return "cardiomegaly"
+    kind, *place = name.split("_")
+    if kind in ("effusion", "pneumothorax"):
+        return f"{place[0]} {'pleural effusion' if kind == 'effusion' else 'pneumothorax'}"
+    return f"{kind} in the {place[0]} {place[1]} zone"
+
+
+def findings_text(labels: dict[str, int]) -> str:
+    """Findings as prompt words: "Findings: cardiomegaly; left pleural effusion." / "none"."""
+    present = [_phrase(n) for n in FINE if labels.get(n)]
+    return "Findings: " + ("; ".join(present) if present else "none") + "."
+
+
+def counts_f1(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Precision, recall, F1 from counts; NaN when the label appears on neither side."""
+    if tp + fp + fn == 0:
+        return dict.fromkeys(("precision", "recall", "f1"), math.nan)
+    return {"precision": tp / (tp + fp) if tp + fp else 0.0,
+            "recall": tp / (tp + fn) if tp + fn else 0.0, "f1": 2 * tp / (2 * tp + fp + fn)}
+
+
+def per_label_f1(references: Sequence[dict], predictions: Sequence[dict],
+                 names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """{name: {precision, recall, f1}} over paired label dicts."""
+    out = {}
+    for name in names:
+        pairs = [(bool(r[name]), bool(h[name])) for r, h in zip(references, predictions)]
+        out[name] = counts_f1(sum(r and h for r, h in pairs), sum(h and not r for r, h in pairs),
+                              sum(r and not h for r, h in pairs))
+    return out
+
+
+def macro_f1(table: dict[str, dict[str, float]]) -> float:
+    """Mean F1 over the labels that have one (NaN when none has)."""
+    values = [v["f1"] for v in table.values() if not math.isnan(v["f1"])]
+    return sum(values) / len(values) if values else math.nan
+
+
+def label_f1(reports: Sequence[str], predicted: Sequence[dict[str, int]],
+             prefix: str = "") -> dict[str, float]:
+    """Coarse and fine macro F1 of predicted fine labels against the reports' own labels."""
+    references = [label_report(r) for r in reports]
+    coarse_ref = [coarse_labels(r) for r in reports]
+    coarse_hyp = [to_coarse(p) for p in predicted]
+    return {f"{prefix}finding_coarse_macro_f1": macro_f1(
+                per_label_f1(coarse_ref, coarse_hyp, COARSE_FINDINGS)),
+            f"{prefix}finding_macro_f1": macro_f1(per_label_f1(references, predicted, FINDINGS))}

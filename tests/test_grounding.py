@@ -1,0 +1,59 @@
+"""Grounding on the tiny profile: a model that ignores the image is flagged and refused as
+champion; one whose reports are decided by the image reads it and is promoted.
+
+The LLM is the tiny random LM briefly trained to write each report after its findings prompt
+(the `grounded_llm` fixture): a random LM cannot be steered by anything, so it would show
+nothing either way."""
+from __future__ import annotations
+
+import mlflow
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from steps import evaluate, stage2
+from tests.grounded_data import write_dataset
+
+FAST = ["--profile", "tiny", "--no-meteor", "--num_beams", "1"]
+
+
+def _train_and_evaluate(data, llm):
+    result = CliRunner().invoke(stage2.main, [
+        "--profile", "tiny", "--init", "scratch", "--data", str(data), "--llm", str(llm),
+        "--epochs", "3", "--lr", "1e-2", "--encoder_lr", "same"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    candidate = client.get_model_version_by_alias("report-vlm", "candidate")
+    s2 = client.get_run(candidate.tags["source_run"])
+    result = CliRunner().invoke(evaluate.main, ["--model", s2.info.run_id, "--data", str(data),
+                                                *FAST], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (ev,) = client.search_runs([s2.info.experiment_id], "tags.`pipeline.stage` = 'evaluate'")
+    return s2, ev, result.output
+
+
+def test_images_without_information_are_flagged_and_refused(mlflow_store, tmp_path, grounded_llm):
+    s2, ev, output = _train_and_evaluate(write_dataset(tmp_path / "blind", informative=False),
+                                         grounded_llm)
+    assert s2.data.tags.get("stage2.image_ignored") == "true"
+    assert "image ignored" in s2.data.tags["stage2.curve_verdict"]
+    assert abs(s2.data.metrics["val_grounding_gap"]) < 1e-6  # identical images: no gap at all
+    assert ev.data.tags["champion.verdict"] == "rejected"
+    assert "grounding gap" in ev.data.tags["champion.reasons"]
+    assert "champion unchanged" in output and "rejected" in output
+    versions = MlflowClient().search_model_versions("name='report-vlm'")
+    assert all(v.aliases == [] or "champion" not in v.aliases for v in versions)
+
+
+def test_reports_decided_by_the_image_are_read_and_promoted(mlflow_store, tmp_path, grounded_llm):
+    s2, ev, output = _train_and_evaluate(write_dataset(tmp_path / "seen", informative=True),
+                                         grounded_llm)
+    assert s2.data.tags.get("stage2.image_ignored") is None
+    metrics = ev.data.metrics
+    assert metrics["grounding_gap"] >= 0.05, metrics
+    assert metrics["greedy_finding_coarse_macro_f1"] >= \
+        metrics["blind_finding_coarse_macro_f1"] + 0.1, metrics
+    assert ev.data.tags["champion.verdict"] == "approved", ev.data.tags.get("champion.reasons")
+    champion = MlflowClient().get_model_version_by_alias("report-vlm", "champion")
+    assert champion.tags["source_run"] == s2.info.run_id
+    assert float(champion.tags["eval.grounding_gap"]) >= 0.05
+    assert mlflow.artifacts.load_dict(f"runs:/{ev.info.run_id}/champion_verdict.json")["approved"]
