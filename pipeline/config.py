@@ -147,7 +147,7 @@ class Stage2Config:
     lr: float = 1e-3  # the bridge's (LLaVA's projector lr); the seed's recipe: 2e-5 everywhere
     encoder_lr: float | None = 1e-4  # encoder + finding head; None = lr
     batch_size: int = 2
-    epochs: int = 20
+    epochs: int = 4
     weight_decay: float = 0.0
     warmup_steps: int = 30
     # Classify-then-generate: the predicted findings as words in the prompt (the true ones
@@ -163,6 +163,7 @@ class Stage2Config:
     prompt: str = "Write the radiology report for this chest X-ray.\n"
     max_report_tokens: int = 160
     max_new_tokens: int = 96
+    eval_num_beams: int = 3  # evaluate's beam width unless asked otherwise (1 = greedy only)
     checkpoint_every: int = 50
     n_val_reports: int = 4
     # Healthy caption-loss bands (epoch, low, high), interpolated between epochs; from what
@@ -231,11 +232,11 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "Stage2Config": {
         "tiny": {"encoder": _ENCODER_PROFILES["tiny"], "bridge": _BRIDGE_PROFILES["tiny"],
                  "data": _DATA_PROFILES["tiny"], "llm": {"name": "tiny-random"}, "epochs": 2,
-                 "max_report_tokens": 256, "max_new_tokens": 16,
+                 "max_report_tokens": 256, "max_new_tokens": 16, "eval_num_beams": 1,
                  "checkpoint_every": 4, "n_val_reports": 2},
         "demo": {"encoder": _ENCODER_PROFILES["demo"], "bridge": _BRIDGE_PROFILES["demo"],
                  "data": _DATA_PROFILES["demo"], "epochs": 2, "max_report_tokens": 160,
-                 "max_new_tokens": 96, "checkpoint_every": 100},
+                 "max_new_tokens": 96, "checkpoint_every": 100, "eval_num_beams": 1},
         "default": {},
     },
     "GateConfig": {"tiny": {"health": _TINY_HEALTH}, "demo": {}, "default": {}},

@@ -30,8 +30,9 @@ from steps.common import auto, one_line_errors, profile_option
 @click.option("--image_dir", "--image-dir", default=None)
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test",
               show_default=True)
-@click.option("--num_beams", "--num-beams", default="3", show_default=True,
-              help="beam width for the beam-search pass (1 = greedy only)")
+@click.option("--num_beams", "--num-beams", default="auto", show_default=True,
+              help="beam width for the beam-search pass (1 = greedy only); auto = the "
+                   "model's eval_num_beams (3; demo and tiny: 1)")
 @click.option("--max_new_tokens", "--max-new-tokens", default="auto")
 @click.option("--limit", default="auto", help="evaluate the first N studies only")
 @click.option("--meteor/--no-meteor", default=True, show_default=True,
@@ -45,7 +46,7 @@ def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, me
         log_new_params({"model": model_ref, "data": data, "split": split, "profile": profile,
                         "num_beams": num_beams, "source_run": source_run or ""})
         outcome = evaluate_model(checkpoint, data=data, image_dir=image_dir, split=split,
-                                 num_beams=auto(num_beams, int) or 1,
+                                 num_beams=auto(num_beams, int),
                                  max_new_tokens=auto(max_new_tokens, int), limit=auto(limit, int),
                                  out_dir=f"outputs/evaluate/{run.info.run_id}",
                                  meteor=meteor)

@@ -45,13 +45,14 @@ def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_s
 
 
 def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: str = "test",
-                   num_beams: int = 3, max_new_tokens=None, limit=None, out_dir="outputs/evaluate",
+                   num_beams: int | None = None, max_new_tokens=None, limit=None, out_dir="outputs/evaluate",
                    report_model=None, meteor: bool = True) -> EvalOutcome:
     """Score greedy (and, if num_beams > 1, beam) reports of a Stage 2 checkpoint on a split."""
     from pipeline.evaluate.scoring import (DEFAULT_SCORE_WEIGHTS, composite_score, per_finding_f1_figure,
                                   score_reports)
 
     report_model = report_model or load_report_model(checkpoint)
+    num_beams = num_beams or report_model.cfg.eval_num_beams
     data_cfg = report_model.cfg.data if data == "synthetic" else \
         replace(report_model.cfg.data, source=data, image_dir=image_dir)
     dataset = load_dataset(data_cfg)
