@@ -1,0 +1,159 @@
+"""Which levers make the report model read the image: one table, same seed, same step budget.
+
+Rows, each a Stage 2 run of the same number of steps (then greedy reports on the test split):
+  seed recipe          vicreg Stage 1 (lr 1e-5) -> plain visual prefix, lr 2e-5 everywhere
+  higher lr only       same init, plain prefix, lr 1e-3 everywhere
+  + lr per module      same init, plain prefix, bridge 1e-3 / encoder 1e-4
+  + classify-then-gen  same init, findings prompt + auxiliary finding loss
+  chosen, promoted S1  findings Stage 1 -> the default Stage 2 recipe
+  chosen, scratch      the default Stage 2 recipe from fresh weights
+  blind baseline       the best constant training report
+  classifier ceiling   the chosen model's finding head, scored directly (no LLM)
+Columns: steps, minutes, val loss, grounding gap (test), coarse and fine finding F1, BLEU-4,
+CIDEr, distinct share. No MLflow: the trainers report into a throwaway sink.
+
+    .venv/bin/python benchmarks/bench_learning.py --profile demo [--steps 254] [--out bench.md]
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import torch
+
+COLUMNS = ("steps", "minutes", "val_loss", "grounding_gap", "coarse_f1", "fine_f1", "bleu4",
+           "cider", "distinct")
+
+
+def _stage1(cfg, out: Path):
+    from pipeline.stage1.trainer import Stage1Trainer, build_stage1_inputs
+
+    inputs = build_stage1_inputs(cfg)
+    trainer = Stage1Trainer(cfg, inputs.model, inputs.train_loader, inputs.val_loader,
+                            inputs.probe_images, out, "bench", lambda m, s: None,
+                            lambda t: None, logging.getLogger("bench"))
+    start = time.monotonic()
+    trainer.fit()
+    return inputs.model, (time.monotonic() - start) / 60
+
+
+def _stage2(cfg, init_model, llm, records, out: Path, steps: int):
+    from pipeline.models.loading import load_into
+    from pipeline.models.report_model import ReportModel
+    from pipeline.models.vision_bridge import VisionBridge
+    from pipeline.stage2.trainer import Stage2Trainer
+    from pipeline.train.common import EpochLoaders, seed_everything
+
+    seed_everything(cfg.seed)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=llm.hidden_size)
+    if init_model is not None:
+        load_into(model, init_model.state_dict(), "stage1")
+    loaders = EpochLoaders(records["train"], records["val"], cfg.encoder.image_size,
+                           cfg.batch_size, cfg.seed)
+    epochs = max(1, -(-steps // loaders.batches_per_epoch))
+    cfg = replace(cfg, epochs=epochs, llm_checksum=False, n_val_reports=0,
+                  checkpoint_every=10**9)
+    trainer = Stage2Trainer(cfg, model, llm, loaders, out, "bench", lambda m, s: None,
+                            lambda t: None, logging.getLogger("bench"))
+    start = time.monotonic()
+    result = trainer.fit()
+    minutes = (time.monotonic() - start) / 60
+    val_loss = trainer.epoch_history["val_loss"][-1][1]
+    return ReportModel(model.eval(), llm, cfg), minutes, val_loss, result
+
+
+def _row(report_model, records, out: Path) -> dict:
+    from pipeline.evaluate.evaluation import evaluate_model
+
+    outcome = evaluate_model(None, report_model=report_model, num_beams=1, meteor=False,
+                             out_dir=out)
+    m = outcome.metrics
+    return {"grounding_gap": m["grounding_gap"], "coarse_f1": m["greedy_finding_coarse_macro_f1"],
+            "fine_f1": m["greedy_finding_macro_f1"], "bleu4": m["greedy_bleu4"],
+            "cider": m["greedy_cider"], "distinct": m["greedy_distinct_share"],
+            "_blind": {"coarse_f1": m["blind_finding_coarse_macro_f1"],
+                       "fine_f1": m["blind_finding_macro_f1"], "bleu4": m["blind_bleu4"],
+                       "cider": m["blind_cider"], "distinct": 1 / len(records["test"])}}
+
+
+def _ceiling(model, records, image_size: int) -> dict:
+    from pipeline.data import image_batch
+    from pipeline.models.findings import decode_findings, label_f1
+
+    with torch.no_grad():
+        logits = model.eval().forward_with_findings(image_batch(records["test"], image_size))[1]
+    scores = label_f1([r.report for r in records["test"]], decode_findings(logits))
+    return {"coarse_f1": scores["finding_coarse_macro_f1"], "fine_f1": scores["finding_macro_f1"]}
+
+
+def _table(rows: dict[str, dict]) -> str:
+    head = "| row | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
+    lines = []
+    for name, row in rows.items():
+        cells = []
+        for col in COLUMNS:
+            value = row.get(col)
+            cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float)
+                         else str(value))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines)
+
+
+@click.command()
+@click.option("--profile", default="demo", show_default=True)
+@click.option("--steps", default=254, show_default=True, help="Stage 2 steps of every row")
+@click.option("--llm", "llm_name", default="smollm2", show_default=True)
+@click.option("--out", default=None, help="also write the table (markdown) here")
+def main(profile: str, steps: int, llm_name: str, out: str | None) -> None:
+    from pipeline import config as C
+    from pipeline.data import load_dataset
+    from pipeline.models.llm_loading import load_llm
+
+    torch.set_num_threads(2)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_learning_"))
+    s1_base = C.build(C.Stage1Config, profile, {"output_dir": str(tmp / "s1")})
+    s2_base = C.build(C.Stage2Config, profile, {"llm.name": llm_name})
+    llm = load_llm(s2_base.llm.name, s2_base.llm.cache_dir, s2_base.llm.dtype)
+    records = load_dataset(s2_base.data)
+
+    seed_s1 = replace(s1_base, objective="vicreg", lr=1e-5, batch_size=2, epochs=3)
+    vicreg_model, vicreg_min = _stage1(seed_s1, tmp / "s1_vicreg")
+    findings_model, findings_min = _stage1(s1_base, tmp / "s1_findings")
+    plain = dict(findings=False, aux_finding_weight=0.0)
+    variants = {
+        "seed recipe (vicreg S1, lr 2e-5)": (vicreg_model, dict(plain, lr=2e-5, encoder_lr=None)),
+        "higher lr only (1e-3)": (vicreg_model, dict(plain, lr=1e-3, encoder_lr=None)),
+        "+ lr per module (1e-3 / 1e-4)": (vicreg_model, dict(plain)),
+        "+ classify-then-generate": (vicreg_model, {}),
+        "chosen, from promoted findings S1": (findings_model, {}),
+        "chosen, from scratch": (None, {}),
+    }
+    rows: dict[str, dict] = {}
+    chosen = None
+    for name, (init, changes) in variants.items():
+        cfg = replace(s2_base, **changes)
+        report_model, minutes, val_loss, _ = _stage2(cfg, init, llm, records,
+                                                     tmp / name.replace(" ", "_"), steps)
+        row = _row(report_model, records, tmp / "eval")
+        blind = row.pop("_blind")
+        rows[name] = {"steps": steps, "minutes": minutes, "val_loss": val_loss, **row}
+        click.echo(f"{name}: {rows[name]}", err=True)
+        if name.startswith("chosen, from promoted"):
+            chosen = report_model
+    rows["blind baseline"] = blind
+    rows["classifier ceiling (chosen head)"] = _ceiling(chosen.model, records,
+                                                         s2_base.encoder.image_size)
+    table = _table(rows)
+    click.echo(f"\nStage 1: vicreg {vicreg_min:.1f} min, findings {findings_min:.1f} min; "
+               f"Stage 2 rows: {steps} steps each, seed {s2_base.seed}, profile {profile}\n")
+    click.echo(table)
+    if out:
+        Path(out).write_text(table + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
