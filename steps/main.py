@@ -42,7 +42,8 @@ def _step(name: str, params: dict, commit: str | None, allow_fail: bool = False)
               show_default=True)
 @click.option("--stage1_lr", "--stage1-lr", default="1e-5", show_default=True)
 @click.option("--stage2_lr", "--stage2-lr", default="2e-5", show_default=True)
-@click.option("--llm", default="smollm2", show_default=True)
+@click.option("--llm", default="auto", show_default=True,
+              help="auto = the profile's LLM (tiny: tiny-random; demo, default: smollm2)")
 @click.option("--stop_on_reject", "--stop-on-reject", is_flag=True)
 @one_line_errors
 def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):

@@ -21,12 +21,12 @@ ARGS = ["--profile", "tiny", "--llm", "tiny-random"]
 CHILDREN = ("stage1", "validate", "stage2", "evaluate")
 
 
-def _run_main(tracking_uri: str) -> subprocess.CompletedProcess:
+def _run_main(tracking_uri: str, args=ARGS) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(ROOT),
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
-    return subprocess.run([sys.executable, "-m", "steps.main", *ARGS], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "steps.main", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -90,5 +90,20 @@ def test_main_runs_every_step_as_a_child_and_a_rerun_reuses_them(mlflow_store, t
         assert len(again["main"]) == 2
         assert client.get_model_version_by_alias("report-vlm", "champion").version == \
             champion.version
+    finally:
+        _remove_local_outputs(client)
+
+
+def test_main_tiny_profile_runs_as_documented_with_the_profiles_llm(mlflow_store, tmp_path):
+    """`python -m steps.main --profile tiny`, no --llm: Stage 2 uses the tiny profile's LLM."""
+    client = MlflowClient()
+    client.create_experiment(EXPERIMENT_NAME, artifact_location=(tmp_path / "artifacts").as_uri())
+    try:
+        proc = _run_main(mlflow_store, ["--profile", "tiny"])
+        assert proc.returncode == 0, _tail(proc)
+        by_stage = _runs_by_stage(client)
+        for stage in ("main", *CHILDREN):
+            assert [r.info.status for r in by_stage.get(stage, [])] == ["FINISHED"], stage
+        assert by_stage["stage2"][0].data.tags["llm.name"] == "tiny-random"
     finally:
         _remove_local_outputs(client)

@@ -206,3 +206,28 @@ def test_nonsense_epochs_are_refused_in_one_line(mlflow_store):
 
     result = CliRunner().invoke(step.main, ["--profile", "tiny", "--epochs", "0"])
     assert result.exit_code == 2 and "epochs=0 (must be >= 1)" in result.output
+
+
+def test_stage1_of_another_width_is_refused_before_training_naming_both(mlflow_store, tmp_path):
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models.vision_bridge import VisionBridge
+    from steps import stage2 as step
+
+    cfg = C.build(C.Stage1Config, "tiny", {"embed_dim": 48})  # the tiny LLM is 64 wide
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    path = save_checkpoint(tmp_path / "narrow", model.state_dict(),
+                           {"stage": "stage1", "config": C.to_dict(cfg)})
+    result = CliRunner().invoke(step.main, ["--profile", "tiny", "--init", str(path),
+                                            "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "48" in errors[0] and "64" in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not mlflow_run_of_any("stage2")
+
+
+def mlflow_run_of_any(stage):
+    import mlflow
+
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`pipeline.stage` = '{stage}'")

@@ -65,6 +65,16 @@ def adopt_architecture(cfg: C.Stage2Config, metadata: dict) -> C.Stage2Config:
                    bridge=replace(source.bridge, max_visual_tokens=cfg.bridge.max_visual_tokens))
 
 
+def refuse_width_mismatch(choice: InitChoice, width: int | None, llm_name: str,
+                          hidden_size: int) -> None:
+    """Raise GuardError when the initial weights' visual tokens do not have the LLM's width."""
+    if width is not None and width != hidden_size:
+        raise GuardError(
+            f"refusing to initialise Stage 2 from {choice.uri}: its visual tokens are {width} "
+            f"wide but the LLM {llm_name!r} has hidden size {hidden_size}; use the LLM its "
+            "Stage 1 was built for (the same profile), or --init scratch")
+
+
 def refuse_if_unfit(choice: InitChoice, model, metadata: dict, gate_verdict: str | None,
                     probe: torch.Tensor, health_cfg: C.HealthConfig, force: bool) -> dict:
     """Raise GuardError when an explicit checkpoint is rejected or collapsed; return health."""

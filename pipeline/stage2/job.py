@@ -15,8 +15,9 @@ from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
 from pipeline.stage2.resume import latest_step_checkpoint, restore_optimizer, state_from_metadata, truncate_csv
 from pipeline.stage2.trainer import Stage2Result, Stage2Trainer
-from pipeline.models.loading import load_into, model_tensors, weights_of
-from pipeline.stage2.init import InitChoice, adopt_architecture, choose_init, refuse_if_unfit
+from pipeline.models.loading import load_into, model_tensors, output_width, weights_of
+from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
+                                  refuse_width_mismatch)
 from pipeline.tracking.runs import (MetricsSink, last_logged_step, log_dataset, log_files,
                                log_new_params, set_run_tags, stage_run)
 from pipeline.train.common import EpochLoaders, file_logger, seed_everything
@@ -83,6 +84,8 @@ class Stage2Job:
                 self.cfg = adopt_architecture(self.cfg, meta)
         self.echo(f"init: {choice.source}: {choice.note}")
         llm = self.llm or load_llm(self.cfg.llm.name, self.cfg.llm.cache_dir, self.cfg.llm.dtype)
+        if tensors is not None:  # before any run or step: weights of the wrong width never fit
+            refuse_width_mismatch(choice, output_width(tensors), self.cfg.llm.name, llm.hidden_size)
         seed_everything(self.cfg.seed)
         model = VisionBridge.from_config(self.cfg.encoder, self.cfg.bridge, out_dim=llm.hidden_size)
         health = self._initialise(model, choice, tensors, meta)
