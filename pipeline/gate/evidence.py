@@ -4,11 +4,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import config as C
-from pipeline.checkpoint import STAGE1_FINAL, final_checkpoint_path, sha256_file
+from pipeline.checkpoint import STAGE1_FINAL, final_checkpoint_path, read_metadata, sha256_file
 from pipeline.gate.rules import Evidence, stored_float
 from pipeline.models.loading import load_vision_bridge
 from pipeline.tracking.runs import download_run_artifact, get_run
 from pipeline.train.health import probe_health, probe_images
+
+
+def recorded_profile(run_id: str | None = None, checkpoint: str | Path | None = None) -> str | None:
+    """The profile a Stage 1 run logged (param `profile`) or a checkpoint's metadata names."""
+    if checkpoint is not None:
+        if Path(checkpoint).suffix != ".safetensors":
+            return None  # a legacy .pt carries no metadata
+        metadata = read_metadata(checkpoint)
+        config = metadata.get("config")
+        profile = metadata.get("profile") or (config.get("profile")
+                                              if isinstance(config, dict) else None)
+    else:
+        profile = get_run(run_id).data.params.get("profile") if run_id else None
+    return profile if profile in C.PROFILES else None
 
 
 def run_evidence(run_id: str, checkpoint_name: str = STAGE1_FINAL):
