@@ -63,7 +63,7 @@ def main(stage1_run, checkpoint, min_final_loss, max_lr, data, profile):
                          "gate.reasons": "; ".join(verdict.reasons)[:4900],
                          "gate.source_run": source_run or "", "gate.checkpoint_sha256": sha or ""})
         if not verdict.approved:
-            reject_stage1(source_run, verdict.reasons)
+            reject_stage1(source_run, verdict.reasons, None if source_run else sha)
             click.echo(f"error: gate rejected {source_run or checkpoint}: "
                        f"{'; '.join(verdict.reasons)}", err=True)
         else:

@@ -259,3 +259,42 @@ def test_bare_checkpoint_is_judged_by_the_profile_in_its_metadata(mlflow_store, 
                            {"stage": "stage1", "profile": "tiny", "config": C.to_dict(cfg)})
     result = CliRunner().invoke(validate.main, ["--checkpoint", str(path)])
     assert result.exit_code == 0, result.output
+
+
+def _tiny_checkpoint(path, **metadata):
+    from pipeline.models.vision_bridge import VisionBridge
+
+    cfg = C.build(C.Stage1Config, "tiny")
+    torch.manual_seed(0)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    return save_checkpoint(path, model.state_dict(), {"stage": "stage1", "profile": "tiny",
+                                                      "config": C.to_dict(cfg), **metadata})
+
+
+def test_bare_checkpoint_metadata_and_source_run_rejection_decide(mlflow_store, tmp_path):
+    collapsed = _tiny_checkpoint(tmp_path / "l2", objective="l2_proxy", lr=1e-4,
+                                 final_loss=5e-5)
+    result = _validate(["--checkpoint", str(collapsed)])
+    assert result.exit_code == 2 and "max_lr" in result.output, result.output
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("src"), tags={"pipeline.stage": "stage1"})
+    client.set_tag(run.info.run_id, "gate.verdict", "rejected")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    from_rejected = _tiny_checkpoint(tmp_path / "v", objective="vicreg", lr=1e-5,
+                                     final_loss=0.7, run_id=run.info.run_id)
+    result = _validate(["--checkpoint", str(from_rejected)])
+    assert result.exit_code == 2 and "source run was rejected" in result.output, result.output
+
+
+def test_rejecting_a_bare_checkpoint_removes_the_alias_of_its_earlier_version(mlflow_store,
+                                                                             tmp_path):
+    path = _tiny_checkpoint(tmp_path / "ok", objective="l2_proxy", lr=1e-5, final_loss=0.01)
+    assert _validate(["--checkpoint", str(path)]).exit_code == 0
+    version = MlflowClient().get_model_version_by_alias(VISION_MODEL, VISION_ALIAS)
+    assert version.tags["source_run"] == f"file:{sha256_file(path)}"
+    stricter = _validate(["--checkpoint", str(path), "--min_final_loss", "0.1"])
+    assert stricter.exit_code == 2, stricter.output
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        MlflowClient().get_model_version_by_alias(VISION_MODEL, VISION_ALIAS)
+    assert MlflowClient().get_model_version(VISION_MODEL, version.version) \
+        .tags["gate.verdict"] == "rejected"

@@ -91,14 +91,21 @@ def promote_vision_bridge(checkpoint: str | Path, source_run: str | None,
     return keep.version
 
 
-def reject_stage1(source_run: str | None, reasons: list[str]) -> None:
-    """Tag the run rejected; un-alias and tag any version registered from it earlier."""
+def reject_stage1(source_run: str | None, reasons: list[str],
+                  checkpoint_sha256: str | None = None) -> None:
+    """Tag the run rejected; un-alias and tag any version registered from it earlier.
+
+    A bare checkpoint (no run) is known by its sha256: versions registered from the same file
+    (`source_run` = `file:<sha256>`, as `promote_vision_bridge` keys them) are un-aliased.
+    """
     client = MlflowClient()
     text = "; ".join(reasons)[:4900]
     if source_run:
         client.set_tag(source_run, VERDICT_TAG, "rejected")
         client.set_tag(source_run, REASONS_TAG, text)
-        for version in _versions_from_run(VISION_MODEL, source_run):
+    key = source_run or (f"file:{checkpoint_sha256}" if checkpoint_sha256 else None)
+    if key:
+        for version in _versions_from_run(VISION_MODEL, key):
             client.set_model_version_tag(VISION_MODEL, version.version, VERDICT_TAG, "rejected")
             if alias_version(VISION_MODEL, VISION_ALIAS) == version.version:
                 client.delete_registered_model_alias(VISION_MODEL, VISION_ALIAS)
