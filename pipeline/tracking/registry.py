@@ -66,6 +66,13 @@ def alias_version(name: str, alias: str) -> str | None:
         return None
 
 
+def vision_version_of_run(source_run: str) -> str | None:
+    """The approved `vision-bridge` version registered from this Stage 1 run, or None."""
+    approved = [v for v in _versions_from_run(VISION_MODEL, source_run)
+                if v.tags.get(VERDICT_TAG) == "approved"]
+    return approved[0].version if approved else None
+
+
 def promote_vision_bridge(checkpoint: str | Path, source_run: str | None,
                           tags: Mapping[str, str]) -> str:
     """Register the checkpoint (once per source run) and point `stage2-ready` at it.
