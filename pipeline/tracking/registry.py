@@ -142,7 +142,10 @@ def download_checkpoint(uri: str, name_hint: str = "") -> Path:
                              recursive=True))
     if not found:
         raise FileNotFoundError(f"no {name_hint or ''} safetensors checkpoint under {uri}")
-    return Path(found[0])
+    # A folder (a run's `checkpoints/`) resolves to its final weights, the ones a registered
+    # version holds, never to `best_val` merely because it sorts first.
+    finals = [p for p in found if Path(p).stem.endswith("_final")]
+    return Path((finals or found)[0])
 
 
 def model_version_run(uri: str) -> str | None:
