@@ -13,7 +13,8 @@ from pipeline.checkpoint import (STAGE2_FINAL, final_checkpoint_path, load_check
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
 from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
-from pipeline.stage2.resume import latest_step_checkpoint, restore_optimizer, state_from_metadata, truncate_csv
+from pipeline.stage2.resume import (latest_step_checkpoint, restore_optimizer, same_config,
+                                   state_from_metadata, truncate_csv)
 from pipeline.stage2.trainer import Stage2Result, Stage2Trainer
 from pipeline.models.loading import load_into, model_tensors, output_width, weights_of
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
@@ -49,10 +50,10 @@ class Stage2Job:
             else Path(self.resume)
         if folder is None:
             return None
-        ckpt = latest_step_checkpoint(folder)
+        ckpt = latest_step_checkpoint(folder, required=True)
         meta = read_metadata(ckpt)  # the tensors are loaded once, by _restore
         saved = C.from_dict(C.Stage2Config, meta["config"])
-        if self.resume is None and C.to_dict(saved) != C.to_dict(self.cfg):
+        if self.resume is None and not same_config(meta["config"], self.cfg):
             self.echo(f"not resuming {folder}: its config differs from this run's")
             return None
         self.cfg = saved
@@ -78,7 +79,7 @@ class Stage2Job:
         if resume_point is not None:
             choice, tensors, meta = InitChoice("resume", note="resuming"), None, resume_point[1]
         else:
-            choice = choose_init(self.init, self.cfg.output_dir)
+            choice = choose_init(self.init, self.cfg.output_dir, self.cfg)
             tensors, meta = weights_of(choice.path) if choice.path else (None, {})
             if tensors is not None:
                 self.cfg = adopt_architecture(self.cfg, meta)
