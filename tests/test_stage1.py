@@ -147,6 +147,7 @@ def test_sigterm_saves_the_last_checkpoint_and_ends_killed(mlflow_store, tmp_pat
     while time.time() < deadline and not list((tmp_path / "out").glob("*/checkpoints/*step*")):
         time.sleep(0.1)
     time.sleep(0.5)
+    signalled = time.time()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
@@ -155,3 +156,12 @@ def test_sigterm_saves_the_last_checkpoint_and_ends_killed(mlflow_store, tmp_pat
     arts = [a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id,
                                                                           "checkpoints")]
     assert any("step" in a for a in arts)
+    # The save on interrupt happened: the newest step checkpoint was written after the signal
+    # and holds the last step the run logged (not merely an earlier periodic one).
+    saved = max((tmp_path / "out").glob("*/checkpoints/vision_bridge_step*.safetensors"),
+                key=lambda p: int(p.stem.removeprefix("vision_bridge_step")))
+    assert saved.stat().st_mtime >= signalled, "no checkpoint was saved on interrupt"
+    last_step = max(m.step for m in mlflow.tracking.MlflowClient().get_metric_history(
+        run.info.run_id, "train_loss"))
+    assert load_checkpoint(saved)[1]["step"] == last_step
+    assert f"checkpoints/{saved.name}" in arts
