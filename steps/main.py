@@ -13,7 +13,7 @@ import click
 
 from pipeline import config as C
 from pipeline.data import dataset_digest, load_dataset
-from pipeline.tracking.registry import VISION_ALIAS, VISION_MODEL, alias_version, run_verdict
+from pipeline.tracking.registry import VISION_MODEL, run_verdict, vision_version_of_run
 from pipeline.tracking.runs import (StepFailed, artifact_uri, find_reusable_run, git_commit,
                                     log_metrics, run_entry_point, run_metrics, set_run_tags,
                                     stage_run, tracking_uri)
@@ -44,7 +44,8 @@ def _step(name: str, params: dict, commit: str | None, allow_fail: bool = False)
               help="auto = 1e-3 (the seed's recipe: vicreg at 1e-5)")
 @click.option("--stage2_lr", "--stage2-lr", default="auto", show_default=True,
               help="the bridge's; auto = 1e-3 (the seed's recipe: 2e-5)")
-@click.option("--llm", default="smollm2", show_default=True)
+@click.option("--llm", default="auto", show_default=True,
+              help="auto = the profile's LLM (tiny: tiny-random; demo, default: smollm2)")
 @click.option("--stop_on_reject", "--stop-on-reject", is_flag=True)
 @one_line_errors
 def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
@@ -60,8 +61,13 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
         _, approved = _step("validate", {"stage1_run": s1, "profile": profile}, commit,
                             allow_fail=True)
         approved = approved and run_verdict(s1) == "approved"
-        if approved:  # pin the version, so a later Stage 1 changes Stage 2's reuse key
-            version = alias_version(VISION_MODEL, VISION_ALIAS)
+        # The version registered from THIS Stage 1 run (the alias may have moved since), pinned
+        # so that a later Stage 1 changes Stage 2's reuse key.
+        version = vision_version_of_run(s1) if approved else None
+        if approved and version is None:
+            raise ValueError(f"Stage 1 run {s1} was approved but no {VISION_MODEL} version "
+                             "was registered from it")
+        if approved:
             init = f"models:/{VISION_MODEL}/{version}"
         elif stop_on_reject:
             raise ValueError(f"the gate rejected Stage 1 run {s1} (see its gate.reasons tag)")

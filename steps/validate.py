@@ -14,7 +14,7 @@ import click
 
 from pipeline import config as C
 from pipeline.checkpoint import sha256_file
-from pipeline.gate.evidence import checkpoint_evidence, run_evidence
+from pipeline.gate.evidence import checkpoint_evidence, recorded_profile, run_evidence
 from pipeline.gate.rules import evaluate_gate
 from pipeline.tracking.registry import mark_approved, promote_vision_bridge, reject_stage1
 from pipeline.tracking.runs import (latest_run, log_dict, log_metrics, log_new_params,
@@ -29,23 +29,26 @@ from steps.common import EXIT_REFUSED, auto, one_line_errors, profile_option
 @click.option("--min_final_loss", "--min-final-loss", default="1e-3", show_default=True)
 @click.option("--max_lr", "--max-lr", default="1e-5", show_default=True)
 @click.option("--data", default="synthetic", show_default=True, help="probe data (checkpoints)")
-@profile_option
+@profile_option  # a fallback: the profile the Stage 1 run or checkpoint recorded wins
 @one_line_errors
 def main(stage1_run, checkpoint, min_final_loss, max_lr, data, profile):
     """Promote a Stage 1 run's weights or refuse them with reasons."""
-    gate_cfg = C.build(C.GateConfig, profile, {"min_final_loss": auto(min_final_loss, float),
-                                               "max_lr": auto(max_lr, float)})
     checkpoint = auto(checkpoint, str)
     if checkpoint is None and auto(stage1_run, str) in (None, "latest"):
         run = latest_run("stage1")
         if run is None:
             raise ValueError("no finished Stage 1 run found; pass --stage1_run or --checkpoint")
         stage1_run = run.info.run_id
+    # The floors of the profile the weights were trained with; --profile only when none recorded.
+    judged_by = (recorded_profile(checkpoint=checkpoint) if checkpoint is not None
+                 else recorded_profile(run_id=stage1_run)) or profile
+    gate_cfg = C.build(C.GateConfig, judged_by, {"min_final_loss": auto(min_final_loss, float),
+                                                 "max_lr": auto(max_lr, float)})
     with stage_run("validate"):
         log_new_params({**C.flatten(gate_cfg), "stage1_run": stage1_run or "",
-                        "checkpoint": checkpoint or ""})
+                        "checkpoint": checkpoint or "", "gate_profile": judged_by})
         if checkpoint is not None:
-            source_run, (evidence, _) = None, checkpoint_evidence(checkpoint, profile, data)
+            source_run, (evidence, _) = None, checkpoint_evidence(checkpoint, judged_by, data)
             path, sha = checkpoint, sha256_file(checkpoint)
         else:
             source_run = stage1_run
@@ -60,7 +63,7 @@ def main(stage1_run, checkpoint, min_final_loss, max_lr, data, profile):
                          "gate.reasons": "; ".join(verdict.reasons)[:4900],
                          "gate.source_run": source_run or "", "gate.checkpoint_sha256": sha or ""})
         if not verdict.approved:
-            reject_stage1(source_run, verdict.reasons)
+            reject_stage1(source_run, verdict.reasons, None if source_run else sha)
             click.echo(f"error: gate rejected {source_run or checkpoint}: "
                        f"{'; '.join(verdict.reasons)}", err=True)
         else:

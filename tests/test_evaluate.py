@@ -156,3 +156,22 @@ def test_bad_model_reference_exits_nonzero_with_one_error_line(mlflow_store, mod
     assert len(errors) == 1, result.output
     assert "Traceback" not in result.output
     assert not _evaluate_runs(MlflowClient()), "a refused model reference must not open a run"
+
+
+@pytest.mark.parametrize("suffix", ["/checkpoints", "/checkpoints/"])
+def test_runs_uri_resolves_to_the_final_checkpoint_like_the_registered_version(
+        mlflow_store, tmp_path, suffix):
+    import mlflow
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.tracking.registry import resolve_stage2_checkpoint
+
+    with mlflow.start_run() as run:
+        for kind in ("best_val", "final"):
+            path = save_checkpoint(tmp_path / f"vision_bridge_vlm_{kind}", {"w": torch.ones(1)},
+                                   {"stage": "stage2", "run_id": run.info.run_id, "kind": kind})
+            mlflow.log_artifact(str(path), "checkpoints")
+    path, source = resolve_stage2_checkpoint(f"runs:/{run.info.run_id}{suffix}")
+    assert path.name == "vision_bridge_vlm_final.safetensors"
+    assert source == run.info.run_id

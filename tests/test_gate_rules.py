@@ -82,3 +82,32 @@ def test_mlflow_stored_infinity_is_not_finite():
     health = {**_healthy(), "feature_std": sys.float_info.max}
     ev = Evidence("run", "FINISHED", 0.5, 1e-6, "vicreg", health, True, "c" * 64, "c" * 64)
     assert not evaluate_gate(ev, CFG).approved
+
+
+@pytest.mark.parametrize("objective", ["vicreg2", "VICReg", "", "l2-proxy"])
+def test_unknown_objective_is_judged_strictly(objective):
+    ev = Evidence("run", "FINISHED", 5e-5, 1e-4, objective, _healthy(), True, "c" * 64, "c" * 64)
+    verdict = evaluate_gate(ev, CFG)
+    assert not verdict.approved
+    assert {r.name for r in verdict.rules if not r.passed} == {"final_loss_min", "lr_max"}
+    assert "judged strictly" in " ".join(verdict.reasons)
+
+
+def test_findings_objective_is_judged_like_vicreg():
+    for objective in ("vicreg", "findings"):
+        ev = Evidence("run", "FINISHED", 5e-5, 1e-4, objective, _healthy(), True, "c" * 64,
+                      "c" * 64)
+        assert evaluate_gate(ev, CFG).approved, objective
+
+
+def test_bare_checkpoint_is_judged_by_its_metadata_and_its_source_runs_verdict():
+    legacy = Evidence("checkpoint", health=_healthy(), checkpoint_found=True)
+    assert evaluate_gate(legacy, CFG).approved  # no metadata: its features alone
+    collapsed = Evidence("checkpoint", final_train_loss=5e-5, lr=1e-4, objective="l2_proxy",
+                         health=_healthy(), checkpoint_found=True)
+    failed = {r.name for r in evaluate_gate(collapsed, CFG).rules if not r.passed}
+    assert failed == {"final_loss_min", "lr_max"}
+    rejected = Evidence("checkpoint", final_train_loss=0.7, lr=1e-5, objective="vicreg",
+                        health=_healthy(), checkpoint_found=True, source_verdict="rejected")
+    failed = {r.name for r in evaluate_gate(rejected, CFG).rules if not r.passed}
+    assert failed == {"source_run_not_rejected"}

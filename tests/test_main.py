@@ -21,12 +21,12 @@ ARGS = ["--profile", "tiny", "--llm", "tiny-random"]
 CHILDREN = ("stage1", "validate", "stage2", "evaluate")
 
 
-def _run_main(tracking_uri: str) -> subprocess.CompletedProcess:
+def _run_main(tracking_uri: str, args=ARGS) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(ROOT),
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
-    return subprocess.run([sys.executable, "-m", "steps.main", *ARGS], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "steps.main", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -96,3 +96,48 @@ def test_main_runs_every_step_as_a_child_and_a_rerun_reuses_them(mlflow_store, t
                    for v in client.search_model_versions("name='report-vlm'"))
     finally:
         _remove_local_outputs(client)
+
+
+def test_main_tiny_profile_runs_as_documented_with_the_profiles_llm(mlflow_store, tmp_path):
+    """`python -m steps.main --profile tiny`, no --llm: Stage 2 uses the tiny profile's LLM."""
+    client = MlflowClient()
+    client.create_experiment(EXPERIMENT_NAME, artifact_location=(tmp_path / "artifacts").as_uri())
+    try:
+        proc = _run_main(mlflow_store, ["--profile", "tiny"])
+        assert proc.returncode == 0, _tail(proc)
+        by_stage = _runs_by_stage(client)
+        for stage in ("main", *CHILDREN):
+            assert [r.info.status for r in by_stage.get(stage, [])] == ["FINISHED"], stage
+        assert by_stage["stage2"][0].data.tags["llm.name"] == "tiny-random"
+    finally:
+        _remove_local_outputs(client)
+
+
+def test_main_starts_stage2_from_the_version_of_its_own_stage1_run(mlflow_store, monkeypatch):
+    """The alias points at another Stage 1's version: Stage 2 must not take that one."""
+    from click.testing import CliRunner
+
+    from steps import main as step
+
+    client = MlflowClient()
+    exp = client.create_experiment("stage1-runs")
+    ours, other = (client.create_run(exp).info.run_id for _ in range(2))
+    client.set_tag(ours, "gate.verdict", "approved")
+    client.create_registered_model("vision-bridge")
+    versions = {}
+    for run_id in (ours, other):  # ours first: the alias then moves on to the other's version
+        versions[run_id] = client.create_model_version(
+            "vision-bridge", f"runs:/{run_id}/model", run_id=run_id,
+            tags={"source_run": run_id, "gate.verdict": "approved"}).version
+        client.set_registered_model_alias("vision-bridge", "stage2-ready", versions[run_id])
+    calls = {}
+
+    def fake_step(name, params, commit, allow_fail=False):
+        calls[name] = params
+        return {"stage1": ours}.get(name, f"{name}-run"), True
+
+    monkeypatch.setattr(step, "_step", fake_step)
+    monkeypatch.setattr(step, "_summary", lambda *args: None)
+    result = CliRunner().invoke(step.main, ["--profile", "tiny"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert calls["stage2"]["init"] == f"models:/vision-bridge/{versions[ours]}"

@@ -184,6 +184,20 @@ def test_dispatch_logs_the_portable_path_once(caplog, monkeypatch):
 def test_cpu_input_takes_the_portable_path_even_with_kernels(monkeypatch):
     monkeypatch.setattr(mamba_mod, "_load_kernels", lambda: pytest.fail("kernels are CUDA-only"))
     assert mamba_mod._kernels_for(want_kernels=False) is None
+    # Through the one dispatch point, Mamba.forward, with kernels "installed": a CPU input must
+    # never reach the kernel path, and the result is the portable path's.
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(mamba_mod, "_load_kernels", lambda: SimpleNamespace())
+    monkeypatch.setattr(Mamba, "_kernel_forward",
+                        lambda self, x, kernels: pytest.fail("CPU input took the kernel path"))
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=4)
+    assert m.use_fast_path  # the kernels would be wanted on CUDA
+    x = torch.randn(2, 7, 16)
+    assert mamba_mod._kernels_for(x.is_cuda and m.use_fast_path) is None
+    with torch.no_grad():
+        assert torch.equal(m(x), m._portable_forward(x))
 
 
 def test_missing_kernels_on_cuda_warn_once_and_fall_back(monkeypatch):

@@ -36,6 +36,7 @@ def registry(tmp_path_factory):
         mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         mp.chdir(root)
+        mp.setenv("REPORT_VLM_IMAGE_ROOT", str(root))  # paths are accepted under the root only
         mlflow.set_tracking_uri(uri)
         try:
             trained = CliRunner().invoke(stage2.main, ["--profile", "tiny", "--init", "scratch"],
@@ -85,6 +86,44 @@ def test_pyfunc_writes_one_report_per_path_or_base64_image(registry, candidate):
 def test_pyfunc_garbage_image_gives_a_clear_error(candidate, garbage):
     with pytest.raises(ValueError, match="existing file path or a base64 PNG/JPEG"):
         candidate.predict([{"image": garbage}])
+
+
+def _noise_png_b64(size: int) -> str:
+    """A real-looking PNG: noise does not compress, so 224 px is ~67 KB of base64."""
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_pyfunc_reads_a_224px_png_sent_as_base64(candidate, monkeypatch):
+    monkeypatch.delenv("REPORT_VLM_IMAGE_ROOT", raising=False)
+    body = _noise_png_b64(224)
+    assert len(body) > 60_000  # longer than any file name: Path(body).exists() would raise
+    (report,) = candidate.predict(pd.DataFrame({"image": [body]}))
+    assert isinstance(report, str)
+
+
+def test_pyfunc_refuses_paths_unless_allowed_and_outside_the_allowed_folder(
+        registry, candidate, monkeypatch, tmp_path):
+    image = registry["image"]
+    monkeypatch.delenv("REPORT_VLM_IMAGE_ROOT", raising=False)
+    with pytest.raises(ValueError, match="paths are not accepted.*REPORT_VLM_IMAGE_ROOT"):
+        candidate.predict([{"image": str(image)}])
+    monkeypatch.setenv("REPORT_VLM_IMAGE_ROOT", str(tmp_path))  # the image lies outside it
+    with pytest.raises(ValueError, match="only under REPORT_VLM_IMAGE_ROOT"):
+        candidate.predict([{"image": str(image)}])
+    monkeypatch.setenv("REPORT_VLM_IMAGE_ROOT", str(image.parent))
+    assert len(candidate.predict([{"image": image.name}])) == 1  # relative to the root
+
+
+@pytest.mark.parametrize("request_body", [[{"picture": "x"}], [{"image": 7}], 42])
+def test_pyfunc_malformed_request_gives_a_clear_error(candidate, request_body):
+    # MLflow's schema check answers some of these before the model sees them.
+    with pytest.raises((ValueError, mlflow.exceptions.MlflowException), match="image"):
+        candidate.predict(request_body)
 
 
 def test_pyfunc_params_reach_generation(registry, candidate):
@@ -169,6 +208,12 @@ def test_served_champion_answers_a_dataframe_records_request(server):
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     assert len(predictions) == 1 and isinstance(predictions[0], str)
+
+
+def test_served_champion_reads_a_224px_png(server):
+    response = _post(server, {"inputs": [{"image": _noise_png_b64(224)}]})
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json()["predictions"][0], str)
 
 
 def test_served_champion_refuses_a_garbage_image_with_400(server):

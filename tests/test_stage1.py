@@ -147,6 +147,7 @@ def test_sigterm_saves_the_last_checkpoint_and_ends_killed(mlflow_store, tmp_pat
     while time.time() < deadline and not list((tmp_path / "out").glob("*/checkpoints/*step*")):
         time.sleep(0.1)
     time.sleep(0.5)
+    signalled = time.time()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
@@ -155,3 +156,47 @@ def test_sigterm_saves_the_last_checkpoint_and_ends_killed(mlflow_store, tmp_pat
     arts = [a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id,
                                                                           "checkpoints")]
     assert any("step" in a for a in arts)
+    # The save on interrupt happened: the newest step checkpoint was written after the signal
+    # and holds the last step the run logged (not merely an earlier periodic one).
+    saved = max((tmp_path / "out").glob("*/checkpoints/vision_bridge_step*.safetensors"),
+                key=lambda p: int(p.stem.removeprefix("vision_bridge_step")))
+    assert saved.stat().st_mtime >= signalled, "no checkpoint was saved on interrupt"
+    last_step = max(m.step for m in mlflow.tracking.MlflowClient().get_metric_history(
+        run.info.run_id, "train_loss"))
+    assert load_checkpoint(saved)[1]["step"] == last_step
+    assert f"checkpoints/{saved.name}" in arts
+
+
+@pytest.mark.parametrize("second_signal", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_under_mlflow_run_ends_killed_even_when_signalled_twice(
+        mlflow_store, tmp_path, second_signal):
+    """The child side of `mlflow run`: MLFLOW_RUN_ID names the run; Ctrl-C reaches the whole
+    process group and `mlflow run` then sends SIGTERM to cancel its child. The child must still
+    save, end the run KILLED and exit 130 (mlflow then leaves a terminated run as it is)."""
+    client = mlflow.tracking.MlflowClient()
+    run_id = client.create_run(client.create_experiment("under-mlflow-run")).info.run_id
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow_store,
+           "MLFLOW_RUN_ID": run_id}
+    proc = subprocess.Popen([sys.executable, "-m", "steps.stage1", "--profile", "tiny",
+                             "--epochs", "200", "--output_dir", str(tmp_path / "out")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not list((tmp_path / "out").glob("*/checkpoints/*step*")):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    # mlflow's cancel() follows at once (and an impatient user presses Ctrl-C again) while
+    # the child saves and ends its run.
+    for _ in range(25):
+        if proc.poll() is not None:
+            break
+        proc.send_signal(second_signal)
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert client.get_run(run_id).info.status == "KILLED", out
+    assert client.get_run(run_id).data.tags["pipeline.interrupted"] == "true"
+    assert "the run ended KILLED" in out
+    saved = list((tmp_path / "out" / run_id / "checkpoints").glob("vision_bridge_step*"))
+    assert saved and not list((tmp_path / "out" / run_id / "checkpoints").glob("*.tmp")), out

@@ -222,3 +222,87 @@ def test_nonsense_epochs_are_refused_in_one_line(mlflow_store):
 
     result = CliRunner().invoke(step.main, ["--profile", "tiny", "--epochs", "0"])
     assert result.exit_code == 2 and "epochs=0 (must be >= 1)" in result.output
+
+
+def test_stage1_of_another_width_is_refused_before_training_naming_both(mlflow_store, tmp_path):
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models.vision_bridge import VisionBridge
+    from steps import stage2 as step
+
+    cfg = C.build(C.Stage1Config, "tiny", {"embed_dim": 48})  # the tiny LLM is 64 wide
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    path = save_checkpoint(tmp_path / "narrow", model.state_dict(),
+                           {"stage": "stage1", "config": C.to_dict(cfg)})
+    result = CliRunner().invoke(step.main, ["--profile", "tiny", "--init", str(path),
+                                            "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "48" in errors[0] and "64" in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not mlflow_run_of_any("stage2")
+
+
+def mlflow_run_of_any(stage):
+    import mlflow
+
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`pipeline.stage` = '{stage}'")
+
+
+def _stage2_cli(*args):
+    from steps import stage2 as step
+
+    return CliRunner().invoke(step.main, ["--profile", "tiny", "--epochs", "1", *args])
+
+
+def test_auto_init_resumes_an_interrupted_run_with_the_same_config(mlflow_store):
+    first = _stage2_cli("--init", "scratch")
+    assert first.exit_code == 0, first.output
+    run = mlflow_run_of("stage2")
+    folder = Path("outputs/stage2") / run.info.run_id
+    (folder / "checkpoints" / "vision_bridge_vlm_final.safetensors").unlink()  # as if killed
+    assert list((folder / "checkpoints").glob("vision_bridge_vlm_step*"))
+    second = _stage2_cli()  # init=auto; the saved config comes back from JSON (lists)
+    assert second.exit_code == 0, second.output
+    assert "config differs" not in second.output
+    assert "init: resume" in second.output, second.output
+
+
+def test_resume_of_a_folder_without_step_checkpoint_is_one_error_line(mlflow_store, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = _stage2_cli("--resume", str(tmp_path / "empty"))
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no step checkpoint" in errors[0], result.output
+
+
+def test_auto_init_skips_the_final_checkpoint_of_a_failed_run(mlflow_store):
+    import mlflow
+
+    first = _stage2_cli("--init", "scratch")
+    assert first.exit_code == 0, first.output
+    failed = mlflow_run_of("stage2").info.run_id
+    mlflow.tracking.MlflowClient().set_terminated(failed, "FAILED")  # e.g. the checksum check
+    second = _stage2_cli()
+    assert second.exit_code == 0, second.output
+    assert "init: scratch" in second.output and f"run {failed}: its run is FAILED" \
+        in second.output, second.output
+
+
+def test_auto_init_takes_only_weights_of_the_requested_architecture(mlflow_store, tmp_path):
+    import json
+
+    first = _stage2_cli("--init", "scratch")
+    assert first.exit_code == 0, first.output
+    earlier = mlflow_run_of("stage2").info.run_id
+    deeper = tmp_path / "deeper.json"
+    deeper.write_text(json.dumps({"encoder": {"depth": 2}}))
+    second = _stage2_cli("--config", str(deeper))
+    assert second.exit_code == 0, second.output
+    assert "init: scratch" in second.output and f"run {earlier}: its encoder differ" \
+        in second.output, second.output
+    run = mlflow_run_of("stage2")
+    assert run.data.params["encoder.depth"] == "2"  # trained what the run says it trained
+    third = _stage2_cli()  # the same architecture as the first: that run is taken, by name
+    assert third.exit_code == 0, third.output
+    assert "init: previous-stage2" in third.output and earlier in third.output

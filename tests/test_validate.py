@@ -206,3 +206,95 @@ def test_verdict_equals_rule_conjunction_and_alias_never_on_rejected(history):
             os.chdir(old_cwd)
             mlflow.set_tracking_uri(None)
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+# ---- the floors are those of the profile the weights were trained with -------------------
+
+def _between_floors_run(tmp_path, recorded_profile):
+    """A finished vicreg run whose health passes the tiny floors but not the default ones."""
+    client = MlflowClient()
+    exp = client.create_experiment(f"floors-{recorded_profile}")
+    ckpt = save_checkpoint(tmp_path / recorded_profile / "vision_bridge_final",
+                           {"w": torch.ones(2)}, {"stage": "stage1"})
+    tiny, default = C.build(C.GateConfig, "tiny").health, C.GateConfig().health
+    health = {"feature_std": (tiny.min_feature_std + default.min_feature_std) / 2,
+              "normalized_std": (tiny.min_normalized_std + default.min_normalized_std) / 2,
+              "effective_rank": (tiny.min_effective_rank + default.min_effective_rank) / 2}
+    rid = _fake_run(client, exp, ckpt, "RUNNING", 0.7, 1e-5, "vicreg", health, True)
+    if recorded_profile != "none":
+        client.log_param(rid, "profile", recorded_profile)
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+@pytest.mark.parametrize("recorded,option,approved", [
+    ("tiny", None, True),         # validate's own default (`default`) must not decide
+    ("default", "tiny", False),   # the run's profile wins over --profile
+    ("none", "tiny", True),       # nothing recorded: --profile is the fallback
+    ("none", None, False)])
+def test_gate_judges_by_the_floors_of_the_profile_the_run_recorded(
+        mlflow_store, tmp_path, recorded, option, approved):
+    from steps import validate
+
+    rid = _between_floors_run(tmp_path, recorded)
+    args = ["--stage1_run", rid] + (["--profile", option] if option else [])
+    result = CliRunner().invoke(validate.main, args)
+    assert (result.exit_code == 0) == approved, result.output
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                             filter_string="tags.`pipeline.stage` = 'validate'")[0]
+    assert run.data.params["gate_profile"] == (recorded if recorded != "none" else
+                                               option or "default")
+
+
+def test_bare_checkpoint_is_judged_by_the_profile_in_its_metadata(mlflow_store, tmp_path):
+    from pipeline.models.vision_bridge import VisionBridge
+    from steps import validate
+
+    cfg = C.build(C.Stage1Config, "tiny")
+    torch.manual_seed(0)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    # Random init of the tiny model: effective_rank ~1.44, above the tiny floor (1.1) and
+    # below the default one (1.5).
+    path = save_checkpoint(tmp_path / "tiny_final", model.state_dict(),
+                           {"stage": "stage1", "profile": "tiny", "config": C.to_dict(cfg)})
+    result = CliRunner().invoke(validate.main, ["--checkpoint", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def _tiny_checkpoint(path, **metadata):
+    from pipeline.models.vision_bridge import VisionBridge
+
+    cfg = C.build(C.Stage1Config, "tiny")
+    torch.manual_seed(0)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    return save_checkpoint(path, model.state_dict(), {"stage": "stage1", "profile": "tiny",
+                                                      "config": C.to_dict(cfg), **metadata})
+
+
+def test_bare_checkpoint_metadata_and_source_run_rejection_decide(mlflow_store, tmp_path):
+    collapsed = _tiny_checkpoint(tmp_path / "l2", objective="l2_proxy", lr=1e-4,
+                                 final_loss=5e-5)
+    result = _validate(["--checkpoint", str(collapsed)])
+    assert result.exit_code == 2 and "max_lr" in result.output, result.output
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("src"), tags={"pipeline.stage": "stage1"})
+    client.set_tag(run.info.run_id, "gate.verdict", "rejected")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    from_rejected = _tiny_checkpoint(tmp_path / "v", objective="vicreg", lr=1e-5,
+                                     final_loss=0.7, run_id=run.info.run_id)
+    result = _validate(["--checkpoint", str(from_rejected)])
+    assert result.exit_code == 2 and "source run was rejected" in result.output, result.output
+
+
+def test_rejecting_a_bare_checkpoint_removes_the_alias_of_its_earlier_version(mlflow_store,
+                                                                             tmp_path):
+    path = _tiny_checkpoint(tmp_path / "ok", objective="l2_proxy", lr=1e-5, final_loss=0.01)
+    assert _validate(["--checkpoint", str(path)]).exit_code == 0
+    version = MlflowClient().get_model_version_by_alias(VISION_MODEL, VISION_ALIAS)
+    assert version.tags["source_run"] == f"file:{sha256_file(path)}"
+    stricter = _validate(["--checkpoint", str(path), "--min_final_loss", "0.1"])
+    assert stricter.exit_code == 2, stricter.output
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        MlflowClient().get_model_version_by_alias(VISION_MODEL, VISION_ALIAS)
+    assert MlflowClient().get_model_version(VISION_MODEL, version.version) \
+        .tags["gate.verdict"] == "rejected"

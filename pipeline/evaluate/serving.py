@@ -1,13 +1,15 @@
 """MLflow pyfunc wrappers: registry versions hold our checkpoint, not a pickled model.
 
-Input for both: a DataFrame (or list of dicts) with a column `image` holding a file path or a
-base64-encoded PNG/JPEG. `report-vlm` versions reference the LLM by name (`llm` in the
+Input for both: a DataFrame (or list of dicts) with a column `image` holding a base64-encoded
+PNG/JPEG, or a file path when the environment variable `REPORT_VLM_IMAGE_ROOT` names a folder
+(paths are then confined to it). `report-vlm` versions reference the LLM by name (`llm` in the
 checkpoint's config) rather than carrying a copy of its weights.
 """
 from __future__ import annotations
 
 import base64
 import io
+import os
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -18,32 +20,88 @@ import torch
 def _to_frame(model_input):
     import pandas as pd
 
-    if isinstance(model_input, pd.DataFrame):
-        frame = model_input
-    elif isinstance(model_input, dict):
-        frame = pd.DataFrame(model_input)
-    else:
-        frame = pd.DataFrame(list(model_input))
+    try:
+        if isinstance(model_input, pd.DataFrame):
+            frame = model_input
+        elif isinstance(model_input, dict):
+            frame = pd.DataFrame({k: v if isinstance(v, list) else [v]
+                                  for k, v in model_input.items()})
+        else:
+            frame = pd.DataFrame(list(model_input))
+    except (TypeError, ValueError) as exc:
+        raise ValueError("input must be records with an `image` (path or base64 PNG/JPEG), "
+                         f"got {type(model_input).__name__}") from exc
     if "image" not in frame.columns or frame.empty:
         raise ValueError("input needs at least one record with an `image` (path or base64 PNG/JPEG)")
     return frame
 
 
-def decode_image(value: str, image_size: int) -> torch.Tensor:
-    """A path or base64 PNG/JPEG -> normalised grayscale tensor (1, S, S)."""
+IMAGE_ROOT_ENV = "REPORT_VLM_IMAGE_ROOT"  # set to a folder to accept file paths under it
+_NOT_AN_IMAGE = "`image` must be an existing file path or a base64 PNG/JPEG"
+
+
+def _open_bytes(data: bytes):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def _allowed_path(text: str, image_root: str | None) -> Path:
+    """`text` as a file under `image_root`; refused when paths are off or it escapes the root."""
+    if not image_root:
+        raise ValueError(f"{_NOT_AN_IMAGE}: it is not valid base64 of an image, and file paths "
+                         f"are not accepted (set {IMAGE_ROOT_ENV} to a folder to allow them)")
+    root = Path(image_root).resolve()
+    try:
+        path = (root / text).resolve()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{_NOT_AN_IMAGE}: not a usable path") from exc
+    if not path.is_relative_to(root):
+        raise ValueError(f"{_NOT_AN_IMAGE}: paths are accepted only under {IMAGE_ROOT_ENV}")
+    if not path.is_file():
+        raise ValueError(f"{_NOT_AN_IMAGE}: no such file under {IMAGE_ROOT_ENV}")
+    return path
+
+
+def decode_image(value: str, image_size: int, image_root: str | None = None) -> torch.Tensor:
+    """A base64 PNG/JPEG (or, under `image_root` only, a file path) -> tensor (1, S, S).
+
+    Base64 is tried first and a path is never touched unless `image_root` allows paths: a
+    224x224 PNG is ~67 KB of base64, far too long for a file name, and a server must not tell
+    clients which of its files exist.
+    """
     from PIL import Image
 
-    text = str(value)
-    if Path(text).exists():
-        image = Image.open(text)
-    else:
-        try:
-            image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
-        except Exception as exc:  # binascii.Error, PIL.UnidentifiedImageError
-            raise ValueError("`image` must be an existing file path or a base64 PNG/JPEG") from exc
+    if not isinstance(value, (str, bytes)):
+        raise ValueError(f"{_NOT_AN_IMAGE}, got {type(value).__name__}")
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    text = text.strip()
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error
+        data = None
+    image = _open_bytes(data) if data else None
+    if image is None:
+        if data and not image_root:
+            raise ValueError(f"{_NOT_AN_IMAGE}: the base64 decodes to {len(data)} bytes that "
+                             "are not a PNG/JPEG")
+        path = _allowed_path(text, image_root)
+        image = _open_bytes(path.read_bytes())
+        if image is None:
+            raise ValueError(f"{_NOT_AN_IMAGE}: {text!r} is not a PNG/JPEG")
     image = image.convert("L").resize((image_size, image_size), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy((array - 0.5) / 0.5).unsqueeze(0)
+
+
+def _images(frame, image_size: int) -> torch.Tensor:
+    root = os.environ.get(IMAGE_ROOT_ENV) or None
+    return torch.stack([decode_image(v, image_size, root) for v in frame["image"]])
 
 
 class VisionBridgePyfunc(mlflow.pyfunc.PythonModel):
@@ -59,7 +117,7 @@ class VisionBridgePyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         frame = _to_frame(model_input)
         size = self.cfg.encoder.image_size
-        images = torch.stack([decode_image(v, size) for v in frame["image"]])
+        images = _images(frame, size)
         with torch.no_grad():
             tokens = self.model(images)
         return tokens.mean(dim=1).numpy().tolist()
@@ -77,7 +135,7 @@ class ReportVLMPyfunc(mlflow.pyfunc.PythonModel):
         params = params or {}
         frame = _to_frame(model_input)
         size = self.report_model.cfg.encoder.image_size
-        images = torch.stack([decode_image(v, size) for v in frame["image"]])
+        images = _images(frame, size)
         return self.report_model.generate(
             images, num_beams=int(params.get("num_beams", 1)),
             max_new_tokens=int(params.get("max_new_tokens", 0)) or None)

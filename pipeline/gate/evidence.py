@@ -4,11 +4,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import config as C
-from pipeline.checkpoint import STAGE1_FINAL, final_checkpoint_path, sha256_file
+from pipeline.checkpoint import STAGE1_FINAL, final_checkpoint_path, read_metadata, sha256_file
 from pipeline.gate.rules import Evidence, stored_float
 from pipeline.models.loading import load_vision_bridge
+from pipeline.tracking.registry import run_verdict
 from pipeline.tracking.runs import download_run_artifact, get_run
 from pipeline.train.health import probe_health, probe_images
+
+
+def recorded_profile(run_id: str | None = None, checkpoint: str | Path | None = None) -> str | None:
+    """The profile a Stage 1 run logged (param `profile`) or a checkpoint's metadata names."""
+    if checkpoint is not None:
+        if Path(checkpoint).suffix != ".safetensors":
+            return None  # a legacy .pt carries no metadata
+        metadata = read_metadata(checkpoint)
+        config = metadata.get("config")
+        profile = metadata.get("profile") or (config.get("profile")
+                                              if isinstance(config, dict) else None)
+    else:
+        profile = get_run(run_id).data.params.get("profile") if run_id else None
+    return profile if profile in C.PROFILES else None
 
 
 def run_evidence(run_id: str, checkpoint_name: str = STAGE1_FINAL):
@@ -40,4 +55,15 @@ def checkpoint_evidence(path: str | Path, profile: str, data: str):
     images = probe_images(cfg.data if metadata.get("config") else fallback.data,
                           cfg.encoder.image_size, cfg.health.probe_size)
     health = probe_health(model, images)
-    return Evidence(source="checkpoint", health=health, checkpoint_found=True), metadata
+    source_run = metadata.get("run_id") if isinstance(metadata.get("run_id"), str) else None
+    return Evidence(source="checkpoint", health=health, checkpoint_found=True,
+                    objective=metadata.get("objective"), lr=_number(metadata.get("lr")),
+                    final_train_loss=_number(metadata.get("final_loss")),
+                    source_verdict=run_verdict(source_run)), metadata
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

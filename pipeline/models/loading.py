@@ -76,9 +76,15 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) ->
     return fresh
 
 
-def _output_dim(tensors: dict[str, torch.Tensor], default: int) -> int:
+def output_width(tensors: dict[str, torch.Tensor]) -> int | None:
+    """The width of the visual tokens a vision-bridge's weights produce (None if unknown)."""
     last = tensors.get("bridge.proj.2.weight")  # (out_dim, hidden): the projector's last Linear
-    return int(last.shape[0]) if last is not None else default
+    return int(last.shape[0]) if last is not None else None
+
+
+def _output_dim(tensors: dict[str, torch.Tensor], default: int) -> int:
+    width = output_width(tensors)
+    return width if width is not None else default
 
 
 def load_vision_bridge(path: str | Path, fallback: C.Stage1Config):

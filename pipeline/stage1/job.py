@@ -41,7 +41,7 @@ class Stage1Job:
             sink = MetricsSink(self.run_id)
             trainer = Stage1Trainer(cfg, inputs.model, inputs.train_loader, inputs.val_loader,
                                     inputs.probe_images, out, self.run_id, sink, set_run_tags,
-                                    logger)
+                                    logger, profile=self.profile)
             logger.info("stage1 run %s: objective=%s lr=%g bs=%d epochs=%d, output in %s",
                         self.run_id, cfg.objective, cfg.lr, cfg.batch_size, cfg.epochs, out)
             try:

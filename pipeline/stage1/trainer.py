@@ -41,8 +41,10 @@ class Stage1Result:
 
 
 def _metadata(cfg: Stage1Config, run_id: str, kind: str, step: int, epoch: int,
-              final_loss: float | None, health: Mapping[str, float]) -> dict:
+              final_loss: float | None, health: Mapping[str, float],
+              profile: str | None = None) -> dict:
     return {"stage": "stage1", "run_id": run_id, "kind": kind, "objective": cfg.objective,
+            **({"profile": profile} if profile else {}),
             "lr": cfg.lr, "final_loss": final_loss, "step": step, "epoch": epoch,
             "health": dict(health), "config": json.dumps(to_dict(cfg), sort_keys=True),
             "format_version": 1}
@@ -53,7 +55,8 @@ class Stage1Trainer:
 
     def __init__(self, cfg: Stage1Config, model: torch.nn.Module, train_loader, val_loader,
                  probe_images: torch.Tensor, out_dir: str | Path, run_id: str,
-                 log_metrics: LogMetrics, set_tags: SetTags, logger: logging.Logger):
+                 log_metrics: LogMetrics, set_tags: SetTags, logger: logging.Logger,
+                 profile: str | None = None):
         if cfg.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {cfg.objective!r}; choose one of {OBJECTIVES}")
         self.cfg, self.model = cfg, model
@@ -61,6 +64,7 @@ class Stage1Trainer:
         self.out_dir, self.run_id = Path(out_dir), run_id
         self.log_metrics, self.set_tags, self.log = log_metrics, set_tags, logger
         self.result = Stage1Result()
+        self.profile = profile  # recorded in each checkpoint: the gate judges by its floors
         self.step = 0
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.pos_weight = None
@@ -72,7 +76,7 @@ class Stage1Trainer:
     def _save(self, kind: str, epoch: int, final_loss: float | None = None) -> Path:
         name = f"vision_bridge_step{self.step}" if kind == "step" else f"vision_bridge_{kind}"
         meta = _metadata(self.cfg, self.run_id, kind, self.step, epoch, final_loss,
-                         self.result.health)
+                         self.result.health, self.profile)
         path = save_checkpoint(self.out_dir / "checkpoints" / name, self.model.state_dict(), meta)
         self.result.checkpoints[name] = path
         return path

@@ -3,8 +3,9 @@
 1. `scratch` (or `--from_scratch`): fresh weights.
 2. an explicit path, `runs:/` or `models:/` URI: that checkpoint, refused when its Stage 1
    run was rejected by the gate or its features are collapsed (unless forced).
-3. `auto`: the newest `vision_bridge_vlm_final` of an earlier Stage 2 run (output folder,
-   then experiment); else `models:/vision-bridge@stage2-ready`; else fresh.
+3. `auto`: the newest `vision_bridge_vlm_final` of an earlier FINISHED Stage 2 run trained
+   with the same encoder, bridge and LLM (output folder, then experiment); else
+   `models:/vision-bridge@stage2-ready`; else fresh.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline import config as C
-from pipeline.checkpoint import STAGE2_FINAL, final_checkpoint_path
+from pipeline.checkpoint import STAGE2_FINAL, final_checkpoint_path, read_metadata
 from pipeline.guards import GuardError
 from pipeline.models.loading import stage1_config_of
 from pipeline.train.health import health_failures, probe_health
@@ -30,13 +31,57 @@ class InitChoice:
     note: str = ""
 
 
-def _previous_stage2(output_dir: str) -> Path | None:
-    finals = list(Path(output_dir).glob(f"*/{final_checkpoint_path(STAGE2_FINAL)}"))
-    return max(finals, key=lambda p: p.stat().st_mtime) if finals else None
+def _fits(metadata: dict, cfg: C.Stage2Config | None) -> str:
+    """'' when a Stage 2 checkpoint was trained with `cfg`'s encoder, bridge and LLM, else why not."""
+    if cfg is None:
+        return ""
+    saved = metadata.get("config")
+    if not isinstance(saved, dict):
+        return "it records no config"
+    wanted = C.to_dict(cfg)
+    differ = [key for key in ("encoder", "bridge") if saved.get(key) != wanted[key]]
+    if (saved.get("llm") or {}).get("name") != cfg.llm.name:
+        differ.append("llm")
+    return f"its {', '.join(differ)} differ from this run's" if differ else ""
 
 
-def choose_init(init: str, output_dir: str) -> InitChoice:
-    """Resolve `init` (scratch / auto / path / URI) to a concrete choice."""
+def _previous_stage2(output_dir: str, cfg: C.Stage2Config | None) -> tuple[Path | None, list]:
+    """The newest final checkpoint of a FINISHED earlier Stage 2 run that fits `cfg`.
+
+    A FAILED run may have saved `final` before a check failed (the LLM checksum), and a run of
+    another profile or LLM holds weights of other shapes: neither is taken. Returns the path
+    (or None) and the reasons candidates were passed over.
+    """
+    from pipeline.tracking import registry
+    from pipeline.tracking.runs import get_run
+
+    local = sorted(Path(output_dir).glob(f"*/{final_checkpoint_path(STAGE2_FINAL)}"),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = [(p, p.parents[1].name) for p in local]
+    stored = registry.latest_stage2_final()
+    if stored is not None:
+        candidates.append((Path(stored), None))
+    skipped = []
+    for path, run_id in candidates:
+        try:
+            metadata = read_metadata(path)
+            status = get_run(run_id or metadata.get("run_id")).info.status
+        except Exception as exc:  # noqa: BLE001 - an unreadable or unknown candidate is skipped
+            skipped.append(f"{path}: {type(exc).__name__}")
+            continue
+        why = "" if status == "FINISHED" else f"its run is {status}"
+        why = why or _fits(metadata, cfg)
+        if not why:
+            return path, skipped
+        skipped.append(f"run {metadata.get('run_id')}: {why}")
+    return None, skipped
+
+
+def choose_init(init: str, output_dir: str, cfg: C.Stage2Config | None = None) -> InitChoice:
+    """Resolve `init` (scratch / auto / path / URI) to a concrete choice.
+
+    `auto` takes only weights that fit `cfg` (encoder, bridge, LLM) and names their run.
+    """
     from pipeline.tracking import registry
 
     if init == "scratch":
@@ -44,16 +89,22 @@ def choose_init(init: str, output_dir: str) -> InitChoice:
     if init != "auto":
         return InitChoice("checkpoint", registry.download_checkpoint(init), init,
                           note=f"explicit checkpoint {init}")
-    previous = _previous_stage2(output_dir) or registry.latest_stage2_final()
+    previous, skipped = _previous_stage2(output_dir, cfg)
+    passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
     if previous is not None:
+        run_id = read_metadata(previous).get("run_id")
         return InitChoice("previous-stage2", Path(previous), str(previous),
-                          note=f"continuing from the previous Stage 2 final weights {previous}")
+                          note=f"continuing from the final weights of the earlier Stage 2 run "
+                               f"{run_id} ({previous}){passed_over}")
     uri = f"models:/{registry.VISION_MODEL}@{registry.VISION_ALIAS}"
     try:
         path = registry.download_checkpoint(uri)
     except FileNotFoundError:
-        return InitChoice("scratch", note=f"fresh weights: no earlier Stage 2 run and no {uri}")
-    return InitChoice("registry", path, uri, note=f"gate-approved Stage 1 weights {uri}")
+        return InitChoice("scratch", note=f"fresh weights: no fitting earlier Stage 2 run and "
+                                          f"no {uri}{passed_over}")
+    return InitChoice("registry", path, uri, note=f"gate-approved Stage 1 weights {uri} "
+                                                  f"(run {read_metadata(path).get('run_id')})"
+                                                  f"{passed_over}")
 
 
 def adopt_architecture(cfg: C.Stage2Config, metadata: dict) -> C.Stage2Config:
@@ -63,6 +114,16 @@ def adopt_architecture(cfg: C.Stage2Config, metadata: dict) -> C.Stage2Config:
         return cfg
     return replace(cfg, encoder=source.encoder,
                    bridge=replace(source.bridge, max_visual_tokens=cfg.bridge.max_visual_tokens))
+
+
+def refuse_width_mismatch(choice: InitChoice, width: int | None, llm_name: str,
+                          hidden_size: int) -> None:
+    """Raise GuardError when the initial weights' visual tokens do not have the LLM's width."""
+    if width is not None and width != hidden_size:
+        raise GuardError(
+            f"refusing to initialise Stage 2 from {choice.uri}: its visual tokens are {width} "
+            f"wide but the LLM {llm_name!r} has hidden size {hidden_size}; use the LLM its "
+            "Stage 1 was built for (the same profile), or --init scratch")
 
 
 def refuse_if_unfit(choice: InitChoice, model, metadata: dict, gate_verdict: str | None,

@@ -13,10 +13,12 @@ from pipeline.checkpoint import (STAGE2_FINAL, final_checkpoint_path, load_check
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
 from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
-from pipeline.stage2.resume import latest_step_checkpoint, restore_optimizer, state_from_metadata, truncate_csv
+from pipeline.stage2.resume import (latest_step_checkpoint, restore_optimizer, same_config,
+                                   state_from_metadata, truncate_csv)
 from pipeline.stage2.trainer import Stage2Result, Stage2Trainer
-from pipeline.models.loading import load_into, model_tensors, weights_of
-from pipeline.stage2.init import InitChoice, adopt_architecture, choose_init, refuse_if_unfit
+from pipeline.models.loading import load_into, model_tensors, output_width, weights_of
+from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
+                                  refuse_width_mismatch)
 from pipeline.tracking.runs import (MetricsSink, last_logged_step, log_dataset, log_files,
                                log_new_params, set_run_tags, stage_run)
 from pipeline.train.common import EpochLoaders, file_logger, seed_everything
@@ -48,10 +50,10 @@ class Stage2Job:
             else Path(self.resume)
         if folder is None:
             return None
-        ckpt = latest_step_checkpoint(folder)
+        ckpt = latest_step_checkpoint(folder, required=True)
         meta = read_metadata(ckpt)  # the tensors are loaded once, by _restore
         saved = C.from_dict(C.Stage2Config, meta["config"])
-        if self.resume is None and C.to_dict(saved) != C.to_dict(self.cfg):
+        if self.resume is None and not same_config(meta["config"], self.cfg):
             self.echo(f"not resuming {folder}: its config differs from this run's")
             return None
         self.cfg = saved
@@ -77,12 +79,14 @@ class Stage2Job:
         if resume_point is not None:
             choice, tensors, meta = InitChoice("resume", note="resuming"), None, resume_point[1]
         else:
-            choice = choose_init(self.init, self.cfg.output_dir)
+            choice = choose_init(self.init, self.cfg.output_dir, self.cfg)
             tensors, meta = weights_of(choice.path) if choice.path else (None, {})
             if tensors is not None:
                 self.cfg = adopt_architecture(self.cfg, meta)
         self.echo(f"init: {choice.source}: {choice.note}")
         llm = self.llm or load_llm(self.cfg.llm.name, self.cfg.llm.cache_dir, self.cfg.llm.dtype)
+        if tensors is not None:  # before any run or step: weights of the wrong width never fit
+            refuse_width_mismatch(choice, output_width(tensors), self.cfg.llm.name, llm.hidden_size)
         seed_everything(self.cfg.seed)
         model = VisionBridge.from_config(self.cfg.encoder, self.cfg.bridge, out_dim=llm.hidden_size)
         health = self._initialise(model, choice, tensors, meta)

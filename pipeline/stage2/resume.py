@@ -6,10 +6,14 @@ position inside the epoch, scheduler state, param groups) into its JSON metadata
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import to_dict
 
 OPTIM_PREFIX = "optim."
 
@@ -83,10 +87,27 @@ def truncate_csv(path: str | Path, last_step: int) -> int:
     return len(rows)
 
 
-def latest_step_checkpoint(out_dir: str | Path) -> Path | None:
-    """The step checkpoint with the highest step in `out_dir/checkpoints`, if any."""
+def same_config(saved: dict, cfg) -> bool:
+    """Whether a config read back from a checkpoint's JSON equals a live one.
+
+    Compared in JSON form: JSON has no tuples, so `bands` comes back as lists.
+    """
+    def as_json(value):
+        return json.loads(json.dumps(value, sort_keys=True))
+
+    return as_json(saved) == as_json(to_dict(cfg))
+
+
+def latest_step_checkpoint(out_dir: str | Path, required: bool = False) -> Path | None:
+    """The step checkpoint with the highest step in `out_dir/checkpoints`, if any.
+
+    `required`: raise CheckpointError naming the folder instead of returning None.
+    """
     paths = list((Path(out_dir) / "checkpoints").glob("vision_bridge_vlm_step*.safetensors"))
     if not paths:
+        if required:
+            raise CheckpointError(f"cannot resume {out_dir}: it holds no step checkpoint "
+                                  "(checkpoints/vision_bridge_vlm_step<N>.safetensors)")
         return None
     return max(paths, key=lambda p: int(p.stem.removeprefix("vision_bridge_vlm_step")))
 

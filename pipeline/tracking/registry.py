@@ -66,6 +66,13 @@ def alias_version(name: str, alias: str) -> str | None:
         return None
 
 
+def vision_version_of_run(source_run: str) -> str | None:
+    """The approved `vision-bridge` version registered from this Stage 1 run, or None."""
+    approved = [v for v in _versions_from_run(VISION_MODEL, source_run)
+                if v.tags.get(VERDICT_TAG) == "approved"]
+    return approved[0].version if approved else None
+
+
 def promote_vision_bridge(checkpoint: str | Path, source_run: str | None,
                           tags: Mapping[str, str]) -> str:
     """Register the checkpoint (once per source run) and point `stage2-ready` at it.
@@ -91,14 +98,21 @@ def promote_vision_bridge(checkpoint: str | Path, source_run: str | None,
     return keep.version
 
 
-def reject_stage1(source_run: str | None, reasons: list[str]) -> None:
-    """Tag the run rejected; un-alias and tag any version registered from it earlier."""
+def reject_stage1(source_run: str | None, reasons: list[str],
+                  checkpoint_sha256: str | None = None) -> None:
+    """Tag the run rejected; un-alias and tag any version registered from it earlier.
+
+    A bare checkpoint (no run) is known by its sha256: versions registered from the same file
+    (`source_run` = `file:<sha256>`, as `promote_vision_bridge` keys them) are un-aliased.
+    """
     client = MlflowClient()
     text = "; ".join(reasons)[:4900]
     if source_run:
         client.set_tag(source_run, VERDICT_TAG, "rejected")
         client.set_tag(source_run, REASONS_TAG, text)
-        for version in _versions_from_run(VISION_MODEL, source_run):
+    key = source_run or (f"file:{checkpoint_sha256}" if checkpoint_sha256 else None)
+    if key:
+        for version in _versions_from_run(VISION_MODEL, key):
             client.set_model_version_tag(VISION_MODEL, version.version, VERDICT_TAG, "rejected")
             if alias_version(VISION_MODEL, VISION_ALIAS) == version.version:
                 client.delete_registered_model_alias(VISION_MODEL, VISION_ALIAS)
@@ -128,7 +142,10 @@ def download_checkpoint(uri: str, name_hint: str = "") -> Path:
                              recursive=True))
     if not found:
         raise FileNotFoundError(f"no {name_hint or ''} safetensors checkpoint under {uri}")
-    return Path(found[0])
+    # A folder (a run's `checkpoints/`) resolves to its final weights, the ones a registered
+    # version holds, never to `best_val` merely because it sorts first.
+    finals = [p for p in found if Path(p).stem.endswith("_final")]
+    return Path((finals or found)[0])
 
 
 def model_version_run(uri: str) -> str | None:

@@ -23,6 +23,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 EXPERIMENT_NAME = "radiology-report-vlm"
 STAGE_TAG = "pipeline.stage"
+INTERRUPTED_TAG = "pipeline.interrupted"  # "true" on a run ended by SIGINT/SIGTERM
 # Tracking failures a step reports in one line (steps never import mlflow themselves).
 StepFailed = ExecutionException  # an `mlflow run` child step that exited non-zero
 TRACKING_ERRORS = (MlflowException, StepFailed)
@@ -60,23 +61,33 @@ def _experiment() -> None:
         mlflow.set_experiment(EXPERIMENT_NAME)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None,
               nested: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Open (or, under `mlflow run` / on resume, re-attach to) a run tagged with `stage`.
 
-    SIGTERM is turned into KeyboardInterrupt so callers can save and end the run KILLED;
-    an interrupted run is never left RUNNING.
+    SIGINT and SIGTERM become KeyboardInterrupt so callers can save and end the run KILLED;
+    an interrupted run is never left RUNNING. After the first one, further SIGINT/SIGTERM are
+    ignored: under `mlflow run`, Ctrl-C reaches the whole process group and `mlflow run` then
+    sends SIGTERM to cancel its child at once; a second interrupt must not cut the save or the
+    KILLED status short, nor turn exit code 130 into death by signal.
     """
     _experiment()
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _raise_interrupt)
+    interrupted = False
     try:
         run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested)
         mlflow.set_tag(STAGE_TAG, stage)
         try:
             yield run
         except KeyboardInterrupt:
+            interrupted = True
+            mlflow.set_tag(INTERRUPTED_TAG, "true")  # survives a status overwritten by `mlflow run`
             mlflow.end_run("KILLED")
             raise
         except BaseException:
@@ -85,10 +96,14 @@ def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None
         else:
             mlflow.end_run("FINISHED")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not interrupted:  # interrupted: the program is on its way out; keep the shield
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    for stop in _STOP_SIGNALS:  # shield the save and end_run from a second interrupt
+        signal.signal(stop, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
