@@ -19,7 +19,7 @@ from pipeline.gate.champion import ChampionEvidence, comparison_key, judge_champ
 from pipeline.tracking.registry import (champion_state, record_champion_verdict,
                                         resolve_stage2_checkpoint)
 from pipeline.tracking.runs import (log_dict, log_files, log_metrics, log_new_params, log_param,
-                                    log_table, set_run_tags, stage_run)
+                                    log_table, name_run, set_run_tags, stage_run)
 from steps.common import auto, one_line_errors, profile_option
 
 
@@ -61,6 +61,9 @@ def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, me
             message = _champion(outcome, source_run)
         else:
             message = "champion unchanged: only a full test-split evaluation can promote"
+        verdict = "champion" if message.startswith("champion ->") else \
+            "rejected" if "rejected" in message else "not judged"
+        name_run(f"evaluate {verdict} {split}")
         click.echo(message, err=True)
         shown = {k: round(v, 4) for k, v in outcome.metrics.items()
                  if k.split("_", 1)[-1] in ("bleu4", "cider", "finding_macro_f1",
@@ -87,7 +90,25 @@ def _champion(outcome, source_run) -> str:
                "eval.blind_coarse_f1": f"{evidence.blind_coarse_f1:.3f}",
                "eval.grounding_gap": f"{evidence.grounding_gap:.3f}"}
     return record_champion_verdict(source_run, verdict, m["score"], outcome.score_definition,
-                                   key, summary)
+                                   key, summary, _description(outcome, verdict))
+
+
+def _description(outcome, verdict) -> str:
+    """What decides whether to trust this version, for its page in the MLflow UI."""
+    m, d = outcome.metrics, outcome.decoding
+    lines = [f"**champion gate: {'approved' if verdict.approved else 'rejected'}**"
+             + (f" ({'; '.join(verdict.reasons)})" if verdict.reasons else ""), "",
+             "| | model | blind baseline |", "|---|---|---|"]
+    for label, key in (("coarse finding F1", "finding_coarse_macro_f1"),
+                       ("fine finding F1 (18)", "finding_macro_f1"), ("BLEU-4", "bleu4"),
+                       ("CIDEr", "cider")):
+        lines.append(f"| {label} | {m[f'{d}_{key}']:.3f} | {m[f'blind_{key}']:.3f} |")
+    lines += [f"| grounding gap (nats) | {m['grounding_gap']:.3f} | 0 |",
+              f"| distinct reports | {m[f'{d}_distinct_share']:.2f} | "
+              f"{1 / max(1, len(outcome.table)):.2f} |", "", f"Samples ({d}):"]
+    for _, row in outcome.table.head(3).iterrows():
+        lines += [f"- generated: {row[f'generated_{d}']}", f"  reference: {row['reference']}"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

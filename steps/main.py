@@ -15,8 +15,8 @@ from pipeline import config as C
 from pipeline.data import dataset_digest, load_dataset
 from pipeline.tracking.registry import VISION_MODEL, run_verdict, vision_version_of_run
 from pipeline.tracking.runs import (StepFailed, artifact_uri, find_reusable_run, git_commit,
-                                    log_metrics, run_entry_point, run_metrics, set_run_tags,
-                                    stage_run, tracking_uri)
+                                    log_metrics, log_new_params, name_run, run_entry_point,
+                                    run_metrics, run_tags, set_run_tags, stage_run, tracking_uri)
 from steps.common import one_line_errors, profile_option
 
 
@@ -55,7 +55,11 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
     commit = git_commit()
     records = load_dataset(C.build(C.Stage1Config, profile, {"data.source": data}).data)
     with stage_run("main") as parent:
+        name_run(f"main {profile}")
         set_run_tags({"data.digest": dataset_digest(records)})
+        log_new_params({"profile": profile, "data": data, "data.digest": dataset_digest(records),
+                        "objective": objective, "stage1_lr": stage1_lr, "stage2_lr": stage2_lr,
+                        "llm": llm})
         common = {"profile": profile, "data": data}
         s1, _ = _step("stage1", {**common, "objective": objective, "lr": stage1_lr}, commit)
         _, approved = _step("validate", {"stage1_run": s1, "profile": profile}, commit,
@@ -84,13 +88,17 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
 
 def _summary(parent_id: str, s1: str, s2: str, ev: str) -> None:
     metrics = run_metrics(ev)
-    shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("beam_", "greedy_"))
-             and k.split("_", 1)[1] in ("bleu4", "cider", "rouge_l", "finding_macro_f1",
-                                        "distinct_share")}
+    shown = {k: round(v, 4) for k, v in sorted(metrics.items())
+             if (k.startswith(("beam_", "greedy_", "blind_"))
+                 and k.split("_", 1)[1] in ("bleu4", "cider", "finding_macro_f1",
+                                            "finding_coarse_macro_f1", "distinct_share"))
+             or k == "grounding_gap"}
     log_metrics({f"eval_{k}": v for k, v in shown.items()})
     click.echo("\n== pipeline finished ==")
     click.echo(f"runs: main {parent_id} | stage1 {s1} | stage2 {s2} | evaluate {ev}")
     click.echo(f"final metrics: {shown} score={metrics.get('score', float('nan')):.4f}")
+    click.echo(f"champion: {run_tags(ev).get('champion.verdict', 'not judged')} "
+               f"{run_tags(ev).get('champion.reasons', '')}".rstrip())
     click.echo(f"artifacts: {artifact_uri(s2)} (Stage 2), "
                f"{artifact_uri(ev)} (evaluation); outputs/ holds local copies")
     click.echo(f"tracking store: {tracking_uri(raw=True)}")

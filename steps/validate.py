@@ -18,7 +18,7 @@ from pipeline.gate.evidence import checkpoint_evidence, recorded_profile, run_ev
 from pipeline.gate.rules import evaluate_gate
 from pipeline.tracking.registry import mark_approved, promote_vision_bridge, reject_stage1
 from pipeline.tracking.runs import (latest_run, log_dict, log_metrics, log_new_params,
-                                    set_run_tags, stage_run)
+                                    name_run, set_run_tags, stage_run)
 from steps.common import EXIT_REFUSED, auto, one_line_errors, profile_option
 
 
@@ -59,6 +59,7 @@ def main(stage1_run, checkpoint, min_final_loss, max_lr, data, profile):
         log_metrics({f"gate.{r.name}.passed": float(r.passed) for r in verdict.rules} |
                            {f"gate.{r.name}.value": float(r.value) for r in verdict.rules
                             if isinstance(r.value, (int, float))})
+        name_run(f"validate -> {'approved' if verdict.approved else 'rejected'}")
         set_run_tags({"gate.verdict": "approved" if verdict.approved else "rejected",
                          "gate.reasons": "; ".join(verdict.reasons)[:4900],
                          "gate.source_run": source_run or "", "gate.checkpoint_sha256": sha or ""})

@@ -40,6 +40,7 @@ def test_images_without_information_are_flagged_and_refused(mlflow_store, tmp_pa
     assert ev.data.tags["champion.verdict"] == "rejected"
     assert "grounding gap" in ev.data.tags["champion.reasons"]
     assert "champion unchanged" in output and "rejected" in output
+    assert ev.info.run_name == "evaluate rejected test"
     versions = MlflowClient().search_model_versions("name='report-vlm'")
     assert all(v.aliases == [] or "champion" not in v.aliases for v in versions)
 
@@ -57,3 +58,8 @@ def test_reports_decided_by_the_image_are_read_and_promoted(mlflow_store, tmp_pa
     assert champion.tags["source_run"] == s2.info.run_id
     assert float(champion.tags["eval.grounding_gap"]) >= 0.05
     assert mlflow.artifacts.load_dict(f"runs:/{ev.info.run_id}/champion_verdict.json")["approved"]
+    # What the UI shows: runs named by stage and verdict, the scores on the version's page.
+    assert ev.info.run_name == "evaluate champion test"
+    assert s2.info.run_name.startswith("stage2 findings lr=0.01 init=scratch")
+    assert "grounding gap" in champion.description and "blind baseline" in champion.description
+    assert "generated:" in champion.description

@@ -10,7 +10,7 @@ from pipeline.checkpoint import sha256_file
 from pipeline.data import dataset_digest, dataset_profile, records_frame
 from pipeline.stage1.trainer import Stage1Result, Stage1Trainer, build_stage1_inputs
 from pipeline.tracking.runs import (MetricsSink, log_dataset, log_files, log_metrics,
-                                    log_new_params, set_run_tags, stage_run)
+                                    log_new_params, name_run, set_run_tags, stage_run)
 from pipeline.train.common import file_logger
 from pipeline.train.plots import plot_stage1
 
@@ -29,6 +29,7 @@ class Stage1Job:
         inputs = build_stage1_inputs(cfg)
         with stage_run("stage1") as run:
             self.run_id = run.info.run_id
+            name_run(f"stage1 {cfg.objective} lr={cfg.lr:g} {self.profile}")
             self.out_dir = out = Path(cfg.output_dir) / self.run_id
             stamp = time.strftime('%Y%m%d_%H%M')
             log_path = out / f"stage1_lr{cfg.lr:g}_bs{cfg.batch_size}_{stamp}.log"

@@ -20,7 +20,7 @@ from pipeline.models.loading import load_into, model_tensors, output_width, weig
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
                                   refuse_width_mismatch)
 from pipeline.tracking.runs import (MetricsSink, last_logged_step, log_dataset, log_files,
-                               log_new_params, set_run_tags, stage_run)
+                               log_new_params, name_run, set_run_tags, stage_run)
 from pipeline.train.common import EpochLoaders, file_logger, seed_everything
 
 
@@ -102,6 +102,8 @@ class Stage2Job:
         run_id = resume_point[1]["run_id"] if resume_point else None
         with stage_run("stage2", run_id=run_id) as run:
             self.run_id = run.info.run_id
+            recipe = "findings" if self.cfg.findings else "plain-prefix"
+            name_run(f"stage2 {recipe} lr={self.cfg.lr:g} init={choice.source} {self.profile}")
             self.out_dir = Path(self.cfg.output_dir) / self.run_id
             log = file_logger("stage2", self.out_dir / "stage2.log")
             set_run_tags({"init.source": choice.source, "init.note": choice.note[:500],

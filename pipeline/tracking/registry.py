@@ -217,7 +217,7 @@ def champion_state() -> tuple[str | None, float | None, str | None]:
 
 
 def record_champion_verdict(source_run: str | None, verdict, score: float, definition: str,
-                            key: str, summary: dict[str, str]) -> str:
+                            key: str, summary: dict[str, str], description: str = "") -> str:
     """Tag the evaluated `report-vlm` version with its scores and the champion verdict; move
     `champion` to it when the verdict approves. Returns one line saying what happened."""
     client = MlflowClient()
@@ -230,6 +230,8 @@ def record_champion_verdict(source_run: str | None, verdict, score: float, defin
             "champion.reasons": "; ".join(verdict.reasons)[:4000], **summary}
     for name, value in tags.items():
         client.set_model_version_tag(REPORT_MODEL, version, name, value)
+    if description:  # shown on the model version's page in the UI
+        client.update_model_version(REPORT_MODEL, version, description=description[:5000])
     if not verdict.approved:
         return (f"champion unchanged: report-vlm version {version} rejected: "
                 + "; ".join(verdict.reasons))

@@ -107,6 +107,15 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def name_run(name: str) -> None:
+    """Rename the active run, so the runs table reads as the pipeline (stage, recipe, verdict).
+
+    Under `mlflow run` the run already exists with a random name; this replaces it."""
+    run = mlflow.active_run()
+    if run is not None:
+        MlflowClient().update_run(run.info.run_id, name=name[:250])
+
+
 def log_new_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Log params not yet on the active run.
 
@@ -222,6 +231,11 @@ def run_entry_point(name: str, params: Mapping[str, str]) -> str:
 def run_metrics(run_id: str) -> dict[str, float]:
     """The latest value of each metric of a run."""
     return dict(MlflowClient().get_run(run_id).data.metrics)
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    """A run's tags."""
+    return dict(MlflowClient().get_run(run_id).data.tags)
 
 
 def artifact_uri(run_id: str) -> str:
