@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast property bench data clean browser
+.PHONY: install demo test test-fast property bench data clean browser ui notebook
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -42,6 +42,21 @@ test-fast: $(STAMP)
 
 data: $(STAMP)
 	$(PY) -m pipeline.data.synthetic --out data/synthetic --seed 0
+
+# The MLflow UI on the local store, on 127.0.0.1 only.
+UI_PORT ?= 5000
+ui: $(STAMP)
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (store sqlite:///mlflow.db; Ctrl-C stops it)"
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# Execute the comparison notebook headless on the local store; the executed copy goes to outputs/.
+notebook: $(STAMP)
+	@mkdir -p outputs/notebook
+	MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(PY) -c "import nbformat, nbclient; \
+	nb = nbformat.read('notebooks/compare_runs.ipynb', as_version=4); \
+	nbclient.NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': '.'}}).execute(); \
+	nbformat.write(nb, 'outputs/notebook/compare_runs.ipynb')"
+	@echo "executed notebook: outputs/notebook/compare_runs.ipynb"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_mixer.py

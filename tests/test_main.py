@@ -78,6 +78,14 @@ def test_main_runs_every_step_as_a_child_and_a_rerun_reuses_them(mlflow_store, t
         assert [v.tags["source_run"] for v in evaluated] == [children["stage2"].info.run_id]
         assert evaluated[0].tags["champion.verdict"] == "rejected"
         assert children["evaluate"].data.tags["champion.verdict"] == "rejected"
+        # The runs table reads as the pipeline: each run named for what it is.
+        names = {stage: run.info.run_name for stage, run in children.items()}
+        assert names["stage1"] == "stage1 findings lr=0.001 tiny", names
+        assert names["validate"] == "validate -> approved", names
+        assert names["stage2"].startswith("stage2 findings lr=0.001 init=checkpoint"), names
+        assert names["evaluate"] == "evaluate rejected test", names
+        assert parent.info.run_name == "main tiny"
+        assert parent.data.params["profile"] == "tiny" and "data.digest" in parent.data.params
         assert "grounding gap" in children["evaluate"].data.tags["champion.reasons"]
         assert children["evaluate"].data.params["model"] == children["stage2"].info.run_id
         assert f"evaluate {children['evaluate'].info.run_id}" in first.stdout

@@ -24,7 +24,9 @@ HEALTH_KEYS = tuple(f"health_{key}" for key in _HEALTH_KEYS)
 PARAMS = {"stage1": ("lr", "objective", "batch_size"), "stage2": ("lr", "batch_size", "init"),
           "evaluate": ("model", "split")}
 TAGS = {VERDICT_TAG: "gate_verdict", REASONS_TAG: "gate_reasons", "gate.source_run": "source_run",
-        "eval.source_run": "source_run", COLLAPSE_TAG: "collapse_suspected"}
+        "eval.source_run": "source_run", COLLAPSE_TAG: "collapse_suspected",
+        "champion.verdict": "champion_verdict", "champion.reasons": "champion_reasons",
+        "stage2.image_ignored": "image_ignored"}
 BASE_COLUMNS = ["run_id", "run_name", "experiment_id", "status", "start_time"]
 
 
@@ -50,7 +52,9 @@ def stage_runs(stage: str, client: MlflowClient | None = None) -> pd.DataFrame:
         row = {"run_id": run.info.run_id, "run_name": run.info.run_name,
                "experiment_id": run.info.experiment_id, "status": run.info.status,
                "start_time": pd.to_datetime(run.info.start_time, unit="ms")}
-        row |= {key: run.data.params.get(key) for key in PARAMS.get(stage, ("lr",))}
+        # `resolved.<key>` holds the value a step used where the run was given "auto".
+        row |= {key: run.data.params.get(f"resolved.{key}", run.data.params.get(key))
+                for key in PARAMS.get(stage, ("lr",))}
         row |= {column: run.data.tags[tag] for tag, column in TAGS.items() if tag in run.data.tags}
         row |= {k: v for k, v in run.data.metrics.items() if k not in row}  # never shadow a param
         rows.append(row)
@@ -110,6 +114,41 @@ def eval_table(client: MlflowClient | None = None) -> pd.DataFrame:
     keep = ["run_id", "run_name", "start_time", "source_run", "score", *metrics]
     frame = frame.reindex(columns=keep)
     return frame.sort_values("score", ascending=False, na_position="last").reset_index(drop=True)
+
+
+SUMMARY = {"coarse_f1": "finding_coarse_macro_f1", "fine_f1": "finding_macro_f1",
+           "bleu4": "bleu4", "cider": "cider", "distinct": "distinct_share"}
+
+
+def eval_summary(client: MlflowClient | None = None) -> pd.DataFrame:
+    """One compact row per evaluate run, best score first: the model's key scores beside the
+    blind baseline's, the grounding gap and the champion verdict (last decoding's scores)."""
+    frame = stage_runs("evaluate", client)
+    columns = ["run_name", "source_run", "coarse_f1", "blind_coarse_f1", "fine_f1",
+               "blind_fine_f1", "grounding_gap", "bleu4", "cider", "distinct", "score",
+               "champion_verdict", "champion_reasons"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    out = frame.reindex(columns=["run_name", "source_run", "grounding_gap", "score",
+                                 "champion_verdict", "champion_reasons"])
+    for name, key in SUMMARY.items():
+        beam, greedy = frame.get(f"beam_{key}"), frame.get(f"greedy_{key}")
+        out[name] = beam.fillna(greedy) if beam is not None and greedy is not None else \
+            (beam if beam is not None else greedy)
+    for name in ("coarse_f1", "fine_f1"):
+        out[f"blind_{name}"] = frame.get(f"blind_{SUMMARY[name]}")
+    out = out.reindex(columns=columns).sort_values("score", ascending=False, na_position="last")
+    return out.reset_index(drop=True)
+
+
+def sample_reports(run_id: str, n: int = 3) -> pd.DataFrame:
+    """The first `n` reports an evaluate run wrote, beside their references."""
+    import mlflow
+
+    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/reports.json")
+    frame = pd.DataFrame(table["data"], columns=table["columns"])
+    generated = [c for c in frame.columns if c.startswith("generated_")]
+    return frame.reindex(columns=["id", *generated[-1:], "reference"]).head(n)
 
 
 def _label(row: pd.Series) -> str:
