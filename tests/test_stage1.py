@@ -200,3 +200,23 @@ def test_interrupt_under_mlflow_run_ends_killed_even_when_signalled_twice(
     assert "the run ended KILLED" in out
     saved = list((tmp_path / "out" / run_id / "checkpoints").glob("vision_bridge_step*"))
     assert saved and not list((tmp_path / "out" / run_id / "checkpoints").glob("*.tmp")), out
+
+
+def test_two_runs_started_at_once_on_a_fresh_store_both_finish(tmp_path):
+    """Two Stage 1 runs racing to create one fresh sqlite store (MLflow's schema migrations
+    are not safe to run twice at once) both finish."""
+    store = f"sqlite:///{tmp_path / 'fresh.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=store)
+    procs = [subprocess.Popen([sys.executable, "-m", "steps.stage1", "--profile", "tiny",
+                               "--epochs", "1", "--output_dir", str(tmp_path / f"o{i}")],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-2000:] for o in outputs)
+    mlflow.set_tracking_uri(store)
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    finally:
+        mlflow.set_tracking_uri(None)

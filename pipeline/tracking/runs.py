@@ -55,10 +55,36 @@ class MetricsSink:
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock() -> Iterator[None]:
+    """Serialise first contact with a local sqlite store across processes.
+
+    MLflow creates and migrates a new sqlite store on first use; two processes doing that at
+    once fail ("duplicate column name"). An exclusive lock on `<db>.lock` around the first
+    call lets one create it and the other find it ready. Other stores need no lock.
+    """
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = uri.removeprefix("sqlite:///") + ".lock"
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            MlflowClient().search_experiments(max_results=1)  # creates/migrates the store
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _experiment() -> None:
-    if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-            or os.environ.get("MLFLOW_RUN_ID")):
-        mlflow.set_experiment(EXPERIMENT_NAME)
+    with _sqlite_init_lock():
+        if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                or os.environ.get("MLFLOW_RUN_ID")):
+            mlflow.set_experiment(EXPERIMENT_NAME)
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
