@@ -298,3 +298,17 @@ def test_rejecting_a_bare_checkpoint_removes_the_alias_of_its_earlier_version(ml
         MlflowClient().get_model_version_by_alias(VISION_MODEL, VISION_ALIAS)
     assert MlflowClient().get_model_version(VISION_MODEL, version.version) \
         .tags["gate.verdict"] == "rejected"
+
+
+def test_run_given_auto_values_is_judged_by_what_it_resolved(mlflow_store, tmp_path):
+    """Under `mlflow run`, params hold "auto"; the gate reads `resolved.lr` / `.objective`."""
+    client = MlflowClient()
+    exp = client.create_experiment("auto-params")
+    ckpt = save_checkpoint(tmp_path / "vision_bridge_final", {"w": torch.ones(2)},
+                           {"stage": "stage1"})
+    health = {"feature_std": 0.5, "normalized_std": 0.5, "effective_rank": 3.0}
+    rid = _fake_run(client, exp, ckpt, "FINISHED", 0.7, "auto", "auto", health, True)
+    client.log_param(rid, "resolved.lr", "0.001")
+    client.log_param(rid, "resolved.objective", "findings")
+    result = _validate(["--stage1_run", rid])
+    assert result.exit_code == 0, result.output

@@ -31,6 +31,10 @@ def run_evidence(run_id: str, checkpoint_name: str = STAGE1_FINAL):
     run = get_run(run_id)
     metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
     path = download_run_artifact(run_id, final_checkpoint_path(checkpoint_name))
+    # Under `mlflow run`, params hold what was passed ("auto"); the value the run used is in
+    # `resolved.<key>` (see tracking.runs.log_new_params).
+    params = {**params, **{k.removeprefix("resolved."): v for k, v in params.items()
+                           if k.startswith("resolved.")}}
     lr = params.get("lr")
     try:
         lr = float(lr) if lr is not None else None
