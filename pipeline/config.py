@@ -43,6 +43,10 @@ class EncoderConfig:
     expand: int = 2
     chunk_size: int = 32
 
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,8 @@ def test_composite_score_is_a_weighted_sum_that_refuses_missing_or_nan():
                                            "cider": 0.25}
     with pytest.raises(TypeError):
         DEFAULT_SCORE_WEIGHTS["meteor"] = 1.0
-    assert composite_score({"bleu4": 0.2, "cider": 0.6, "meteor": 9.0}) == pytest.approx(0.4)
+    assert composite_score({"finding_coarse_macro_f1": 0.5, "bleu4": 0.2, "cider": 0.6,
+                            "meteor": 9.0}) == pytest.approx(0.45)
     assert composite_score({"bleu4": 0.2, "meteor": 0.3}, {"meteor": 2.0}) == pytest.approx(0.6)
     with pytest.raises(KeyError, match="cider"):
         composite_score({"bleu4": 0.2})

@@ -19,15 +19,18 @@ from click.testing import CliRunner
 from PIL import Image
 
 from steps import evaluate, stage2
+from tests.grounded_data import write_dataset
 
 MODEL = "report-vlm"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(tmp_path_factory, grounded_llm):
     """A store holding one tiny Stage 2 version, evaluated: alias `candidate` and `champion`.
 
     Module-scoped (unlike `mlflow_store`) so training and evaluation happen once per module.
+    Trained on a tiny dataset whose reports the image decides, with an LLM that follows a
+    findings prompt (tests/grounded_data.py), so the champion gate can promote it.
     """
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -39,11 +42,15 @@ def registry(tmp_path_factory):
         mp.setenv("REPORT_VLM_IMAGE_ROOT", str(root))  # paths are accepted under the root only
         mlflow.set_tracking_uri(uri)
         try:
-            trained = CliRunner().invoke(stage2.main, ["--profile", "tiny", "--init", "scratch"],
-                                         catch_exceptions=False)
+            data = str(write_dataset(root / "data", informative=True, n_eval=4))
+            trained = CliRunner().invoke(stage2.main, [
+                "--profile", "tiny", "--init", "scratch", "--data", data, "--llm",
+                str(grounded_llm), "--epochs", "2", "--lr", "1e-2", "--encoder_lr", "same"],
+                catch_exceptions=False)
             assert trained.exit_code == 0, trained.output
             scored = CliRunner().invoke(evaluate.main, ["--profile", "tiny", "--num_beams", "1",
-                                                        "--no-meteor"], catch_exceptions=False)
+                                                        "--no-meteor", "--data", data],
+                                        catch_exceptions=False)
             assert scored.exit_code == 0, scored.output
             yield {"uri": uri, "root": root,
                    "image": sorted((root / "data").rglob("*.png"))[0]}

@@ -147,7 +147,6 @@ def test_sigterm_saves_the_last_checkpoint_and_ends_killed(mlflow_store, tmp_pat
     while time.time() < deadline and not list((tmp_path / "out").glob("*/checkpoints/*step*")):
         time.sleep(0.1)
     time.sleep(0.5)
-    signalled = time.time()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
@@ -160,7 +159,9 @@ def test_sigterm_saves_the_last_checkpoint_and_ends_killed(mlflow_store, tmp_pat
     # and holds the last step the run logged (not merely an earlier periodic one).
     saved = max((tmp_path / "out").glob("*/checkpoints/vision_bridge_step*.safetensors"),
                 key=lambda p: int(p.stem.removeprefix("vision_bridge_step")))
-    assert saved.stat().st_mtime >= signalled, "no checkpoint was saved on interrupt"
+    # (File mtimes come from a coarse clock, a few ms; the checkpoint says which save it was.)
+    assert load_checkpoint(saved)[1].get("interrupted") is True, \
+        "no checkpoint was saved on interrupt"
     last_step = max(m.step for m in mlflow.tracking.MlflowClient().get_metric_history(
         run.info.run_id, "train_loss"))
     assert load_checkpoint(saved)[1]["step"] == last_step

@@ -105,7 +105,9 @@ def test_vision_bridge_from_tiny_config_trains_end_to_end(kind):
     assert model.encode(images).shape == (2, 16, cfg.encoder.d_model)
     check_visual_tokens(visual, model.num_visual_tokens, cfg.bridge.max_visual_tokens)
     visual.square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # The finding head is off this path (images -> visual tokens); it trains through findings().
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for n, p in model.named_parameters() if not n.startswith("finding_head."))
 
 
 @pytest.mark.parametrize("kind", ["pool", "queries"])

@@ -73,10 +73,12 @@ class Stage1Trainer:
             self.pos_weight = positive_weights(
                 [r for batch in train_loader for r in batch["reports"]])
 
-    def _save(self, kind: str, epoch: int, final_loss: float | None = None) -> Path:
+    def _save(self, kind: str, epoch: int, final_loss: float | None = None,
+              interrupted: bool = False) -> Path:
         name = f"vision_bridge_step{self.step}" if kind == "step" else f"vision_bridge_{kind}"
         meta = _metadata(self.cfg, self.run_id, kind, self.step, epoch, final_loss,
                          self.result.health, self.profile)
+        meta["interrupted"] = interrupted  # the save on interrupt, not a periodic one
         path = save_checkpoint(self.out_dir / "checkpoints" / name, self.model.state_dict(), meta)
         self.result.checkpoints[name] = path
         return path
@@ -169,7 +171,7 @@ class Stage1Trainer:
                 self._end_epoch(epoch, losses)
         except KeyboardInterrupt:
             self.log.warning("interrupted at step %d: saving the last checkpoint", self.step)
-            self._save("step", self.result.epochs_done)
+            self._save("step", self.result.epochs_done, interrupted=True)
             raise
         finally:
             bar.close()

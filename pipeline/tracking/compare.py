@@ -142,10 +142,15 @@ def eval_summary(client: MlflowClient | None = None) -> pd.DataFrame:
 
 
 def sample_reports(run_id: str, n: int = 3) -> pd.DataFrame:
-    """The first `n` reports an evaluate run wrote, beside their references."""
+    """The first `n` reports an evaluate run wrote, beside their references (empty when the
+    run logged none)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/reports.json")
+    try:
+        table = mlflow.artifacts.load_dict(f"runs:/{run_id}/reports.json")
+    except (MlflowException, OSError):
+        return pd.DataFrame(columns=["id", "generated", "reference"])
     frame = pd.DataFrame(table["data"], columns=table["columns"])
     generated = [c for c in frame.columns if c.startswith("generated_")]
     return frame.reindex(columns=["id", *generated[-1:], "reference"]).head(n)
