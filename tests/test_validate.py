@@ -172,6 +172,10 @@ health_values = st.sampled_from([0.0, 1e-5, 0.05, 0.5, 5.0, float("nan")])
     min_size=1, max_size=3))
 def test_verdict_equals_rule_conjunction_and_alias_never_on_rejected(history):
     gate = C.build(C.GateConfig, "tiny")
+    # Each example has its own store: nothing the previous one set may point into it
+    # (set_experiment exports MLFLOW_EXPERIMENT_ID and the fluent API caches the id).
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    mlflow.tracking.fluent._active_experiment_id = None
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/m.db"
         old_cwd = os.getcwd()
@@ -206,6 +210,8 @@ def test_verdict_equals_rule_conjunction_and_alias_never_on_rejected(history):
             os.chdir(old_cwd)
             mlflow.set_tracking_uri(None)
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+            mlflow.tracking.fluent._active_experiment_id = None
 
 
 # ---- the floors are those of the profile the weights were trained with -------------------
