@@ -117,10 +117,6 @@ def nlg_scores(references: Sequence[str], hypotheses: Sequence[str], *,
     return scores
 
 
-def _ratio(num: int, den: int) -> float:
-    return num / den if den else 0.0
-
-
 def _label_scores(references: Sequence[dict], hypotheses: Sequence[dict], names: Sequence[str],
                   prefix: str) -> dict[str, float]:
     """Per-label precision/recall/F1, macro averages and pooled micro scores, under `prefix`."""

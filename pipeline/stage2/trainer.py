@@ -25,7 +25,7 @@ from pipeline.config import Stage2Config, to_dict
 from pipeline.models.findings import decode_findings, finding_loss, label_f1, positive_weights
 from pipeline.models.report_model import caption_forward, generate_reports, grounding_losses, uses_findings
 from pipeline.train.curve import degenerate, distinct_share, judge_epoch
-from pipeline.guards import (GuardError, check_finite_grads, check_finite_loss,
+from pipeline.guards import (GuardError, check_finite_loss,
                              check_label_mask, check_optimizer_excludes)
 from pipeline.models.bridge import check_visual_tokens
 from pipeline.stage2.resume import ResumeState, optimizer_tensors
