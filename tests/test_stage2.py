@@ -121,14 +121,19 @@ def _stage2(args, env=None, **kw):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def test_kill9_mid_epoch_then_resume_has_every_step_once(mlflow_store, tmp_path):
-    import mlflow
-
+def _started(mlflow_store, tmp_path):
+    """A 3-epoch tiny Stage 2 from scratch, started: (process, env, args, csv finder)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow_store}
     args = ["--init", "scratch", "--epochs", "3", "--llm", "tiny-random",
             "--output_dir", str(tmp_path / "out")]
-    proc = _stage2(args, env, cwd=tmp_path)
     csv_glob = lambda: list((tmp_path / "out").glob("*/stage2_train_log.csv"))  # noqa: E731
+    return _stage2(args, env, cwd=tmp_path), env, args, csv_glob
+
+
+def test_kill9_mid_epoch_then_resume_has_every_step_once(mlflow_store, tmp_path):
+    import mlflow
+
+    proc, env, args, csv_glob = _started(mlflow_store, tmp_path)
     deadline = time.time() + 120
     # Tiny profile: 12 train samples, batch 2 -> 6 steps/epoch; checkpoint every 4 steps.
     # Kill in the middle of epoch 2 (step 9), after the step-8 checkpoint.
@@ -306,3 +311,43 @@ def test_auto_init_takes_only_weights_of_the_requested_architecture(mlflow_store
     third = _stage2_cli()  # the same architecture as the first: that run is taken, by name
     assert third.exit_code == 0, third.output
     assert "init: previous-stage2" in third.output and earlier in third.output
+
+
+def test_sigterm_saves_a_checkpoint_at_the_step_it_stopped_and_metrics_stop_there(
+        mlflow_store, tmp_path):
+    """SIGTERM mid-epoch: exit 130, a step checkpoint saved on interrupt that covers exactly the
+    steps MLflow holds (the flush after it sends none past it), and a resume re-logs none."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.checkpoint import read_metadata
+    from pipeline.stage2.resume import latest_step_checkpoint
+
+    proc, env, args, csv_glob = _started(mlflow_store, tmp_path)
+    deadline = time.time() + 120
+    while not (csv_glob() and len(pd.read_csv(csv_glob()[0])) >= 6):  # past the step-4 save
+        assert proc.poll() is None, "stage2 ended before it could be stopped:\n" + proc.stdout.read()
+        assert time.time() < deadline, "stage2 too slow to reach step 6"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    folder = csv_glob()[0].parent
+    ckpt = latest_step_checkpoint(folder)
+    meta = read_metadata(ckpt)
+    rows = len(pd.read_csv(csv_glob()[0]))
+    assert meta["interrupted"] is True and meta["step"] == rows >= 6, (ckpt.name, rows)
+    client = MlflowClient(mlflow_store)
+    logged = sorted(m.step for m in client.get_metric_history(folder.name, "train_loss"))
+    assert logged == list(range(1, rows + 1))  # nothing past the checkpoint, nothing twice
+    assert client.get_run(folder.name).info.status == "KILLED"
+
+    resumed = subprocess.run([sys.executable, "-m", "steps.stage2", "--profile", "tiny",
+                              *args[2:], "--resume", str(folder)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    run = client.get_run(folder.name)
+    steps = sorted(m.step for m in client.get_metric_history(folder.name, "train_loss"))
+    assert steps == list(range(1, 19)), steps
+    assert run.data.tags["init.source"] == "scratch" and "resumed_from" in run.data.tags
+    assert run.data.metrics["final_train_loss"] == pytest.approx(
+        pd.read_csv(csv_glob()[0]).query("epoch == 3")["caption_loss"].mean(), abs=1e-5)

@@ -13,9 +13,9 @@ from pipeline.checkpoint import (STAGE2_FINAL, final_checkpoint_path, load_check
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
 from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
-from pipeline.stage2.resume import (latest_step_checkpoint, restore_optimizer, same_config,
-                                   state_from_metadata, truncate_csv)
-from pipeline.stage2.trainer import Stage2Result, Stage2Trainer
+from pipeline.stage2.resume import (latest_step_checkpoint, restore_optimizer, restore_result,
+                                   same_config, state_from_metadata, truncate_csv)
+from pipeline.stage2.trainer import Stage2Result, Stage2Trainer, step_metrics
 from pipeline.models.loading import load_into, model_tensors, output_width, weights_of
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
                                   refuse_width_mismatch)
@@ -106,9 +106,12 @@ class Stage2Job:
             name_run(f"stage2 {recipe} lr={self.cfg.lr:g} init={choice.source} {self.profile}")
             self.out_dir = Path(self.cfg.output_dir) / self.run_id
             log = file_logger("stage2", self.out_dir / "stage2.log")
-            set_run_tags({"init.source": choice.source, "init.note": choice.note[:500],
-                          **{f"init.health_{k}": f"{v:.4g}" for k, v in health.items()}})
-            if resume_point is None:
+            if resume_point is not None:  # a resumed run keeps the init tags it was given
+                set_run_tags({"resumed_from": f"{resume_point[0].name} (step "
+                                              f"{resume_point[1]['step']})"})
+            else:
+                set_run_tags({"init.source": choice.source, "init.note": choice.note[:500],
+                              **{f"init.health_{k}": f"{v:.4g}" for k, v in health.items()}})
                 log_new_params({**C.flatten(self.cfg), "profile": self.profile, "init": self.init})
                 log_dataset(records_frame(records), source=self.cfg.data.source,
                             name="stage2-data", digest=dataset_digest(records), context="training",
@@ -134,9 +137,7 @@ class Stage2Job:
         resume = meta["resume"]
         restore_optimizer(trainer.optimizer, trainer.scheduler, tensors, resume)
         trainer.state = state_from_metadata(resume)
-        trainer.result.first_step_loss = resume["first_step_loss"]
-        trainer.result.best_val_loss = resume["best_val_loss"]
-        trainer.result.llm_checksum_before = resume["llm_checksum_before"]
+        restore_result(trainer.result, resume)
         trainer.epoch_history = {k: [tuple(x) for x in v] for k, v in resume["epoch_history"].items()}
         kept = truncate_csv(trainer.csv_path, trainer.state.step)
         self._relog(trainer)
@@ -150,8 +151,7 @@ class Stage2Job:
         with open(trainer.csv_path, newline="", encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
                 if int(row["step"]) > last:
-                    trainer.log_metrics({"train_loss": float(row["caption_loss"]),
-                                         "learning_rate": float(row["lr"])}, int(row["step"]))
+                    trainer.log_metrics(step_metrics(row, trainer.aux_findings), int(row["step"]))
         last_epoch = last_logged_step(self.run_id, "val_loss")
         for key, series in trainer.epoch_history.items():
             for epoch, value in series:

@@ -38,6 +38,8 @@ class ResumeState:
             "epoch_losses": self.epoch_losses, "seconds": self.seconds,
             "param_groups": groups, "scheduler": sched,
             "first_step_loss": result.first_step_loss, "best_val_loss": result.best_val_loss,
+            "final_train_loss": result.final_train_loss, "epochs_done": result.epochs_done,
+            "image_ignored": result.image_ignored,
             "llm_checksum_before": result.llm_checksum_before,
             "epoch_history": epoch_history, "verdicts": result.verdicts}}
 
@@ -61,6 +63,17 @@ def restore_optimizer(optimizer, scheduler, tensors: dict, resume: dict) -> None
             state.setdefault(int(idx), {})[key] = tensor
     optimizer.load_state_dict({"state": state, "param_groups": resume["param_groups"]})
     scheduler.load_state_dict(resume["scheduler"] | {"lr_lambdas": [None] * len(optimizer.param_groups)})
+
+
+def restore_result(result, resume: dict) -> None:
+    """Put a saved resume block's results back (what the finished epochs concluded)."""
+    result.first_step_loss = resume["first_step_loss"]
+    result.best_val_loss = resume["best_val_loss"]
+    result.llm_checksum_before = resume["llm_checksum_before"]
+    result.final_train_loss = resume.get("final_train_loss", result.final_train_loss)
+    result.epochs_done = resume.get("epochs_done", result.epochs_done)
+    result.image_ignored = resume.get("image_ignored", result.image_ignored)
+    result.verdicts = {int(epoch): verdict for epoch, verdict in resume["verdicts"].items()}
 
 
 def state_from_metadata(resume: dict) -> ResumeState:

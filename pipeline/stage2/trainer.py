@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import interrupts
 from pipeline.models import captioning
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Stage2Config, to_dict
@@ -36,6 +37,15 @@ IMAGE_IGNORED_TAG = "stage2.image_ignored"
 LOW_FIRST_STEP = ("WARNING: first-step caption loss {loss:.4f} < 0.1. A healthy run starts "
                   "around 3-5; this almost always means label masking is broken (visual, "
                   "prompt or padding positions supervised).")
+
+
+def step_metrics(row: Mapping[str, str], findings: bool) -> dict[str, float]:
+    """The per-step MLflow metrics of one CSV row."""
+    metrics = {"train_loss": float(row["caption_loss"]), "learning_rate": float(row["lr"]),
+               "grad_norm": float(row["grad_norm"])}
+    if findings:
+        metrics["train_finding_loss"] = float(row["finding_loss"])
+    return metrics
 
 
 @dataclass
@@ -70,6 +80,7 @@ class Stage2Trainer:
         self.epoch_history: dict[str, list] = {"epoch_train_loss": [], "val_loss": [],
                                                "val_grounding_gap": []}
         self.findings = uses_findings(cfg, model)
+        self.aux_findings = self.findings and cfg.aux_finding_weight > 0
         self.pos_weight = positive_weights([r.report for r in loaders.train.records]) \
             if self.findings else None
         self.optimizer, self.scheduler = build_optimizer(
@@ -108,7 +119,7 @@ class Stage2Trainer:
         if check:
             self._check(out)
         aux = None
-        if self.findings and self.cfg.aux_finding_weight > 0:
+        if self.aux_findings:
             aux = finding_loss(out.logits, batch["reports"], self.pos_weight)
         return out.loss, aux, out.layout
 
@@ -142,13 +153,12 @@ class Stage2Trainer:
                 self.log.warning(LOW_FIRST_STEP.format(loss=value))
                 self.set_tags({"stage2.first_step_warning": "loss<0.1: check label masking"})
         lr = self.scheduler.get_last_lr()[0]
-        self.log_metrics({"train_loss": value, "learning_rate": lr, "grad_norm": grad_norm,
-                          **({"train_finding_loss": aux_value} if aux is not None else {})},
-                         self.state.step)
-        self._csv_row({"step": self.state.step, "epoch": epoch, "caption_loss": f"{value:.6f}",
-                       "finding_loss": f"{aux_value:.6f}",
-                       "lr": f"{lr:.6g}", "grad_norm": f"{grad_norm:.4f}",
-                       "seconds": f"{time.monotonic() - self._t0:.2f}"})
+        row = {"step": self.state.step, "epoch": epoch, "caption_loss": f"{value:.6f}",
+               "finding_loss": f"{aux_value:.6f}", "lr": f"{lr:.6g}",
+               "grad_norm": f"{grad_norm:.4f}", "seconds": f"{time.monotonic() - self._t0:.2f}"}
+        self._csv_row(row)
+        # Logged as the CSV holds them, so a resumed run re-sends exactly the same values.
+        self.log_metrics(step_metrics(row, self.aux_findings), self.state.step)
         if layout.truncated:
             self.log_metrics({"truncated_reports": layout.truncated}, self.state.step)
         return value
@@ -168,11 +178,12 @@ class Stage2Trainer:
                 "llm": self.cfg.llm.name, "hidden_size": self.llm.hidden_size,
                 "config": json.dumps(to_dict(self.cfg), sort_keys=True), "format_version": 1}
 
-    def save(self, kind: str, final_loss=None) -> Path:
+    def save(self, kind: str, final_loss=None, interrupted: bool = False) -> Path:
         """Write a checkpoint; step checkpoints carry optimizer/scheduler state for resume."""
         name = f"vision_bridge_vlm_{kind}"
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         meta = self._metadata(kind, final_loss)
+        meta["interrupted"] = interrupted  # the save on interrupt, not a periodic one
         if kind == "step":
             name = f"vision_bridge_vlm_step{self.state.step}"
             tensors.update(optimizer_tensors(self.optimizer))
@@ -287,27 +298,36 @@ class Stage2Trainer:
                 self.state.epoch = epoch
                 losses = list(self.state.epoch_losses)
                 for batch in self.loaders.epoch(epoch, self.state.batch_in_epoch):
-                    losses.append(self._step(batch, epoch))
-                    self.state.batch_in_epoch += 1
-                    self.state.epoch_losses = losses
+                    with interrupts.atomic():  # a stop signal waits for the step to end
+                        losses.append(self._step(batch, epoch))
+                        self.state.batch_in_epoch += 1
+                        self.state.epoch_losses = losses
+                        if self.state.step % self.cfg.checkpoint_every == 0:
+                            self._checkpoint()
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
-                    if self.state.step % self.cfg.checkpoint_every == 0:
-                        self._checkpoint()
-                self._end_epoch(epoch, losses)
-                self.state.epoch, self.state.batch_in_epoch, self.state.epoch_losses = epoch + 1, 0, []
-                self._checkpoint()
+                with interrupts.atomic():
+                    self._end_epoch(epoch, losses)
+                    self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+                    self.state.epoch_losses = []
+                    self._checkpoint()
+        except KeyboardInterrupt:
+            # Between steps: weights, optimizer, counters, CSV and metrics agree; saving here
+            # loses nothing, and the metrics sent are exactly those the checkpoint covers.
+            self.log.warning("interrupted after step %d: saving a step checkpoint", self.state.step)
+            self._checkpoint(interrupted=True)
+            raise
         finally:
             bar.close()
         self.state.epoch = self.cfg.epochs
         self._finish()
         return self.result
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, interrupted: bool = False) -> None:
         # Metrics are sent only right after a step checkpoint: after a kill, MLflow never
         # holds a step the resumed run will log again.
         self.state.seconds = time.monotonic() - self._t0
-        self.save("step")
+        self.save("step", interrupted=interrupted)
         self.flush()
 
     def _finish(self) -> None:

@@ -21,6 +21,8 @@ from mlflow.exceptions import ExecutionException, MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
+from pipeline import interrupts
+
 EXPERIMENT_NAME = "radiology-report-vlm"
 STAGE_TAG = "pipeline.stage"
 INTERRUPTED_TAG = "pipeline.interrupted"  # "true" on a run ended by SIGINT/SIGTERM
@@ -87,7 +89,7 @@ def _experiment() -> None:
             mlflow.set_experiment(EXPERIMENT_NAME)
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_STOP_SIGNALS = interrupts.STOP_SIGNALS
 
 
 @contextlib.contextmanager
@@ -102,6 +104,7 @@ def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None
     KILLED status short, nor turn exit code 130 into death by signal.
     """
     _experiment()
+    interrupts.reset()
     previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _raise_interrupt)
@@ -130,7 +133,7 @@ def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
     for stop in _STOP_SIGNALS:  # shield the save and end_run from a second interrupt
         signal.signal(stop, signal.SIG_IGN)
-    raise KeyboardInterrupt(f"signal {signum}")
+    interrupts.request_stop(signum)  # raises now, or when the current training step ends
 
 
 def name_run(name: str) -> None:
