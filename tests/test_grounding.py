@@ -63,3 +63,23 @@ def test_reports_decided_by_the_image_are_read_and_promoted(mlflow_store, tmp_pa
     assert s2.info.run_name.startswith("stage2 findings lr=0.01 init=scratch")
     assert "grounding gap" in champion.description and "blind baseline" in champion.description
     assert "generated:" in champion.description
+
+
+def test_image_ignored_rule_judges_a_run_shorter_than_its_window_by_all_its_epochs():
+    """`ignored_epochs` 2 on a 1-epoch run (the demo's): the one epoch decides; on a longer run
+    one low epoch after a good one is not enough."""
+    from types import SimpleNamespace
+
+    from pipeline import config as C
+    from pipeline.stage2.trainer import Stage2Trainer
+
+    def ignored(epochs, gaps):
+        cfg = C.build(C.Stage2Config, "tiny", {"epochs": epochs})
+        history = {"val_grounding_gap": list(enumerate(gaps, start=1))}
+        return Stage2Trainer._image_ignored(SimpleNamespace(cfg=cfg, epoch_history=history))
+
+    assert C.Stage2Config().ignored_epochs == 2
+    assert ignored(1, [0.001]) and not ignored(1, [0.5])
+    assert not ignored(3, [0.001]) and not ignored(3, [0.5, 0.001])
+    assert ignored(3, [0.5, 0.001, 0.001])
+

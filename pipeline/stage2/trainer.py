@@ -230,10 +230,12 @@ class Stage2Trainer:
                                 self.cfg.prompt, self.cfg.max_new_tokens, findings=self.findings)
 
     def _image_ignored(self) -> bool:
-        """True when the grounding gap stayed under its floor for cfg.ignored_epochs epochs."""
+        """True when the grounding gap stayed under its floor for cfg.ignored_epochs epochs
+        (or for every epoch of a run shorter than that)."""
         series = self.epoch_history.setdefault("val_grounding_gap", [])
-        recent = [v for _, v in series[-self.cfg.ignored_epochs:]]
-        return len(recent) == self.cfg.ignored_epochs and max(recent) < self.cfg.min_grounding_gap
+        needed = min(self.cfg.ignored_epochs, self.cfg.epochs)  # a shorter run: all its epochs
+        recent = [v for _, v in series[-needed:]]
+        return len(recent) == needed and max(recent) < self.cfg.min_grounding_gap
 
     def _end_epoch(self, epoch: int, losses: list[float]) -> None:
         train_loss = sum(losses) / max(1, len(losses))
@@ -246,7 +248,7 @@ class Stage2Trainer:
         self.epoch_history.setdefault("val_grounding_gap", []).append((epoch, gap))
         if self._image_ignored():
             verdict = (f"image ignored (grounding gap {gap:.4f} < {self.cfg.min_grounding_gap:g} "
-                       f"for {self.cfg.ignored_epochs} epochs)")
+                       f"for {len(self.epoch_history['val_grounding_gap'][-self.cfg.ignored_epochs:])} epochs)")
             self._flag_image_ignored(gap)
         self.result.verdicts[epoch] = verdict
         self.log_metrics({"epoch_train_loss": train_loss, **scores,
@@ -268,7 +270,8 @@ class Stage2Trainer:
         message = (f"THE MODEL IGNORES THE IMAGE: validation caption loss with the images "
                    f"shifted by one study is only {gap:.4f} nats above the loss with their own "
                    f"images (floor {self.cfg.min_grounding_gap:g}) for "
-                   f"{self.cfg.ignored_epochs} epochs. It writes the same report whatever the "
+                   f"{len(self.epoch_history['val_grounding_gap'][-self.cfg.ignored_epochs:])} "
+                   "epochs. It writes the same report whatever the "
                    "image; a falling loss curve here is the LLM learning the report style.")
         self.log.error("!" * 20 + " " + message)
         self.result.image_ignored = True
