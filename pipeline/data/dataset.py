@@ -42,6 +42,7 @@ SPLITS = ("train", "val", "test")
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                 "validation": "val", "dev": "val", "test": "test"}
 _MAX_LISTED = 20
+_MAX_MESSAGE = 1000
 
 
 class DataError(ValueError):
@@ -77,7 +78,9 @@ class _Problems:
 
     def add(self, where: str, message: str, entry_id: Any = None) -> None:
         who = f" id={entry_id!r}" if entry_id is not None else ""
-        self.lines.append(f"{self.file}: {where}{who}: {message}")
+        if len(message) > _MAX_MESSAGE:  # a huge value quoted back would bury the others
+            message = f"{message[:_MAX_MESSAGE]}... ({len(message)} characters)"
+        self.lines.append(f"{self.file}: {where}{who[:_MAX_MESSAGE]}: {message}")
 
     def raise_if_any(self) -> None:
         if not self.lines:
@@ -101,6 +104,36 @@ def _bad_utf8(text: str) -> bool:
     return False
 
 
+class _HugeNumber:
+    """A JSON integer too long for `int()` (Python's 4300-digit limit): kept as its text,
+    so the entry holding it is named instead of the whole file failing to parse."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+    __str__ = __repr__
+
+
+def _parse_int(text: str) -> int | _HugeNumber:
+    try:
+        return int(text)
+    except ValueError:
+        return _HugeNumber(text)
+
+
+def _json(text: str) -> tuple[Any, str | None, str]:
+    """(value, None, "") for valid JSON, else (None, where it broke or None, the reason)."""
+    try:
+        return json.loads(text, parse_int=_parse_int), None, ""
+    except json.JSONDecodeError as exc:
+        return None, f"line {exc.lineno} column {exc.colno}", f"not valid JSON: {exc.msg}"
+    except RecursionError:  # json's parser recurses once per nesting level
+        return None, None, "not valid JSON: nested too deeply"
+
+
 def _read_text(path: Path, problems: _Problems) -> str:
     try:
         raw = path.read_bytes()
@@ -117,10 +150,9 @@ def _read_text(path: Path, problems: _Problems) -> str:
 
 # ----------------------------------------------------------------------------- parsers
 def _parse_annotation(text: str, problems: _Problems) -> list[_Raw]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        problems.add(f"line {exc.lineno} column {exc.colno}", f"not valid JSON: {exc.msg}")
+    data, where, reason = _json(text)
+    if reason:
+        problems.add(where or "top level", reason)
         return []
     if not isinstance(data, dict) or not set(data) & set(SPLITS):
         keys = sorted(data)[:5] if isinstance(data, dict) else _kind(data)
@@ -150,7 +182,9 @@ def _parse_annotation(text: str, problems: _Problems) -> list[_Raw]:
 
 def _hash_split(study_id: str) -> str:
     """80/10/10 from sha256 of the id: the same on every run, machine and row order."""
-    digest = hashlib.sha256(study_id.encode("utf-8", "surrogateescape")).hexdigest()
+    # surrogatepass: a lone surrogate (a JSON "\\ud800" escape) still hashes; such an id is
+    # refused afterwards as not UTF-8, but the loader must get that far to say so.
+    digest = hashlib.sha256(study_id.encode("utf-8", "surrogatepass")).hexdigest()
     bucket = int(digest[:8], 16) % 10
     return "train" if bucket < 8 else "val" if bucket == 8 else "test"
 
@@ -181,32 +215,37 @@ def _table_rows(rows: list[tuple[str, dict]], has_split: bool, problems: _Proble
 
 def _parse_csv(text: str, problems: _Problems) -> list[_Raw]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
-    if not {"image", "report"} <= set(header):
-        problems.add("header", f"needs columns 'image' and 'report', found {header}")
-        return []
-    rows = []
+    rows, header, last_line = [], [], 0
     try:
+        header = reader.fieldnames or []  # reads the first record: it may not parse either
+        if not {"image", "report"} <= set(header):
+            problems.add("header", f"needs columns 'image' and 'report', found {header}")
+            return []
+        last_line = reader.line_num
         for row in reader:
-            where = f"line {reader.line_num}"
+            # A quoted field may span lines (and blank lines are skipped): name them all.
+            first, last_line = last_line + 1, reader.line_num
+            where = f"line {last_line}" if first == last_line else f"lines {first}-{last_line}"
             if None in row or None in row.values():
                 problems.add(where, f"has a different number of fields than the header {header}")
                 continue
             rows.append((where, row))
     except csv.Error as exc:
-        problems.add(f"line {reader.line_num}", f"not valid CSV: {exc}")
+        hint = " (a quote left open?)" if "field limit" in str(exc) else ""
+        problems.add(f"line {last_line + 1}", f"not valid CSV: {exc}{hint}")
     return _table_rows(rows, "split" in header, problems)
 
 
 def _parse_jsonl(text: str, problems: _Problems) -> list[_Raw]:
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # Records end at "\n" only (JSON Lines): str.splitlines would also cut at U+2028, U+0085
+    # and the like, which JSON allows unescaped inside a string (ensure_ascii=False writers).
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.add(f"line {number}", f"not valid JSON: {exc.msg}")
+        row, _, reason = _json(line)
+        if reason:
+            problems.add(f"line {number}", reason)
             continue
         if not isinstance(row, dict):
             problems.add(f"line {number}", f"expected an object, got {_kind(row)}")
@@ -406,8 +445,10 @@ class ImageReportDataset(Dataset):
 
 
 def image_batch(records: list[Record], image_size: int) -> torch.Tensor:
-    """The images of `records` as one batch (B, 1, S, S)."""
+    """The images of `records` as one batch (B, 1, S, S); B may be 0."""
     dataset = ImageReportDataset(list(records), image_size)
+    if not len(dataset):  # torch.stack refuses an empty list
+        return torch.empty(0, 1, image_size, image_size)
     return collate([dataset[i] for i in range(len(dataset))])["images"]
 
 
