@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -158,16 +159,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(registry):
-    """`mlflow models serve` of the champion on 127.0.0.1; yields its base URL."""
+@contextlib.contextmanager
+def serve_model(registry, model_uri: str = f"models:/{MODEL}@champion", **env_changes):
+    """`mlflow models serve` of `model_uri` on 127.0.0.1; yields (base URL, process).
+
+    `env_changes` set (a value) or remove (None) variables of the server's environment.
+    """
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"],
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    log = open(registry["root"] / "serve.log", "w+")
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    log = open(registry["root"] / f"serve_{port}.log", "w+")
     # Its own session: `serve` runs uvicorn in a child process, and the group is ended as one.
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve",
-                             "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
+                             "-m", model_uri, "--env-manager", "local",
                              "--host", "127.0.0.1", "--port", str(port)],
                             cwd=registry["root"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -187,7 +196,7 @@ def server(registry):
                 log.seek(0)
                 pytest.fail(f"server not up after 90 s:\n{log.read()[-3000:]}")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -197,6 +206,13 @@ def server(registry):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    """`mlflow models serve` of the champion on 127.0.0.1; yields its base URL."""
+    with serve_model(registry) as (url, _):
+        yield url
 
 
 def _post(url: str, payload: dict) -> requests.Response:

@@ -4,6 +4,12 @@ Input for both: a DataFrame (or list of dicts) with a column `image` holding a b
 PNG/JPEG, or a file path when the environment variable `REPORT_VLM_IMAGE_ROOT` names a folder
 (paths are then confined to it). `report-vlm` versions reference the LLM by name (`llm` in the
 checkpoint's config) rather than carrying a copy of its weights.
+
+A request the model cannot answer raises `BadRequest` with the reason: in-process a ValueError,
+under `mlflow models serve` a 400 whose `message` says why (any other exception reaches the
+client as MLflow's generic "unexpected error", the reason buried in a stack trace). Limits keep
+one request from holding the server: at most `MAX_IMAGES` images and `MAX_REQUEST_MB` of image
+text per request, `MAX_PIXELS` per image, and bounded generation params.
 """
 from __future__ import annotations
 
@@ -15,6 +21,20 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+MAX_IMAGES = 32
+MAX_REQUEST_MB = 16  # base64 text of all images of one request; a 12 MB film still fits
+MAX_PIXELS = 50_000_000  # a 7000 x 7000 film; checked from the header, before decoding
+PARAM_RANGES = {"num_beams": (1, 8), "max_new_tokens": (0, 1024)}  # max_new_tokens 0 = default
+
+
+class BadRequest(MlflowException, ValueError):
+    """A request the model cannot answer; the scoring server returns it as a 400."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def _to_frame(model_input):
@@ -29,11 +49,37 @@ def _to_frame(model_input):
         else:
             frame = pd.DataFrame(list(model_input))
     except (TypeError, ValueError) as exc:
-        raise ValueError("input must be records with an `image` (path or base64 PNG/JPEG), "
+        raise BadRequest("input must be records with an `image` (path or base64 PNG/JPEG), "
                          f"got {type(model_input).__name__}") from exc
     if "image" not in frame.columns or frame.empty:
-        raise ValueError("input needs at least one record with an `image` (path or base64 PNG/JPEG)")
+        raise BadRequest("input needs at least one record with an `image` (path or base64 "
+                         "PNG/JPEG)")
+    if len(frame) > MAX_IMAGES:
+        raise BadRequest(f"{len(frame)} images in one request; at most {MAX_IMAGES}")
+    size = sum(len(v) for v in frame["image"] if isinstance(v, (str, bytes)))
+    if size > MAX_REQUEST_MB * 2**20:
+        raise BadRequest(f"the request's images take {size / 2**20:.1f} MB; at most "
+                         f"{MAX_REQUEST_MB} MB per request")
     return frame
+
+
+def generation_params(params) -> dict[str, int]:
+    """`num_beams` / `max_new_tokens` as ints inside PARAM_RANGES, else BadRequest."""
+    params = params or {}
+    out = {}
+    for name, default in (("num_beams", 1), ("max_new_tokens", 0)):
+        value = params.get(name, default)
+        low, high = PARAM_RANGES[name]
+        try:
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            number = int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise BadRequest(f"param {name} must be an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise BadRequest(f"param {name} must be in [{low}, {high}], got {number}")
+        out[name] = number
+    return out
 
 
 IMAGE_ROOT_ENV = "REPORT_VLM_IMAGE_ROOT"  # set to a folder to accept file paths under it
@@ -41,30 +87,39 @@ _NOT_AN_IMAGE = "`image` must be an existing file path or a base64 PNG/JPEG"
 
 
 def _open_bytes(data: bytes):
+    """The decoded image, None when the bytes are not an image; BadRequest when too large."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
+    except Image.DecompressionBombError as exc:
+        raise BadRequest(f"image too large: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError):
         return None
+    if image.width * image.height > MAX_PIXELS:
+        raise BadRequest(f"image too large: {image.width} x {image.height} pixels; at most "
+                         f"{MAX_PIXELS} pixels")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, EOFError):  # truncated or corrupt data
+        return None
+    return image
 
 
 def _allowed_path(text: str, image_root: str | None) -> Path:
     """`text` as a file under `image_root`; refused when paths are off or it escapes the root."""
     if not image_root:
-        raise ValueError(f"{_NOT_AN_IMAGE}: it is not valid base64 of an image, and file paths "
+        raise BadRequest(f"{_NOT_AN_IMAGE}: it is not valid base64 of an image, and file paths "
                          f"are not accepted (set {IMAGE_ROOT_ENV} to a folder to allow them)")
     root = Path(image_root).resolve()
     try:
         path = (root / text).resolve()
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{_NOT_AN_IMAGE}: not a usable path") from exc
+        raise BadRequest(f"{_NOT_AN_IMAGE}: not a usable path") from exc
     if not path.is_relative_to(root):
-        raise ValueError(f"{_NOT_AN_IMAGE}: paths are accepted only under {IMAGE_ROOT_ENV}")
+        raise BadRequest(f"{_NOT_AN_IMAGE}: paths are accepted only under {IMAGE_ROOT_ENV}")
     if not path.is_file():
-        raise ValueError(f"{_NOT_AN_IMAGE}: no such file under {IMAGE_ROOT_ENV}")
+        raise BadRequest(f"{_NOT_AN_IMAGE}: no such file under {IMAGE_ROOT_ENV}")
     return path
 
 
@@ -78,7 +133,7 @@ def decode_image(value: str, image_size: int, image_root: str | None = None) -> 
     from PIL import Image
 
     if not isinstance(value, (str, bytes)):
-        raise ValueError(f"{_NOT_AN_IMAGE}, got {type(value).__name__}")
+        raise BadRequest(f"{_NOT_AN_IMAGE}, got {type(value).__name__}")
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
     text = text.strip()
     try:
@@ -88,12 +143,12 @@ def decode_image(value: str, image_size: int, image_root: str | None = None) -> 
     image = _open_bytes(data) if data else None
     if image is None:
         if data and not image_root:
-            raise ValueError(f"{_NOT_AN_IMAGE}: the base64 decodes to {len(data)} bytes that "
+            raise BadRequest(f"{_NOT_AN_IMAGE}: the base64 decodes to {len(data)} bytes that "
                              "are not a PNG/JPEG")
         path = _allowed_path(text, image_root)
         image = _open_bytes(path.read_bytes())
         if image is None:
-            raise ValueError(f"{_NOT_AN_IMAGE}: {text!r} is not a PNG/JPEG")
+            raise BadRequest(f"{_NOT_AN_IMAGE}: {text!r} is not a PNG/JPEG")
     image = image.convert("L").resize((image_size, image_size), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy((array - 0.5) / 0.5).unsqueeze(0)
@@ -132,10 +187,9 @@ class ReportVLMPyfunc(mlflow.pyfunc.PythonModel):
         self.report_model = load_report_model(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input, params=None):
-        params = params or {}
+        chosen = generation_params(params)
         frame = _to_frame(model_input)
         size = self.report_model.cfg.encoder.image_size
         images = _images(frame, size)
-        return self.report_model.generate(
-            images, num_beams=int(params.get("num_beams", 1)),
-            max_new_tokens=int(params.get("max_new_tokens", 0)) or None)
+        return self.report_model.generate(images, num_beams=chosen["num_beams"],
+                                          max_new_tokens=chosen["max_new_tokens"] or None)
