@@ -89,8 +89,10 @@ def _champion(outcome, source_run) -> str:
     summary = {"eval.coarse_f1": f"{evidence.coarse_f1:.3f}",
                "eval.blind_coarse_f1": f"{evidence.blind_coarse_f1:.3f}",
                "eval.grounding_gap": f"{evidence.grounding_gap:.3f}"}
+    table = outcome.table
+    sample = str(table.iloc[0][f"generated_{outcome.decoding}"]) if len(table) else ""
     return record_champion_verdict(source_run, verdict, m["score"], outcome.score_definition,
-                                   key, summary, _description(outcome, verdict))
+                                   key, summary, _description(outcome, verdict), sample)
 
 
 def _description(outcome, verdict) -> str:

@@ -102,6 +102,11 @@ def test_evaluate_logs_scores_table_and_plot_and_crowns_the_first_champion(mlflo
 
     assert _champion() == version
     assert _eval_score_tag(version) == pytest.approx(score, abs=1e-6)
+    # The registered model's page names the champion and what its evaluation found.
+    page = client.get_registered_model(MODEL).description
+    assert page.startswith(f"**champion: version {version}**"), page
+    assert "champion gate: **approved**" in page and "grounding gap: " in page, page
+    assert "sample report: " in page, page
 
 
 def test_champion_moves_only_on_a_strictly_higher_score(mlflow_store, grounded):

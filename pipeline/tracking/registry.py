@@ -217,9 +217,11 @@ def champion_state() -> tuple[str | None, float | None, str | None]:
 
 
 def record_champion_verdict(source_run: str | None, verdict, score: float, definition: str,
-                            key: str, summary: dict[str, str], description: str = "") -> str:
+                            key: str, summary: dict[str, str], description: str = "",
+                            sample_report: str = "") -> str:
     """Tag the evaluated `report-vlm` version with its scores and the champion verdict; move
-    `champion` to it when the verdict approves. Returns one line saying what happened."""
+    `champion` to it when the verdict approves; say both on the registered model's page.
+    Returns one line saying what happened."""
     client = MlflowClient()
     versions = _versions_from_run(REPORT_MODEL, source_run) if source_run else []
     if not versions:
@@ -232,9 +234,29 @@ def record_champion_verdict(source_run: str | None, verdict, score: float, defin
         client.set_model_version_tag(REPORT_MODEL, version, name, value)
     if description:  # shown on the model version's page in the UI
         client.update_model_version(REPORT_MODEL, version, description=description[:5000])
+    if verdict.approved:
+        client.set_registered_model_alias(REPORT_MODEL, "champion", version)
+    client.update_registered_model(REPORT_MODEL, description=_model_description(
+        version, verdict, tags, sample_report))
     if not verdict.approved:
         return (f"champion unchanged: report-vlm version {version} rejected: "
                 + "; ".join(verdict.reasons))
-    client.set_registered_model_alias(REPORT_MODEL, "champion", version)
     return f"champion -> report-vlm version {version} (score {score:.4f})"
 
+
+def _model_description(version: str, verdict, tags: Mapping[str, str], sample: str) -> str:
+    """The registered model's page: the champion, and the latest evaluation's verdict,
+    grounding gap and a sample report (its version's page has every score)."""
+    champion = alias_version(REPORT_MODEL, "champion")
+    lines = [f"**champion: version {champion}**" if champion else
+             "**champion: none yet** (no evaluated version has passed the champion gate)", "",
+             f"Latest evaluation: version {version}, champion gate: "
+             f"**{tags['champion.verdict']}**"
+             + (f" ({tags['champion.reasons']})" if not verdict.approved else ""), "",
+             f"- grounding gap: {tags.get('eval.grounding_gap', '?')} nats (caption loss with "
+             "another study's image minus with its own)",
+             f"- coarse finding F1: {tags.get('eval.coarse_f1', '?')} (blind baseline "
+             f"{tags.get('eval.blind_coarse_f1', '?')})"]
+    if sample:
+        lines += [f"- sample report: {sample[:1000]}"]
+    return "\n".join(lines)[:5000]
