@@ -15,11 +15,16 @@ def count(suite: str, outcome: str) -> None:
 
 
 def summary() -> list[str]:
-    """One line per suite, and the counts written to tests/artifacts/fuzz_counts.json."""
+    """One line per suite; this run's counts replace those suites' in fuzz_counts.json."""
     if not TALLY:
         return []
     REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text(json.dumps({k: dict(v) for k, v in TALLY.items()}, indent=1) + "\n")
+    try:
+        recorded = json.loads(REPORT.read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    recorded.update({k: dict(v) for k, v in TALLY.items()})
+    REPORT.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
     return [f"{suite}: {sum(c.values())} cases tried ("
             + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) + ")"
             for suite, c in sorted(TALLY.items())]
