@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast property bench data clean browser ui notebook
+.PHONY: install demo test test-fast property bench data clean browser postgres server server-stop ui notebook
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,8 +26,23 @@ demo: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || echo "chromium not installed: the UI test will be skipped"
 
-test: $(STAMP) browser
+# PostgreSQL for the team tracking server and tests/test_team_server.py (Debian's package;
+# only as root with apt-get, like chromium).
+postgres:
+	@{ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
+	  || echo "postgresql not installed: the team-server test will be skipped"
+
+test: $(STAMP) browser postgres
 	$(PY) -m pytest -q tests
+
+# A shared tracking server: PostgreSQL + `mlflow server` on 127.0.0.1 (see README, "Team
+# tracking server"). TEAM_SERVER_DIR, MLFLOW_PORT and PG_PORT are passed through.
+server: $(STAMP) postgres
+	@PYTHON=$(PY) scripts/team_server.sh start
+
+server-stop:
+	@PYTHON=$(PY) scripts/team_server.sh stop
 
 # The property tests with fresh randomness, RUNS times in a row (CI runs them derandomised).
 RUNS ?= 50

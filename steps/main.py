@@ -16,7 +16,8 @@ from pipeline.data import dataset_digest, load_dataset
 from pipeline.tracking.registry import VISION_MODEL, run_verdict, vision_version_of_run
 from pipeline.tracking.runs import (StepFailed, artifact_uri, find_reusable_run, git_commit,
                                     log_metrics, log_new_params, name_run, run_entry_point,
-                                    run_metrics, run_tags, set_run_tags, stage_run, tracking_uri)
+                                    run_metrics, run_tags, set_run_tags, shown_uri, stage_run,
+                                    tracking_uri, view_hint)
 from steps.common import one_line_errors, profile_option
 
 
@@ -101,8 +102,8 @@ def _summary(parent_id: str, s1: str, s2: str, ev: str) -> None:
                f"{run_tags(ev).get('champion.reasons', '')}".rstrip())
     click.echo(f"artifacts: {artifact_uri(s2)} (Stage 2), "
                f"{artifact_uri(ev)} (evaluation); outputs/ holds local copies")
-    click.echo(f"tracking store: {tracking_uri(raw=True)}")
-    click.echo(f"see them: mlflow ui --backend-store-uri {tracking_uri()}")
+    click.echo(f"tracking store: {shown_uri(tracking_uri(raw=True))}")
+    click.echo(f"see them: {view_hint()}")
 
 
 if __name__ == "__main__":

@@ -41,14 +41,14 @@ class Stage1Job:
             config_path = C.save_json(cfg, out / "stage1_config.json")
             sink = MetricsSink(self.run_id)
             trainer = Stage1Trainer(cfg, inputs.model, inputs.train_loader, inputs.val_loader,
-                                    inputs.probe_images, out, self.run_id, sink, set_run_tags,
+                                    inputs.probe_images, out, self.run_id, sink, sink.set_tags,
                                     logger, profile=self.profile)
             logger.info("stage1 run %s: objective=%s lr=%g bs=%d epochs=%d, output in %s",
                         self.run_id, cfg.objective, cfg.lr, cfg.batch_size, cfg.epochs, out)
             try:
                 result = trainer.fit()
             finally:
-                sink.flush()
+                sink.drain()
                 self._log_outputs(trainer, sink, [log_path, config_path])
             log_metrics({"final_train_loss": result.final_train_loss})
             set_run_tags({"stage1.objective": cfg.objective})

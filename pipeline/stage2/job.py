@@ -118,7 +118,7 @@ class Stage2Job:
                             profile=dataset_profile(records))
             sink = MetricsSink(self.run_id, flush_every=10**9)
             trainer = Stage2Trainer(self.cfg, model, llm, loaders, self.out_dir, self.run_id,
-                                    sink, set_run_tags, log, flush=sink.flush,
+                                    sink, sink.set_tags, log, flush=sink.flush,
                                     **({"label_fn": self.label_fn} if self.label_fn else {}))
             if resume_point is not None:
                 self._restore(trainer, *resume_point, log)
@@ -126,9 +126,9 @@ class Stage2Job:
             try:
                 result = trainer.fit()
             finally:
-                sink.flush()
+                sink.drain()  # an unreachable server is waited for here, not during training
                 self._log_outputs(trainer)
-            self._record(trainer, result, llm)
+            self._record(trainer, result, llm, sink)
         return result
 
     def _restore(self, trainer: Stage2Trainer, ckpt: Path, meta: dict, log) -> None:
@@ -177,10 +177,11 @@ class Stage2Job:
                 set_run_tags({f"checkpoint.{name}.sha256": sha256_file(path)})
         log_files([p for p in trainer.result.checkpoints.values() if p.exists()], "checkpoints")
 
-    def _record(self, trainer: Stage2Trainer, result: Stage2Result, llm) -> None:
+    def _record(self, trainer: Stage2Trainer, result: Stage2Result, llm,
+                sink: MetricsSink) -> None:
         trainer.log_metrics({"final_train_loss": result.final_train_loss,
                              "best_val_loss": result.best_val_loss}, result.epochs_done)
-        trainer.flush()
+        sink.drain()
         set_run_tags({"llm.checksum_before": result.llm_checksum_before,
                       "llm.checksum_after": result.llm_checksum_after,
                       "llm.name": self.cfg.llm.name})

@@ -8,6 +8,7 @@ costs ~0.2 s).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -16,30 +17,43 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import ExecutionException, MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from pipeline import interrupts
+from pipeline.tracking.outage import call_patiently, is_transient
 
 EXPERIMENT_NAME = "radiology-report-vlm"
 STAGE_TAG = "pipeline.stage"
 INTERRUPTED_TAG = "pipeline.interrupted"  # "true" on a run ended by SIGINT/SIGTERM
+PROJECT_DIR_ENV = "REPORT_VLM_PROJECT_DIR"  # where `main` finds the MLproject of its steps
 # Tracking failures a step reports in one line (steps never import mlflow themselves).
 StepFailed = ExecutionException  # an `mlflow run` child step that exited non-zero
 TRACKING_ERRORS = (MlflowException, StepFailed)
+_log = logging.getLogger("pipeline.tracking")
 
 
 class MetricsSink:
-    """Buffered metric logging into one run; call it as `sink(metrics, step)`."""
+    """Buffered metric (and tag) logging into one run; call it as `sink(metrics, step)`.
+
+    A flush that cannot reach the tracking server keeps the buffer and training goes on; the
+    points go out with a later flush, and `drain()` (at the end of a stage) waits for the
+    server up to `outage.patience()` seconds. Every point reaches MLflow exactly once: after a
+    failed send, points the server did store before the connection broke are not sent again.
+    """
 
     def __init__(self, run_id: str, flush_every: int = 200, client: MlflowClient | None = None):
         self.run_id = run_id
         self.flush_every = flush_every
         self.client = client or MlflowClient()
         self._buffer: list[Metric] = []
+        self._tags: dict[str, str] = {}
+        self._uncertain = False  # a send failed: the server may hold part of the buffer
+        self._retry_at = 0.0  # while unreachable, flushes before this (monotonic) are skipped
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self.failed_flushes = 0
 
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -50,11 +64,69 @@ class MetricsSink:
         if len(self._buffer) >= self.flush_every:
             self.flush()
 
-    def flush(self) -> None:
-        """Send buffered points (log_batch takes at most 1000 metrics per call)."""
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set run tags now, or with the next flush when the server is unreachable."""
+        self._tags.update({k: str(v) for k, v in tags.items()})
+        self.flush()
+
+    @property
+    def pending(self) -> int:
+        """Points and tags not yet stored by the server."""
+        return len(self._buffer) + len(self._tags)
+
+    def flush(self) -> bool:
+        """Send what is buffered; False (buffer kept) when the server is unreachable.
+
+        After a failure the next attempts wait 2, 4, ... 30 s, so that training does not pay
+        MLflow's own HTTP retries at every step while the server is away."""
+        if self.failed_flushes and time.monotonic() < self._retry_at:
+            return False
+        try:
+            self._send()
+        except MlflowException as exc:
+            if not is_transient(exc):
+                raise
+            self._uncertain = True
+            self.failed_flushes += 1
+            self._retry_at = time.monotonic() + min(2.0 ** self.failed_flushes, 30.0)
+            if self.failed_flushes == 1 or self.failed_flushes % 10 == 0:
+                _log.warning("tracking server unreachable: %d metric points and %d tags kept, "
+                             "sent when it answers again (%s)", len(self._buffer),
+                             len(self._tags), " ".join(str(exc).split())[:200])
+            return False
+        if self.failed_flushes:
+            _log.warning("tracking server reachable again: buffered points sent")
+            self.failed_flushes = 0
+        return True
+
+    def drain(self) -> None:
+        """Send everything, waiting for an unreachable server up to `outage.patience()` s."""
+        call_patiently(self._send, what="sending buffered metrics")
+        self.failed_flushes = 0
+
+    def _send(self) -> None:
+        if self._uncertain and self._buffer:
+            self._drop_stored()
         while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            chunk = self._buffer[:1000]  # log_batch takes at most 1000 metrics per call
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            self._buffer = self._buffer[1000:]
+        if self._tags:
+            tags = dict(self._tags)
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()],
+                                  synchronous=True)
+            for key, value in tags.items():
+                if self._tags.get(key) == value:
+                    del self._tags[key]
+        self._uncertain = False
+
+    def _drop_stored(self) -> None:
+        """Remove buffered points the server already holds (same key, step and timestamp)."""
+        stored = set()
+        for key in {m.key for m in self._buffer}:
+            stored.update((key, m.step, m.timestamp)
+                          for m in self.client.get_metric_history(self.run_id, key))
+        self._buffer = [m for m in self._buffer if (m.key, m.step, m.timestamp) not in stored]
 
 
 @contextlib.contextmanager
@@ -86,7 +158,13 @@ def _experiment() -> None:
     with _sqlite_init_lock():
         if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
                 or os.environ.get("MLFLOW_RUN_ID")):
-            mlflow.set_experiment(EXPERIMENT_NAME)
+            try:
+                mlflow.set_experiment(EXPERIMENT_NAME)
+            except MlflowException as exc:
+                # Two first runs against a fresh server both create it; one loses the race.
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                mlflow.set_experiment(EXPERIMENT_NAME)
 
 
 _STOP_SIGNALS = interrupts.STOP_SIGNALS
@@ -123,7 +201,7 @@ def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None
             mlflow.end_run("FAILED")
             raise
         else:
-            mlflow.end_run("FINISHED")
+            call_patiently(mlflow.end_run, "FINISHED", what="ending the run")
     finally:
         if not interrupted:  # interrupted: the program is on its way out; keep the shield
             for signum, handler in previous.items():
@@ -142,7 +220,8 @@ def name_run(name: str) -> None:
     Under `mlflow run` the run already exists with a random name; this replaces it."""
     run = mlflow.active_run()
     if run is not None:
-        MlflowClient().update_run(run.info.run_id, name=name[:250])
+        call_patiently(MlflowClient().update_run, run.info.run_id, name=name[:250],
+                       what="naming the run")
 
 
 def log_new_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -151,6 +230,10 @@ def log_new_params(params: Mapping[str, Any]) -> dict[str, str]:
     `mlflow run` already logged the `-P` ones as raw strings and MLflow refuses a changed
     value, so those stay as they are; a differing resolved value goes to `resolved.<key>`.
     """
+    return call_patiently(_log_new_params, params, what="logging params")
+
+
+def _log_new_params(params: Mapping[str, Any]) -> dict[str, str]:
     run = mlflow.active_run()
     existing = MlflowClient().get_run(run.info.run_id).data.params
     fresh = {}
@@ -173,16 +256,17 @@ def log_dataset(frame, source: str, name: str, digest: str, context: str,
         # A local path matches MLflow's local-artifact source twice; it picks the same one.
         warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
         dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
-        mlflow.log_input(dataset, context=context)
+        call_patiently(mlflow.log_input, dataset, context=context, what="logging the dataset")
     if profile is not None:
-        mlflow.log_dict(dict(profile), f"data/profile_{context}.json")
+        log_dict(dict(profile), f"data/profile_{context}.json")
 
 
 def log_files(paths, artifact_path: str | None = None) -> None:
     """Log each existing file as an artifact."""
     for path in paths:
         if path is not None and Path(path).exists():
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            call_patiently(mlflow.log_artifact, str(path), artifact_path=artifact_path,
+                           what=f"uploading {Path(path).name}")
 
 
 def last_logged_step(run_id: str, key: str) -> int:
@@ -215,27 +299,27 @@ def latest_run(stage: str, status: str = "FINISHED", experiment_ids=None):
 
 def set_run_tags(tags: Mapping[str, str]) -> None:
     """Set tags on the active run (values as strings)."""
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    call_patiently(mlflow.set_tags, {k: str(v) for k, v in tags.items()}, what="setting tags")
 
 
 def log_metrics(metrics: Mapping[str, float]) -> None:
     """Log summary metrics on the active run."""
-    mlflow.log_metrics(dict(metrics))
+    call_patiently(mlflow.log_metrics, dict(metrics), what="logging metrics")
 
 
 def log_param(key: str, value: Any) -> None:
     """Log one param on the active run."""
-    mlflow.log_param(key, value)
+    call_patiently(mlflow.log_param, key, value, what="logging a param")
 
 
 def log_dict(obj: Mapping[str, Any], name: str) -> None:
     """Log a dict as a JSON artifact of the active run."""
-    mlflow.log_dict(dict(obj), name)
+    call_patiently(mlflow.log_dict, dict(obj), name, what=f"uploading {name}")
 
 
 def log_table(frame, name: str) -> None:
     """Log a DataFrame as an MLflow table artifact of the active run."""
-    mlflow.log_table(frame, name)
+    call_patiently(mlflow.log_table, frame, name, what=f"uploading {name}")
 
 
 def active_run_id() -> str | None:
@@ -251,8 +335,12 @@ def end_active_run() -> None:
 
 
 def run_entry_point(name: str, params: Mapping[str, str]) -> str:
-    """Run an MLproject entry point of this folder synchronously; returns its run id."""
-    submitted = mlflow.projects.run(".", entry_point=name, parameters=dict(params),
+    """Run an entry point of the project in `$REPORT_VLM_PROJECT_DIR` (default: this folder)
+    synchronously; returns its run id. The container image sets it to its code folder: the
+    Kubernetes backend's working folder holds an MLproject whose docker_env a nested local run
+    must not use."""
+    project = os.environ.get(PROJECT_DIR_ENV) or "."
+    submitted = mlflow.projects.run(project, entry_point=name, parameters=dict(params),
                                     env_manager="local", synchronous=True)
     return submitted.run_id
 
@@ -279,6 +367,25 @@ def tracking_uri(raw: bool = False) -> str:
             os.path.abspath("mlflow.db"):
         uri = "sqlite:///mlflow.db"
     return uri
+
+
+def shown_uri(uri: str) -> str:
+    """A tracking URI fit to print: a database password is replaced by `***`."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def view_hint() -> str:
+    """How to look at the runs: open the server's URL, or `mlflow ui` over a local store."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {shown_uri(uri)}"
 
 
 def download_run_artifact(run_id: str, artifact_path: str) -> Path | None:
