@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Callable, TypeVar
 
@@ -52,9 +53,11 @@ def call_patiently(fn: Callable[..., T], *args, what: str = "tracking call", **k
     """`fn(*args, **kwargs)`, retried while the tracking server is unreachable.
 
     Only for calls that are safe to repeat (tags, params with the same value, artifacts
-    uploaded to the same path). Raises the last error after `patience()` seconds.
+    uploaded to the same path). Raises the last error after `patience()` seconds, or after one
+    try while an interrupt unwinds: a second Ctrl-C is shielded then and must not wait.
     """
-    deadline = time.monotonic() + patience()
+    unwinding = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+    deadline = time.monotonic() + (0.0 if unwinding else patience())
     delay, warned = 1.0, False
     while True:
         try:

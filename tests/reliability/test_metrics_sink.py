@@ -100,3 +100,16 @@ def test_a_refused_value_is_not_mistaken_for_an_outage():
         sink.flush()
     assert not outage.is_transient(MlflowException("no such run"))
     assert outage.is_transient(_unreachable())
+
+
+def test_an_interrupted_run_does_not_wait_for_the_server(monkeypatch):
+    client = FlakyClient()
+    sink = MetricsSink("run", client=client)
+    client.down = True
+    sink({"train_loss": 1.0}, 1)
+    monkeypatch.setattr(outage.time, "sleep", lambda s: pytest.fail("waited while interrupted"))
+    with pytest.raises(MlflowException):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            sink.drain()
