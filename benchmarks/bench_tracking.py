@@ -27,7 +27,7 @@ def main(profile: str, steps: int) -> None:
 
     from pipeline import config as C
     from pipeline.stage1.trainer import Stage1Trainer, build_stage1_inputs
-    from pipeline.tracking.runs import MetricsSink
+    from pipeline.tracking.sink import MetricsSink
     from pipeline.train.common import build_optimizer
 
     torch.set_num_threads(2)

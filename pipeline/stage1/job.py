@@ -9,8 +9,9 @@ from pipeline import config as C
 from pipeline.checkpoint import sha256_file
 from pipeline.data import dataset_digest, dataset_profile, records_frame
 from pipeline.stage1.trainer import Stage1Result, Stage1Trainer, build_stage1_inputs
-from pipeline.tracking.runs import (MetricsSink, log_dataset, log_files, log_metrics,
-                                    log_new_params, name_run, set_run_tags, stage_run)
+from pipeline.tracking.runs import (log_dataset, log_files, log_metrics, log_new_params,
+                                    name_run, set_run_tags, stage_run)
+from pipeline.tracking.sink import MetricsSink
 from pipeline.train.common import file_logger
 from pipeline.train.plots import plot_stage1
 

@@ -19,8 +19,9 @@ from pipeline.stage2.trainer import Stage2Result, Stage2Trainer, step_metrics
 from pipeline.models.loading import load_into, model_tensors, output_width, weights_of
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
                                   refuse_width_mismatch)
-from pipeline.tracking.runs import (MetricsSink, last_logged_step, log_dataset, log_files,
-                               log_new_params, name_run, set_run_tags, stage_run)
+from pipeline.tracking.runs import (last_logged_step, log_dataset, log_files, log_new_params,
+                                    name_run, set_run_tags, stage_run)
+from pipeline.tracking.sink import MetricsSink
 from pipeline.train.common import EpochLoaders, file_logger, seed_everything
 
 

@@ -1,29 +1,25 @@
-"""Everything that talks to MLflow tracking (the registry lives in `pipeline.tracking.registry`).
+"""Everything that talks to MLflow tracking (the registry lives in `pipeline.tracking.registry`,
+the per-step metrics sink in `pipeline.tracking.sink`).
 
-Training loops never import this: they get a `log_metrics(metrics, step)` callable, which
-here is a `MetricsSink` that buffers points and sends them with one `log_batch` call every
-`flush_every` points (a synchronous `log_metric` costs ~8 ms on sqlite; a batch of 1000
-costs ~0.2 s).
+Run-level calls that are safe to repeat (tags, params, artifacts, the run's end) ride out an
+unreachable tracking server (`pipeline.tracking.outage`).
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
-from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import ExecutionException, MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from pipeline import interrupts
-from pipeline.tracking.outage import call_patiently, is_transient
+from pipeline.tracking.outage import call_patiently
 
 EXPERIMENT_NAME = "radiology-report-vlm"
 STAGE_TAG = "pipeline.stage"
@@ -32,101 +28,6 @@ PROJECT_DIR_ENV = "REPORT_VLM_PROJECT_DIR"  # where `main` finds the MLproject o
 # Tracking failures a step reports in one line (steps never import mlflow themselves).
 StepFailed = ExecutionException  # an `mlflow run` child step that exited non-zero
 TRACKING_ERRORS = (MlflowException, StepFailed)
-_log = logging.getLogger("pipeline.tracking")
-
-
-class MetricsSink:
-    """Buffered metric (and tag) logging into one run; call it as `sink(metrics, step)`.
-
-    A flush that cannot reach the tracking server keeps the buffer and training goes on; the
-    points go out with a later flush, and `drain()` (at the end of a stage) waits for the
-    server up to `outage.patience()` seconds. Every point reaches MLflow exactly once: after a
-    failed send, points the server did store before the connection broke are not sent again.
-    """
-
-    def __init__(self, run_id: str, flush_every: int = 200, client: MlflowClient | None = None):
-        self.run_id = run_id
-        self.flush_every = flush_every
-        self.client = client or MlflowClient()
-        self._buffer: list[Metric] = []
-        self._tags: dict[str, str] = {}
-        self._uncertain = False  # a send failed: the server may hold part of the buffer
-        self._retry_at = 0.0  # while unreachable, flushes before this (monotonic) are skipped
-        self.history: dict[str, list[tuple[int, float]]] = {}
-        self.failed_flushes = 0
-
-    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        for key, value in metrics.items():
-            value = float(value)
-            self._buffer.append(Metric(key, value, now, int(step)))
-            self.history.setdefault(key, []).append((int(step), value))
-        if len(self._buffer) >= self.flush_every:
-            self.flush()
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        """Set run tags now, or with the next flush when the server is unreachable."""
-        self._tags.update({k: str(v) for k, v in tags.items()})
-        self.flush()
-
-    @property
-    def pending(self) -> int:
-        """Points and tags not yet stored by the server."""
-        return len(self._buffer) + len(self._tags)
-
-    def flush(self) -> bool:
-        """Send what is buffered; False (buffer kept) when the server is unreachable.
-
-        After a failure the next attempts wait 2, 4, ... 30 s, so that training does not pay
-        MLflow's own HTTP retries at every step while the server is away."""
-        if self.failed_flushes and time.monotonic() < self._retry_at:
-            return False
-        try:
-            self._send()
-        except MlflowException as exc:
-            if not is_transient(exc):
-                raise
-            self._uncertain = True
-            self.failed_flushes += 1
-            self._retry_at = time.monotonic() + min(2.0 ** self.failed_flushes, 30.0)
-            if self.failed_flushes == 1 or self.failed_flushes % 10 == 0:
-                _log.warning("tracking server unreachable: %d metric points and %d tags kept, "
-                             "sent when it answers again (%s)", len(self._buffer),
-                             len(self._tags), " ".join(str(exc).split())[:200])
-            return False
-        if self.failed_flushes:
-            _log.warning("tracking server reachable again: buffered points sent")
-            self.failed_flushes = 0
-        return True
-
-    def drain(self) -> None:
-        """Send everything, waiting for an unreachable server up to `outage.patience()` s."""
-        call_patiently(self._send, what="sending buffered metrics")
-        self.failed_flushes = 0
-
-    def _send(self) -> None:
-        if self._uncertain and self._buffer:
-            self._drop_stored()
-        while self._buffer:
-            chunk = self._buffer[:1000]  # log_batch takes at most 1000 metrics per call
-            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
-            self._buffer = self._buffer[1000:]
-        if self._tags:
-            tags = dict(self._tags)
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()],
-                                  synchronous=True)
-            for key, value in tags.items():
-                if self._tags.get(key) == value:
-                    del self._tags[key]
-        self._uncertain = False
-
-    def _drop_stored(self) -> None:
-        """Remove buffered points the server already holds (same key, step and timestamp)."""
-        stored = set()
-        for key in {m.key for m in self._buffer}:
-            stored.update((key, m.step, m.timestamp)
-                          for m in self.client.get_metric_history(self.run_id, key))
-        self._buffer = [m for m in self._buffer if (m.key, m.step, m.timestamp) not in stored]
 
 
 @contextlib.contextmanager
@@ -256,9 +157,25 @@ def log_dataset(frame, source: str, name: str, digest: str, context: str,
         # A local path matches MLflow's local-artifact source twice; it picks the same one.
         warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
         dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
-        call_patiently(mlflow.log_input, dataset, context=context, what="logging the dataset")
+        for attempt in range(3):
+            try:
+                call_patiently(mlflow.log_input, dataset, context=context,
+                               what="logging the dataset")
+                break
+            except MlflowException as exc:
+                # MLflow's store gets-or-creates the dataset row without a lock: two runs
+                # logging the same dataset at once (a PostgreSQL team server) insert it twice
+                # and one fails on the unique key. Once more, it finds the row and links it.
+                if attempt == 2 or not _lost_insert_race(exc):
+                    raise
     if profile is not None:
         log_dict(dict(profile), f"data/profile_{context}.json")
+
+
+def _lost_insert_race(exc: MlflowException) -> bool:
+    text = str(exc)
+    return any(sign in text for sign in ("UniqueViolation", "duplicate key value",
+                                         "UNIQUE constraint failed", "Duplicate entry"))
 
 
 def log_files(paths, artifact_path: str | None = None) -> None:

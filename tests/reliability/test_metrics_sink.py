@@ -8,7 +8,7 @@ import requests
 from mlflow.exceptions import MlflowException
 
 from pipeline.tracking import outage
-from pipeline.tracking.runs import MetricsSink
+from pipeline.tracking.sink import MetricsSink
 
 
 def _unreachable() -> MlflowException:
@@ -113,3 +113,13 @@ def test_an_interrupted_run_does_not_wait_for_the_server(monkeypatch):
             raise KeyboardInterrupt
         finally:
             sink.drain()
+
+
+def test_tags_go_out_at_once_and_leave_buffered_metrics_buffered():
+    """Stage 2 sends metrics only right after a step checkpoint (the resume invariant)."""
+    client = FlakyClient()
+    sink = MetricsSink("run", flush_every=10**9, client=client)
+    sink({"train_loss": 1.0}, 1)
+    sink.set_tags({"stage2.curve_verdict": "epoch 1: healthy"})
+    assert client.tags == {"stage2.curve_verdict": "epoch 1: healthy"}
+    assert client.points == [] and sink.pending == 1
