@@ -64,10 +64,10 @@ start_postgres() {
       || die "the 'postgres' user cannot write $DIR (a parent folder is closed to it); set TEAM_SERVER_DIR elsewhere"
   fi
   if [ ! -f "$PGDATA/PG_VERSION" ]; then
-    [ -f "$DIR/pg_password" ] || "$PYTHON" -c "import secrets; print(secrets.token_urlsafe(24))" > "$DIR/pg_password"
-    chmod 600 "$DIR/pg_password"
+    [ -f "$DIR/pg_password" ] \
+      || (umask 077; "$PYTHON" -c "import secrets; print(secrets.token_urlsafe(24))" > "$DIR/pg_password")
     local pwfile="$DIR/.initdb_pw"
-    cp "$DIR/pg_password" "$pwfile"
+    (umask 077; cp "$DIR/pg_password" "$pwfile")
     [ "$(id -u)" = 0 ] && chown postgres "$pwfile"
     as_pg "$bin/initdb" -D "$PGDATA" -U "$DB_USER" --pwfile="$pwfile" --auth=scram-sha-256 \
       -E UTF8 --no-locale >"$DIR/initdb.log" 2>&1 || { rm -f "$pwfile"; cat "$DIR/initdb.log" >&2; die "initdb failed"; }

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTAGE_S = 30
-EPOCHS = 150  # 6 steps an epoch on the tiny profile: long enough to span the outage
+EPOCHS = 300  # 6 steps an epoch on the tiny profile: training outlasts the outage
 STEPS_BEFORE_OUTAGE = 40
 
 
