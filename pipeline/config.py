@@ -230,7 +230,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                  "data": _DATA_PROFILES["tiny"], "embed_dim": 64, "epochs": 2,
                  "batch_size": 2, "checkpoint_every": 4, "health": _TINY_HEALTH},
         "demo": {"encoder": _ENCODER_PROFILES["demo"], "bridge": _BRIDGE_PROFILES["demo"],
-                 "data": _DATA_PROFILES["demo"], "epochs": 30, "checkpoint_every": 200},
+                 "data": _DATA_PROFILES["demo"], "epochs": 60, "checkpoint_every": 200},
         "default": {},
     },
     "Stage2Config": {
@@ -239,7 +239,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                  "max_report_tokens": 256, "max_new_tokens": 16, "eval_num_beams": 1,
                  "checkpoint_every": 4, "n_val_reports": 2},
         "demo": {"encoder": _ENCODER_PROFILES["demo"], "bridge": _BRIDGE_PROFILES["demo"],
-                 "data": _DATA_PROFILES["demo"], "epochs": 2, "max_report_tokens": 160,
+                 "data": _DATA_PROFILES["demo"], "epochs": 1, "max_report_tokens": 160,
                  "max_new_tokens": 96, "checkpoint_every": 100, "eval_num_beams": 1},
         "default": {},
     },
