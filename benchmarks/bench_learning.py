@@ -33,8 +33,8 @@ def _stage1(cfg, out: Path):
     from pipeline.stage1.trainer import Stage1Trainer, build_stage1_inputs
 
     inputs = build_stage1_inputs(cfg)
-    trainer = Stage1Trainer(cfg, inputs.model, inputs.train_loader, inputs.val_loader,
-                            inputs.probe_images, out, "bench", lambda m, s: None,
+    trainer = Stage1Trainer(cfg, inputs.model, inputs.loaders, inputs.probe_images, out,
+                            "bench", lambda m, s: None,
                             lambda t: None, logging.getLogger("bench"))
     start = time.monotonic()
     trainer.fit()

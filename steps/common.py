@@ -1,7 +1,11 @@
 """CLI plumbing shared by the step programs: options, value parsing, one-line errors."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
+import subprocess
 import sys
 
 import click
@@ -12,6 +16,7 @@ from pipeline.data import DataError
 from pipeline.guards import GuardError
 from pipeline.models.llm import LLMLoadError, TrainableLLMError
 from pipeline.tracking.runs import TRACKING_ERRORS
+from pipeline.train.distributed import join_world, leave_world
 
 # Errors that end a step with a one-line reason on stderr and a non-zero exit code.
 EXPECTED_ERRORS = (ConfigError, DataError, GuardError, CheckpointError, TrainableLLMError,
@@ -43,11 +48,69 @@ def one_line_errors(func):
         try:
             return func(*args, **kwargs)
         except KeyboardInterrupt:
-            click.echo("interrupted: the last checkpoint was saved and the run ended KILLED",
-                       err=True)
+            if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for a torchrun group
+                click.echo("interrupted: the last checkpoint was saved and the run ended "
+                           "KILLED", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except EXPECTED_ERRORS as exc:
+            if getattr(exc, "reported_by_rank0", False):
+                sys.exit(EXIT_REFUSED)
             message = " ".join(str(getattr(exc, "message", None) or exc).split())
             click.echo(f"error: {type(exc).__name__}: {message}", err=True)
             sys.exit(EXIT_REFUSED)
     return wrapper
+
+
+def nproc_option(module: str):
+    """`--nproc N`: above 1 (and not already under torchrun), run `module` again under
+    `python -m torch.distributed.run --standalone --nproc_per_node N` with the same options
+    and exit with its status."""
+    def decorate(func):
+        @click.option("--nproc", default="1", show_default=True,
+                      help="processes (data-parallel ranks); above 1 runs under torchrun")
+        @functools.wraps(func)
+        def wrapper(*args, nproc, **kwargs):
+            count = auto(nproc, int) or 1
+            if count > 1 and "WORLD_SIZE" not in os.environ:
+                sys.exit(_torchrun(module, count, kwargs))
+            return func(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def _torchrun(module: str, nproc: int, params: dict) -> int:
+    options = {p.name: p.opts[0] for p in click.get_current_context().command.params}
+    args = []
+    for name, value in params.items():
+        if value is None or value is False:
+            continue
+        args += [options[name]] if value is True else [options[name], str(value)]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node", str(nproc), "-m", module, *args],
+                                start_new_session=True)
+    # A stop meant for this program (Ctrl-C included: torchrun has a session of its own, so
+    # it gets each stop once) goes to torchrun, which passes it to every rank (rank 0 saves
+    # and ends its run KILLED); this program waits for them and exits with torchrun's status.
+    stopped: list[int] = []
+
+    def forward(signum, _frame):
+        stopped.append(signum)
+        launcher.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = launcher.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_INTERRUPTED if stopped and status != 0 else status
+
+
+@contextlib.contextmanager
+def distributed_world():
+    """This process's data-parallel world (torchrun's, or a single process); closed after."""
+    world = join_world()
+    try:
+        yield world
+    finally:
+        leave_world(world)

@@ -47,9 +47,11 @@ def _step(name: str, params: dict, commit: str | None, allow_fail: bool = False)
               help="the bridge's; auto = 1e-3 (the seed's recipe: 2e-5)")
 @click.option("--llm", default="auto", show_default=True,
               help="auto = the profile's LLM (tiny: tiny-random; demo, default: smollm2)")
+@click.option("--nproc", default="1", show_default=True,
+              help="processes for stage1 and stage2 (above 1: torchrun, DDP)")
 @click.option("--stop_on_reject", "--stop-on-reject", is_flag=True)
 @one_line_errors
-def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
+def main(profile, data, objective, stage1_lr, stage2_lr, llm, nproc, stop_on_reject):
     """Run the whole pipeline; print the metrics, where results are and how to look."""
     # Child steps run `python -m steps.X` (MLproject); make that this interpreter.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -60,9 +62,10 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
         set_run_tags({"data.digest": dataset_digest(records)})
         log_new_params({"profile": profile, "data": data, "data.digest": dataset_digest(records),
                         "objective": objective, "stage1_lr": stage1_lr, "stage2_lr": stage2_lr,
-                        "llm": llm})
+                        "llm": llm, "nproc": nproc})
         common = {"profile": profile, "data": data}
-        s1, _ = _step("stage1", {**common, "objective": objective, "lr": stage1_lr}, commit)
+        training = {**common, "nproc": nproc}  # a reused run was trained on as many ranks
+        s1, _ = _step("stage1", {**training, "objective": objective, "lr": stage1_lr}, commit)
         _, approved = _step("validate", {"stage1_run": s1, "profile": profile}, commit,
                             allow_fail=True)
         approved = approved and run_verdict(s1) == "approved"
@@ -82,7 +85,7 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, stop_on_reject):
                        "FROM SCRATCH (as advised: do not initialise from collapsed features)\n"
                        + "!" * 70, err=True)
         set_run_tags({"main.stage2_init": init})
-        s2, _ = _step("stage2", {**common, "lr": stage2_lr, "llm": llm, "init": init}, commit)
+        s2, _ = _step("stage2", {**training, "lr": stage2_lr, "llm": llm, "init": init}, commit)
         ev, _ = _step("evaluate", {**common, "model": s2}, commit)
         _summary(parent.info.run_id, s1, s2, ev)
 

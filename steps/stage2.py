@@ -3,7 +3,8 @@
 Reads: the data; initial weights (`init`: scratch / auto / path / `runs:/` / `models:/`).
 Writes: `stage2_train_log.csv`, `stage2_loss.png`, `stage2_config.json`, `stage2.log`,
 `checkpoints/vision_bridge_vlm_{best_val,final,step<N>}.safetensors`, `val_reports/`; a
-`report-vlm` version with alias `candidate`. Resumes a killed run with `--resume`.
+`report-vlm` version with alias `candidate`. Resumes a killed run with `--resume`;
+`--nproc N` trains on N processes (torchrun, DDP; `batch_size` is per process).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import click
 from pipeline import config as C
 from pipeline.stage2.job import Stage2Job
 from pipeline.tracking.runs import end_active_run
-from steps.common import auto, one_line_errors, profile_option
+from steps.common import auto, distributed_world, nproc_option, one_line_errors, profile_option
 
 
 @click.command()
@@ -41,6 +42,7 @@ from steps.common import auto, one_line_errors, profile_option
 @click.option("--resume", default=None,
               help="'auto' or an interrupted run's output folder: continue it")
 @click.option("--output_dir", "--output-dir", default="outputs/stage2", show_default=True)
+@nproc_option("steps.stage2")
 @one_line_errors
 def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings, batch_size,
          max_visual_tokens, llm, seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir):
@@ -55,9 +57,13 @@ def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings
     if encoder_lr is not None:
         cfg = C.replace_values(cfg, encoder_lr=None if encoder_lr == "same" else float(encoder_lr))
     init = "scratch" if from_scratch else (vision_checkpoint or init)
-    job = Stage2Job(cfg, profile=profile, init=init, force_init=force_init,
-                    resume=None if resume in (None, "", "none") else resume, echo=lambda m: click.echo(m, err=True))
-    result = job.run()
+    with distributed_world() as world:
+        job = Stage2Job(cfg, profile=profile, init=init, force_init=force_init,
+                        resume=None if resume in (None, "", "none") else resume,
+                        echo=lambda m: click.echo(m, err=True), world=world)
+        result = job.run()
+    if not world.is_main:
+        return
     click.echo(f"stage2 done: first-step loss {result.first_step_loss:.4f}, final_train_loss "
                f"{result.final_train_loss:.4f}; run {job.run_id}; outputs in {job.out_dir}")
     end_active_run()

@@ -18,6 +18,7 @@ from pipeline import config as C
 from pipeline.guards import IGNORE_INDEX, GuardError, check_label_mask
 from pipeline.models.llm import TrainableLLMError
 from pipeline.models.tiny_lm import build_tiny_llm
+from tests.processes import wait_for_csv_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,16 +135,9 @@ def test_kill9_mid_epoch_then_resume_has_every_step_once(mlflow_store, tmp_path)
     import mlflow
 
     proc, env, args, csv_glob = _started(mlflow_store, tmp_path)
-    deadline = time.time() + 120
     # Tiny profile: 12 train samples, batch 2 -> 6 steps/epoch; checkpoint every 4 steps.
     # Kill in the middle of epoch 2 (step 9), after the step-8 checkpoint.
-    while time.time() < deadline:
-        files = csv_glob()
-        if files and len(pd.read_csv(files[0])) >= 9:
-            break
-        if proc.poll() is not None:
-            pytest.fail("stage2 ended before it could be killed:\n" + proc.stdout.read())
-        time.sleep(0.05)
+    wait_for_csv_rows(tmp_path / "out", "*/stage2_train_log.csv", 9, proc, timeout=120)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = pd.read_csv(csv_glob()[0])

@@ -32,3 +32,14 @@ def radiograph_views(images: torch.Tensor, generator: torch.Generator | None = N
     brightness = uniform(-max_contrast / 2, max_contrast / 2).view(B, 1, 1, 1)
     noise = torch.randn(out.shape, generator=generator, device="cpu").to(dev, dt)
     return out * contrast + brightness + noise_std * noise
+
+
+def per_sample(augment):
+    """`augment(images, generator)` applied image by image, each with its own generator.
+
+    A sample's view then depends only on its generator, not on which images share its batch
+    (a rank's share of a global batch gets the views the whole batch would).
+    """
+    def apply(images: torch.Tensor, generators) -> torch.Tensor:
+        return torch.cat([augment(images[i:i + 1], g) for i, g in enumerate(generators)])
+    return apply

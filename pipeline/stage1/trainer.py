@@ -5,8 +5,10 @@ The loop knows nothing about MLflow: it reports through `log_metrics(metrics, st
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -14,16 +16,27 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.stage1.augment import radiograph_views
+from pipeline import interrupts
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import COLLAPSE_TAG, Stage1Config, to_dict
-from pipeline.guards import check_finite_loss, low_loss_warning
-from pipeline.train.health import HEALTH_KEYS, feature_health, health_failures
+from pipeline.guards import GuardError, check_finite_loss, low_loss_warning
+from pipeline.models.loading import load_into, model_tensors
+from pipeline.stage1.augment import per_sample, radiograph_views
 from pipeline.stage1.objectives import OBJECTIVES, objective_loss
-from pipeline.train.common import build_optimizer, optimizer_step
+from pipeline.train.common import EpochLoaders, build_optimizer, optimizer_step
+from pipeline.train.distributed import SINGLE, World
+from pipeline.train.health import HEALTH_KEYS, feature_health, health_failures
+from pipeline.train.resume import (ResumeState, append_csv_row, optimizer_tensors,
+                                   restore_optimizer, state_from_metadata, truncate_csv)
 
 LogMetrics = Callable[[Mapping[str, float], int], None]
 SetTags = Callable[[Mapping[str, str]], None]
+STEP_STEM = "vision_bridge_step"
+
+
+def step_metrics(row: Mapping[str, str]) -> dict[str, float]:
+    """The per-step MLflow metrics of one CSV row (every column but step, epoch, seconds)."""
+    return {k: float(v) for k, v in row.items() if k not in ("step", "epoch", "seconds") and v}
 
 
 @dataclass
@@ -50,53 +63,140 @@ def _metadata(cfg: Stage1Config, run_id: str, kind: str, step: int, epoch: int,
             "format_version": 1}
 
 
-class Stage1Trainer:
-    """One Stage 1 training run over a model and data loaders."""
+class _ObjectiveStep(torch.nn.Module):
+    """The objective's loss as a module's forward, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, cfg: Stage1Config, model: torch.nn.Module, train_loader, val_loader,
+    def __init__(self, model: torch.nn.Module, objective: str, pos_weight):
+        super().__init__()
+        self.model, self.objective, self.pos_weight = model, objective, pos_weight
+
+    def forward(self, images: torch.Tensor, reports, generators):
+        loss, terms, _ = objective_loss(self.objective, self.model, images,
+                                        per_sample(radiograph_views), generators, reports,
+                                        self.pos_weight)
+        return loss, terms
+
+
+class Stage1Trainer:
+    """One Stage 1 training run (fresh or resumed from a step checkpoint) on one rank."""
+
+    def __init__(self, cfg: Stage1Config, model: torch.nn.Module, loaders: EpochLoaders,
                  probe_images: torch.Tensor, out_dir: str | Path, run_id: str,
                  log_metrics: LogMetrics, set_tags: SetTags, logger: logging.Logger,
-                 profile: str | None = None):
+                 profile: str | None = None, flush: Callable[[], None] = lambda: None,
+                 world: World = SINGLE):
         if cfg.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {cfg.objective!r}; choose one of {OBJECTIVES}")
-        self.cfg, self.model = cfg, model
-        self.train_loader, self.val_loader, self.probe_images = train_loader, val_loader, probe_images
+        self.cfg, self.model, self.loaders, self.probe_images = cfg, model, loaders, probe_images
         self.out_dir, self.run_id = Path(out_dir), run_id
-        self.log_metrics, self.set_tags, self.log = log_metrics, set_tags, logger
+        self.log_metrics, self.set_tags, self.log, self.flush = log_metrics, set_tags, logger, flush
+        self.world = world
         self.result = Stage1Result()
         self.profile = profile  # recorded in each checkpoint: the gate judges by its floors
-        self.step = 0
-        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.state = ResumeState()
+        self.csv_path = self.out_dir / "stage1_train_log.csv"
+        self.epoch_history: dict[str, list] = {}  # per-epoch metric -> [(epoch, value)]
         self.pos_weight = None
         if cfg.objective == "findings":
             from pipeline.models.findings import positive_weights
-            self.pos_weight = positive_weights(
-                [r for batch in train_loader for r in batch["reports"]])
+            self.pos_weight = positive_weights([r.report for r in loaders.train.records])
+        self.optimizer, self.scheduler = build_optimizer(
+            model, cfg.lr, cfg.weight_decay, cfg.epochs * loaders.batches_per_epoch,
+            cfg.warmup_steps)
+        self.step_model = world.wrap(_ObjectiveStep(model, cfg.objective, self.pos_weight))
 
-    def _save(self, kind: str, epoch: int, final_loss: float | None = None,
-              interrupted: bool = False) -> Path:
-        name = f"vision_bridge_step{self.step}" if kind == "step" else f"vision_bridge_{kind}"
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _save(self, kind: str, final_loss: float | None = None,
+              interrupted: bool = False) -> Path | None:
+        """Write a checkpoint (rank 0 only); step checkpoints carry the resume state."""
+        if not self.world.is_main:
+            return None
+        name = f"{STEP_STEM}{self.step}" if kind == "step" else f"vision_bridge_{kind}"
+        epoch = self.state.epoch if kind == "step" else self.result.epochs_done
         meta = _metadata(self.cfg, self.run_id, kind, self.step, epoch, final_loss,
                          self.result.health, self.profile)
         meta["interrupted"] = interrupted  # the save on interrupt, not a periodic one
-        path = save_checkpoint(self.out_dir / "checkpoints" / name, self.model.state_dict(), meta)
+        tensors = self.model.state_dict()
+        if kind == "step":
+            tensors = {f"model.{k}": v for k, v in tensors.items()} | optimizer_tensors(self.optimizer)
+            meta.update(self.state.to_metadata(
+                self.optimizer, self.scheduler, best_val_loss=self.result.best_val_loss,
+                final_train_loss=self.result.final_train_loss,
+                epochs_done=self.result.epochs_done, val_scores=self.result.val_scores,
+                epoch_history=self.epoch_history, world_size=self.world.size))
+        path = save_checkpoint(self.out_dir / "checkpoints" / name, tensors, meta)
         self.result.checkpoints[name] = path
         return path
 
-    def _train_step(self, batch, optimizer, scheduler) -> float:
-        loss, terms, _ = objective_loss(self.cfg.objective, self.model, batch["images"],
-                                        radiograph_views, self.aug_gen, batch["reports"],
-                                        self.pos_weight)
-        value = check_finite_loss(loss, self.step + 1)
-        grad_norm = optimizer_step(self.model, loss, optimizer, scheduler, self.cfg.grad_clip,
-                                   self.step + 1)
-        self.step += 1
-        metrics = {"train_loss": value, "learning_rate": scheduler.get_last_lr()[0],
-                   "grad_norm": grad_norm}
-        metrics.update({f"loss_{k}": float(v) for k, v in terms.items()})
+    def restore(self, tensors: Mapping[str, torch.Tensor], resume: Mapping) -> int:
+        """Continue from a step checkpoint's tensors and resume block; returns CSV rows kept."""
+        load_into(self.model, model_tensors(dict(tensors)), "the resume checkpoint")
+        restore_optimizer(self.optimizer, self.scheduler, tensors, resume)
+        self.state = state_from_metadata(resume)
+        self.result.best_val_loss = resume["best_val_loss"]
+        self.result.final_train_loss = resume["final_train_loss"]
+        self.result.epochs_done = resume["epochs_done"]
+        self.result.val_scores = dict(resume["val_scores"])
+        self.epoch_history = {k: [tuple(x) for x in v] for k, v in resume["epoch_history"].items()}
+        return truncate_csv(self.csv_path, self.step) if self.world.is_main else 0
+
+    def history(self) -> dict[str, list]:
+        """Every step's train_loss (from the CSV, so a resumed run's earlier steps too) and
+        every epoch's metrics, for the curves plot."""
+        steps = []
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="", encoding="utf-8") as handle:
+                steps = [(int(r["step"]), float(r["train_loss"])) for r in csv.DictReader(handle)]
+        return {"train_loss": steps, **self.epoch_history}
+
+    def _between_steps(self) -> bool:
+        """Whether the weights are those of `self.step`: no optimizer update is half done."""
+        done = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        return max(done, default=self.step) == self.step
+
+    def _checkpoint(self, interrupted: bool = False) -> None:
+        # Metrics are sent only right after a step checkpoint: after a kill, MLflow never
+        # holds a step the resumed run will log again.
+        self.state.seconds = time.monotonic() - self._t0
+        self._save("step", interrupted=interrupted)
+        self.flush()
+
+    # ---- one step --------------------------------------------------------------------------
+    def _generators(self, positions) -> list[torch.Generator]:
+        """One augmentation generator per sample, from (seed, step, place in the global
+        batch): a sample's view does not depend on its rank, its batch-mates or a resume."""
+        base = (self.cfg.seed * 1_000_003 + self.step) * 100_003
+        return [torch.Generator().manual_seed(base + p) for p in positions]
+
+    def _step(self, batch, epoch: int) -> float:
+        loss, terms = self.step_model(batch["images"], batch["reports"],
+                                      self._generators(batch["positions"]))
+        error, local = None, float("nan")
+        try:
+            local = check_finite_loss(loss, self.step + 1)
+        except GuardError as exc:
+            error = exc
+        count = len(batch["reports"]) if batch["weight"] else 0
+        ((value, _),) = self.world.mean([(local, count)], error)
+        grad_norm = optimizer_step(self.model, loss * batch["weight"], self.optimizer,
+                                   self.scheduler, self.cfg.grad_clip, self.step + 1)
+        self.state.step += 1
+        self.state.batch_in_epoch += 1
+        self.state.epoch_losses.append(value)
+        metrics = {"train_loss": value, "learning_rate": self.scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm, **{f"loss_{k}": float(v) for k, v in terms.items()}}
         self.log_metrics(metrics, self.step)
+        if self.world.is_main:
+            append_csv_row(self.csv_path, ["step", "epoch", *metrics, "seconds"],
+                           {"step": self.step, "epoch": epoch, **metrics,
+                            "seconds": round(time.monotonic() - self._t0, 3)})
         return value
 
+    # ---- epochs ----------------------------------------------------------------------------
     @torch.no_grad()
     def _validate(self) -> float:
         self.model.eval()
@@ -105,7 +205,7 @@ class Stage1Trainer:
         augment = None if self.cfg.objective == "findings" else radiograph_views
         losses = [float(objective_loss(self.cfg.objective, self.model, batch["images"],
                                        augment, gen, batch["reports"], self.pos_weight)[0])
-                  for batch in self.val_loader]
+                  for batch in self.loaders.val()]
         if self.cfg.objective == "findings":
             self.result.val_scores = self._finding_scores()
         health = feature_health(self.model(self.probe_images))
@@ -118,25 +218,31 @@ class Stage1Trainer:
         from pipeline.models.findings import decode_findings, label_f1
 
         predicted, reports = [], []
-        for batch in self.val_loader:
+        for batch in self.loaders.val():
             predicted += decode_findings(self.model.findings(batch["images"]))
             reports += batch["reports"]
         return label_f1(reports, predicted, prefix="val_")
 
     def _end_epoch(self, epoch: int, losses: list[float]) -> None:
+        """Validate on rank 0, keep the best weights, warn; then log and move the counters to
+        the next epoch together (a failure before leaves the epoch to be ended again)."""
         epoch_loss = sum(losses) / max(1, len(losses))
-        val_loss = self._validate()
-        health = self.result.health
-        self.log_metrics({"epoch_train_loss": epoch_loss, "val_loss": val_loss,
-                          **{f"health_{k}": health[k] for k in HEALTH_KEYS},
-                          **self.result.val_scores}, epoch)
-        self.log.info("epoch %d: train_loss %.6g val_loss %.6g health %s", epoch, epoch_loss,
-                      val_loss, {k: round(v, 4) for k, v in health.items()})
         self.result.final_train_loss, self.result.epochs_done = epoch_loss, epoch
-        if val_loss < self.result.best_val_loss:
-            self.result.best_val_loss = val_loss
-            self._save("best_val", epoch)
-        self._warn(epoch, epoch_loss, health)
+        if self.world.is_main:
+            val_loss = self._validate()
+            health = self.result.health
+            if val_loss < self.result.best_val_loss:
+                self.result.best_val_loss = val_loss
+                self._save("best_val")
+            self._warn(epoch, epoch_loss, health)
+            metrics = {"epoch_train_loss": epoch_loss, "val_loss": val_loss,
+                       **{f"health_{k}": health[k] for k in HEALTH_KEYS}, **self.result.val_scores}
+            self.log.info("epoch %d: train_loss %.6g val_loss %.6g health %s", epoch, epoch_loss,
+                          val_loss, {k: round(v, 4) for k, v in health.items()})
+            self.log_metrics(metrics, epoch)
+            for key, value in metrics.items():
+                self.epoch_history.setdefault(key, []).append((epoch, value))
+        self.state.epoch, self.state.batch_in_epoch, self.state.epoch_losses = epoch + 1, 0, []
 
     def _warn(self, epoch: int, epoch_loss: float, health: Mapping[str, float]) -> None:
         messages = [m for m in [low_loss_warning(epoch_loss, epoch)] if m]
@@ -152,31 +258,40 @@ class Stage1Trainer:
             self.set_tags({COLLAPSE_TAG: "true", "health.warning": " | ".join(messages)[:500]})
 
     def fit(self) -> Stage1Result:
-        """Train for cfg.epochs; on interrupt save `vision_bridge_step{N}` and re-raise."""
+        """Train to cfg.epochs (continuing from `self.state` when resumed); when stopped
+        (interrupt, guard, a lost rank) save `vision_bridge_step{N}` with the resume state and
+        re-raise."""
         cfg = self.cfg
-        total = cfg.epochs * len(self.train_loader)
-        optimizer, scheduler = build_optimizer(self.model, cfg.lr, cfg.weight_decay, total,
-                                               cfg.warmup_steps)
+        self._t0 = time.monotonic() - self.state.seconds
         self.model.train()
-        bar = tqdm(total=total, desc=f"stage1 {cfg.objective}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.epochs * self.loaders.batches_per_epoch, initial=self.step,
+                   desc=f"stage1 {cfg.objective}", unit="step", dynamic_ncols=True,
+                   disable=not self.world.is_main)
         try:
-            for epoch in range(1, cfg.epochs + 1):
-                losses = []
-                for batch in self.train_loader:
-                    losses.append(self._train_step(batch, optimizer, scheduler))
+            for epoch in range(self.state.epoch, cfg.epochs + 1):
+                self.state.epoch = epoch
+                for batch in self.loaders.epoch(epoch, self.state.batch_in_epoch):
+                    with interrupts.atomic():  # a stop signal waits for the step to end
+                        loss = self._step(batch, epoch)
+                        if self.step % cfg.checkpoint_every == 0:
+                            self._checkpoint()
                     bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4g}")
-                    if self.step % cfg.checkpoint_every == 0:
-                        self._save("step", epoch)
-                self._end_epoch(epoch, losses)
-        except KeyboardInterrupt:
-            self.log.warning("interrupted at step %d: saving the last checkpoint", self.step)
-            self._save("step", self.result.epochs_done, interrupted=True)
+                    bar.set_postfix(epoch=epoch, loss=f"{loss:.4g}")
+                with interrupts.atomic():
+                    self._end_epoch(epoch, self.state.epoch_losses)
+                self.world.barrier()  # the other ranks wait while rank 0 validates
+        except BaseException as exc:  # interrupted, a guard, a lost rank: save where it stands
+            if self._between_steps():
+                self.log.warning("%s at step %d: saving the last checkpoint",
+                                 "interrupted" if isinstance(exc, KeyboardInterrupt)
+                                 else type(exc).__name__, self.step)
+                self._checkpoint(interrupted=True)
             raise
         finally:
             bar.close()
             self.result.steps_done = self.step
-        self._save("final", self.result.epochs_done, self.result.final_train_loss)
+        self.state.epoch = cfg.epochs
+        self._save("final", self.result.final_train_loss)
         return self.result
 
 
@@ -186,25 +301,26 @@ class Stage1Inputs:
 
     model: torch.nn.Module
     records: dict
-    train_loader: object
-    val_loader: object
+    loaders: EpochLoaders
     probe_images: torch.Tensor
 
 
-def build_stage1_inputs(cfg: Stage1Config) -> Stage1Inputs:
-    """Load (or generate) the data and build the vision-bridge model for `cfg`."""
+def build_stage1_inputs(cfg: Stage1Config, world: World = SINGLE) -> Stage1Inputs:
+    """Load (or generate) the data and build the vision-bridge model for `cfg`.
+
+    `cfg.batch_size` is per rank: the global batch is `cfg.batch_size * world.size`.
+    """
     from pipeline.data import image_batch, load_dataset
     from pipeline.models.vision_bridge import VisionBridge
-    from pipeline.train.common import make_loader, seed_everything
+    from pipeline.train.common import seed_everything
 
-    gen = seed_everything(cfg.seed)
-    records = load_dataset(cfg.data)
+    seed_everything(cfg.seed)
+    records = world.main_first(lambda: load_dataset(cfg.data))
     if not records["val"]:
         raise ValueError(f"data {cfg.data.source!r} has an empty val split; Stage 1 needs it "
                          "for val_loss and the feature-health probe")
     model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
     size = cfg.encoder.image_size
-    train_loader = make_loader(records["train"], size, cfg.batch_size, shuffle=True, generator=gen)
-    val_loader = make_loader(records["val"], size, cfg.batch_size, shuffle=False)
+    loaders = EpochLoaders(records["train"], records["val"], size, cfg.batch_size, cfg.seed, world)
     probe_images = image_batch(records["val"][:cfg.health.probe_size], size)
-    return Stage1Inputs(model, records, train_loader, val_loader, probe_images)
+    return Stage1Inputs(model, records, loaders, probe_images)

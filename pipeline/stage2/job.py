@@ -4,33 +4,28 @@ MLflow is reached only through `pipeline.tracking.runs` and `pipeline.tracking.r
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Callable
 
 from pipeline import config as C
-from pipeline.checkpoint import (STAGE2_FINAL, final_checkpoint_path, load_checkpoint, read_metadata, sha256_file)
+from pipeline.checkpoint import STAGE2_FINAL, load_checkpoint, read_metadata, sha256_file
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
 from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
-from pipeline.stage2.resume import (latest_step_checkpoint, restore_optimizer, restore_result,
+from pipeline.stage2.resume import (find_interrupted, latest_step_checkpoint,
+                                   restore_optimizer, restore_result, resume_block,
                                    same_config, state_from_metadata, truncate_csv)
 from pipeline.stage2.trainer import Stage2Result, Stage2Trainer, step_metrics
 from pipeline.models.loading import load_into, model_tensors, output_width, weights_of
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
                                   refuse_width_mismatch)
-from pipeline.tracking.runs import (last_logged_step, log_dataset, log_files, log_new_params,
-                                    name_run, set_run_tags, stage_run)
+from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name_run,
+                                    relog_missing, set_run_tags, stage_run)
 from pipeline.tracking.sink import MetricsSink
-from pipeline.train.common import EpochLoaders, file_logger, seed_everything
-
-
-def find_interrupted(output_dir: str | Path) -> Path | None:
-    """The newest run folder with step checkpoints but no final checkpoint."""
-    candidates = [d for d in Path(output_dir).glob("*") if d.is_dir()
-                  and latest_step_checkpoint(d) is not None
-                  and not (d / final_checkpoint_path(STAGE2_FINAL)).exists()]
-    return max(candidates, key=lambda d: latest_step_checkpoint(d).stat().st_mtime, default=None)
+from pipeline.guards import GuardError
+from pipeline.models.llm import TrainableLLMError
+from pipeline.train.common import EpochLoaders, file_logger, seed_everything, silent_logger
+from pipeline.train.distributed import SINGLE, World
 
 
 class Stage2Job:
@@ -38,8 +33,9 @@ class Stage2Job:
 
     def __init__(self, cfg: C.Stage2Config, profile: str, init: str, force_init: bool = False,
                  resume: str | None = None, echo: Callable[[str], None] = print,
-                 label_fn=None, llm=None):
+                 label_fn=None, llm=None, world: World = SINGLE):
         self.cfg, self.profile, self.init, self.force_init = cfg, profile, init, force_init
+        self.world = world
         self.resume, self.echo, self.label_fn, self.llm = resume, echo, label_fn, llm
         self.run_id: str | None = None
         self.out_dir: Path | None = None
@@ -53,6 +49,7 @@ class Stage2Job:
             return None
         ckpt = latest_step_checkpoint(folder, required=True)
         meta = read_metadata(ckpt)  # the tensors are loaded once, by _restore
+        resume_block(ckpt, meta, self.world.size)
         saved = C.from_dict(C.Stage2Config, meta["config"])
         if self.resume is None and not same_config(meta["config"], self.cfg):
             self.echo(f"not resuming {folder}: its config differs from this run's")
@@ -96,10 +93,13 @@ class Stage2Job:
     def run(self) -> Stage2Result:
         """Train (or resume) one Stage 2 run; returns its result."""
         resume_point = self._resume_point()
-        choice, llm, model, health = self._build(resume_point)
-        records = load_dataset(self.cfg.data)
+        # Rank 0 first: it generates the data and converts the LLM into the shared caches.
+        choice, llm, model, health = self.world.main_first(lambda: self._build(resume_point))
+        records = self.world.main_first(lambda: load_dataset(self.cfg.data))
         loaders = EpochLoaders(records["train"], records["val"], self.cfg.encoder.image_size,
-                               self.cfg.batch_size, self.cfg.seed)
+                               self.cfg.batch_size, self.cfg.seed, self.world)
+        if not self.world.is_main:
+            return self._run_rank(model, llm, loaders, resume_point)
         run_id = resume_point[1]["run_id"] if resume_point else None
         with stage_run("stage2", run_id=run_id) as run:
             self.run_id = run.info.run_id
@@ -113,26 +113,55 @@ class Stage2Job:
             else:
                 set_run_tags({"init.source": choice.source, "init.note": choice.note[:500],
                               **{f"init.health_{k}": f"{v:.4g}" for k, v in health.items()}})
-                log_new_params({**C.flatten(self.cfg), "profile": self.profile, "init": self.init})
+                log_new_params({**C.flatten(self.cfg), "profile": self.profile, "init": self.init,
+                                "batch_size_per_rank": self.cfg.batch_size,
+                                "world_size": self.world.size,
+                                "global_batch_size": loaders.global_batch_size})
                 log_dataset(records_frame(records), source=self.cfg.data.source,
                             name="stage2-data", digest=dataset_digest(records), context="training",
                             profile=dataset_profile(records))
             sink = MetricsSink(self.run_id, flush_every=10**9)
             trainer = Stage2Trainer(self.cfg, model, llm, loaders, self.out_dir, self.run_id,
-                                    sink, sink.set_tags, log, flush=sink.flush,
+                                    sink, sink.set_tags, log, flush=sink.flush, world=self.world,
                                     **({"label_fn": self.label_fn} if self.label_fn else {}))
             if resume_point is not None:
                 self._restore(trainer, *resume_point, log)
-            sink(trainer.preflight(), trainer.state.step)
+            sink(self._preflight(trainer), trainer.state.step)
             try:
                 result = trainer.fit()
+            except BaseException:
+                sink.drop()  # what no step checkpoint covers (the trainer flushed the rest)
+                raise
             finally:
                 sink.drain()  # an unreachable server is waited for here, not during training
                 self._log_outputs(trainer)
             self._record(trainer, result, llm, sink)
         return result
 
+    def _run_rank(self, model, llm, loaders, resume_point) -> Stage2Result:
+        """A rank other than 0: trains in step with rank 0; opens no run, writes nothing."""
+        trainer = Stage2Trainer(self.cfg, model, llm, loaders, self.cfg.output_dir, "",
+                                lambda m, s: None, lambda t: None, silent_logger("stage2.rank"),
+                                world=self.world,
+                                **({"label_fn": self.label_fn} if self.label_fn else {}))
+        if resume_point is not None:
+            self._restore_state(trainer, *resume_point)
+        self._preflight(trainer)
+        return trainer.fit()
+
+    def _preflight(self, trainer: Stage2Trainer) -> dict:
+        return self.world.checked(trainer.preflight, (GuardError, TrainableLLMError))
+
     def _restore(self, trainer: Stage2Trainer, ckpt: Path, meta: dict, log) -> None:
+        self._restore_state(trainer, ckpt, meta)
+        kept = truncate_csv(trainer.csv_path, trainer.state.step)
+        self._relog(trainer)
+        log.info("resumed run %s at step %d (epoch %d, batch %d); CSV rows kept: %d",
+                 self.run_id, trainer.state.step, trainer.state.epoch,
+                 trainer.state.batch_in_epoch, kept)
+
+    @staticmethod
+    def _restore_state(trainer: Stage2Trainer, ckpt: Path, meta: dict) -> None:
         tensors, _ = load_checkpoint(ckpt)
         load_into(trainer.model, model_tensors(tensors), ckpt)
         resume = meta["resume"]
@@ -140,24 +169,12 @@ class Stage2Job:
         trainer.state = state_from_metadata(resume)
         restore_result(trainer.result, resume)
         trainer.epoch_history = {k: [tuple(x) for x in v] for k, v in resume["epoch_history"].items()}
-        kept = truncate_csv(trainer.csv_path, trainer.state.step)
-        self._relog(trainer)
-        log.info("resumed run %s at step %d (epoch %d, batch %d); CSV rows kept: %d",
-                 self.run_id, trainer.state.step, trainer.state.epoch,
-                 trainer.state.batch_in_epoch, kept)
 
     def _relog(self, trainer: Stage2Trainer) -> None:
         """Send the checkpointed steps MLflow missed (killed between save and flush)."""
-        last = last_logged_step(self.run_id, "train_loss")
-        with open(trainer.csv_path, newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                if int(row["step"]) > last:
-                    trainer.log_metrics(step_metrics(row, trainer.aux_findings), int(row["step"]))
-        last_epoch = last_logged_step(self.run_id, "val_loss")
-        for key, series in trainer.epoch_history.items():
-            for epoch, value in series:
-                if epoch > last_epoch:
-                    trainer.log_metrics({key: value}, epoch)
+        relog_missing(self.run_id, trainer.log_metrics, trainer.csv_path,
+                      lambda row: step_metrics(row, trainer.aux_findings),
+                      trainer.epoch_history)
         trainer.flush()
 
     def _log_outputs(self, trainer: Stage2Trainer) -> None:

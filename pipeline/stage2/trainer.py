@@ -8,7 +8,6 @@ The loop reports through `log_metrics` / `set_tags` and writes files into `out_d
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -26,11 +25,12 @@ from pipeline.config import Stage2Config, to_dict
 from pipeline.models.findings import decode_findings, finding_loss, label_f1, positive_weights
 from pipeline.models.report_model import caption_forward, generate_reports, grounding_losses, uses_findings
 from pipeline.train.curve import degenerate, distinct_share, judge_epoch
-from pipeline.guards import (GuardError, check_finite_loss,
+from pipeline.guards import (IGNORE_INDEX, GuardError, check_finite_loss,
                              check_label_mask, check_optimizer_excludes)
 from pipeline.models.bridge import check_visual_tokens
-from pipeline.stage2.resume import ResumeState, optimizer_tensors
+from pipeline.stage2.resume import ResumeState, append_csv_row, optimizer_tensors, resume_extras
 from pipeline.train.common import build_optimizer, optimizer_step
+from pipeline.train.distributed import SINGLE, World
 
 CSV_FIELDS = ("step", "epoch", "caption_loss", "finding_loss", "lr", "grad_norm", "seconds")
 IMAGE_IGNORED_TAG = "stage2.image_ignored"
@@ -64,13 +64,26 @@ class Stage2Result:
     image_ignored: bool = False
 
 
+class _CaptionStep(torch.nn.Module):
+    """A batch's losses as the vision-bridge's forward, so that DistributedDataParallel wraps
+    the vision-bridge alone: the frozen LLM is no submodule, it stays whole on every rank."""
+
+    def __init__(self, model: torch.nn.Module, batch_losses: Callable):
+        super().__init__()
+        self.model, self.batch_losses = model, batch_losses
+
+    def forward(self, batch, check: bool):
+        return self.batch_losses(batch, check=check)
+
+
 class Stage2Trainer:
-    """One Stage 2 run (fresh or resumed from a step checkpoint)."""
+    """One Stage 2 run (fresh or resumed from a step checkpoint) on one rank."""
 
     def __init__(self, cfg: Stage2Config, model, llm, loaders, out_dir: str | Path, run_id: str,
                  log_metrics: Callable, set_tags: Callable, logger: logging.Logger,
-                 label_fn: Callable = captioning.make_labels, flush: Callable = lambda: None):
-        self.cfg, self.model, self.llm, self.loaders = cfg, model, llm, loaders
+                 label_fn: Callable = captioning.make_labels, flush: Callable = lambda: None,
+                 world: World = SINGLE):
+        self.cfg, self.model, self.llm, self.loaders, self.world = cfg, model, llm, loaders, world
         self.out_dir, self.run_id = Path(out_dir), run_id
         self.log_metrics, self.set_tags, self.log, self.flush = log_metrics, set_tags, logger, flush
         self.label_fn = label_fn
@@ -86,6 +99,7 @@ class Stage2Trainer:
         self.optimizer, self.scheduler = build_optimizer(
             model, cfg.lr, cfg.weight_decay, cfg.epochs * loaders.batches_per_epoch,
             cfg.warmup_steps, groups=self._param_groups())
+        self.step_model = world.wrap(_CaptionStep(model, self._batch))
 
     def _param_groups(self):
         """Bridge at `lr`, encoder (+ finding head) at `encoder_lr` (LLaVA: projector fast)."""
@@ -121,7 +135,9 @@ class Stage2Trainer:
         aux = None
         if self.aux_findings:
             aux = finding_loss(out.logits, batch["reports"], self.pos_weight)
-        return out.loss, aux, out.layout
+        # The caption loss is a mean over supervised tokens (the LM shifts labels by one).
+        tokens = int((out.labels[:, 1:] != IGNORE_INDEX).sum())
+        return out.loss, aux, out.layout, tokens
 
     def preflight(self, n_batches: int = 2) -> dict:
         """Frozen LLM, optimizer scope and label layout, before any step; returns statistics."""
@@ -139,10 +155,23 @@ class Stage2Trainer:
         return {"preflight_supervised_tokens": supervised, "optimizer_tensors": n_params}
 
     def _step(self, batch, epoch: int) -> float:
-        loss, aux, layout = self._batch(batch, check=self.state.step == 0)
-        value = check_finite_loss(loss, self.state.step + 1)
-        aux_value = check_finite_loss(aux, self.state.step + 1) if aux is not None else 0.0
-        total = loss + self.cfg.aux_finding_weight * aux if aux is not None else loss
+        error, value, aux_value, tokens = None, float("nan"), 0.0, 0
+        try:  # a guard firing on any rank stops every rank (World.mean)
+            loss, aux, layout, tokens = self.step_model(batch, self.state.step == 0)
+            value = check_finite_loss(loss, self.state.step + 1)
+            aux_value = check_finite_loss(aux, self.state.step + 1) if aux is not None else 0.0
+        except GuardError as exc:
+            error = exc
+        samples = len(batch["reports"]) if batch["weight"] else 0
+        tokens = tokens if batch["weight"] else 0
+        (value, all_tokens), (aux_value, all_samples) = self.world.mean(
+            [(value, tokens), (aux_value, samples)], error)
+        # Each rank's share of the global means (1 in one process): the ranks' averaged
+        # gradients are then those of the global batch's token- and sample-means.
+        size = self.world.size
+        total = loss * (tokens * size / max(1, all_tokens))
+        if aux is not None:
+            total = total + self.cfg.aux_finding_weight * aux * (samples * size / max(1, all_samples))
         grad_norm = optimizer_step(self.model, total, self.optimizer, self.scheduler,
                                    self.cfg.grad_clip, self.state.step + 1)
         self.state.step += 1
@@ -165,12 +194,8 @@ class Stage2Trainer:
 
     # ---- files -----------------------------------------------------------------------------
     def _csv_row(self, row: Mapping) -> None:
-        new = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        if self.world.is_main:
+            append_csv_row(self.csv_path, CSV_FIELDS, row)
 
     def _metadata(self, kind: str, final_loss=None) -> dict:
         return {"stage": "stage2", "run_id": self.run_id, "kind": kind, "lr": self.cfg.lr,
@@ -178,8 +203,11 @@ class Stage2Trainer:
                 "llm": self.cfg.llm.name, "hidden_size": self.llm.hidden_size,
                 "config": json.dumps(to_dict(self.cfg), sort_keys=True), "format_version": 1}
 
-    def save(self, kind: str, final_loss=None, interrupted: bool = False) -> Path:
-        """Write a checkpoint; step checkpoints carry optimizer/scheduler state for resume."""
+    def save(self, kind: str, final_loss=None, interrupted: bool = False) -> Path | None:
+        """Write a checkpoint (rank 0 only); step checkpoints carry optimizer/scheduler state
+        for resume."""
+        if not self.world.is_main:
+            return None
         name = f"vision_bridge_vlm_{kind}"
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         meta = self._metadata(kind, final_loss)
@@ -187,8 +215,8 @@ class Stage2Trainer:
         if kind == "step":
             name = f"vision_bridge_vlm_step{self.state.step}"
             tensors.update(optimizer_tensors(self.optimizer))
-            meta.update(self.state.to_metadata(self.optimizer, self.scheduler, self.result,
-                                               self.epoch_history))
+            meta.update(self.state.to_metadata(self.optimizer, self.scheduler,
+                                               **resume_extras(self.result, self.epoch_history, self.world.size)))
         path = save_checkpoint(self.out_dir / "checkpoints" / name, tensors, meta)
         self.result.checkpoints[name] = path
         if kind == "step":
@@ -239,6 +267,9 @@ class Stage2Trainer:
 
     def _end_epoch(self, epoch: int, losses: list[float]) -> None:
         train_loss = sum(losses) / max(1, len(losses))
+        if not self.world.is_main:  # rank 0 validates and judges for the group
+            self.result.final_train_loss, self.result.epochs_done = train_loss, epoch
+            return
         scores = self._validate(epoch)
         val_loss, gap = scores["val_loss"], scores["val_grounding_gap"]
         verdict = judge_epoch(train_loss, epoch, self.cfg.bands)
@@ -311,6 +342,7 @@ class Stage2Trainer:
                     bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
                 with interrupts.atomic():
                     self._end_epoch(epoch, losses)
+                    self.world.barrier()
                     self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
                     self.state.epoch_losses = []
                     self._checkpoint()
@@ -335,9 +367,10 @@ class Stage2Trainer:
 
     def _finish(self) -> None:
         self.save("final", self.result.final_train_loss)
-        if self.cfg.llm_checksum:
+        if self.cfg.llm_checksum:  # every rank checks its own copy of the LLM
             self.result.llm_checksum_after = self.llm.checksum()
-            if self.result.llm_checksum_after != self.result.llm_checksum_before:
-                raise GuardError("the LLM's weights changed during training (checksum "
-                                 f"{self.result.llm_checksum_before[:12]} -> "
-                                 f"{self.result.llm_checksum_after[:12]})")
+            changed = self.result.llm_checksum_after != self.result.llm_checksum_before
+            self.world.agree(GuardError(
+                "the LLM's weights changed during training (checksum "
+                f"{self.result.llm_checksum_before[:12]} -> "
+                f"{self.result.llm_checksum_after[:12]})") if changed else None)

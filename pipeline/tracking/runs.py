@@ -11,7 +11,7 @@ import os
 import signal
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import mlflow
 from mlflow.exceptions import ExecutionException, MlflowException
@@ -190,6 +190,27 @@ def last_logged_step(run_id: str, key: str) -> int:
     """The highest step logged for `key` on a run, or -1."""
     history = MlflowClient().get_metric_history(run_id, key)
     return max((m.step for m in history), default=-1)
+
+
+def relog_missing(run_id: str, log_metrics, csv_path: str | Path,
+                  row_metrics: Callable[[dict], Mapping[str, float]],
+                  epoch_history: Mapping[str, list]) -> None:
+    """Send the checkpointed points MLflow lacks (a run killed between a step checkpoint and
+    its flush): `row_metrics(row)` of each CSV row after the last logged `train_loss` step,
+    and the epoch values after the last logged `val_loss` epoch."""
+    import csv
+
+    last = last_logged_step(run_id, "train_loss")
+    if Path(csv_path).exists():
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if int(row["step"]) > last:
+                    log_metrics(row_metrics(row), int(row["step"]))
+    last_epoch = last_logged_step(run_id, "val_loss")
+    for key, series in epoch_history.items():
+        for epoch, value in series:
+            if epoch > last_epoch:
+                log_metrics({key: value}, epoch)
 
 
 def all_experiment_ids(client: MlflowClient | None = None) -> list[str]:

@@ -61,6 +61,10 @@ class MetricsSink:
         """Points and tags not yet stored by the server."""
         return len(self._buffer) + len(self._tags)
 
+    def drop(self) -> None:
+        """Forget the buffered points without sending them (tags stay)."""
+        self._buffer.clear()
+
     def flush(self) -> bool:
         """Send what is buffered; False (buffer kept) when the server is unreachable."""
         return self._attempt(self._send)

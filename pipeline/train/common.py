@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline.data import ImageReportDataset, collate, image_batch
 from pipeline.guards import check_finite_grads
+from pipeline.train.distributed import SINGLE, World
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -62,14 +62,6 @@ def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer, schedu
     return grad_norm
 
 
-def make_loader(records, image_size: int, batch_size: int, shuffle: bool,
-                generator: torch.Generator | None = None) -> DataLoader:
-    """A single-process DataLoader over image/report records."""
-    dataset = ImageReportDataset(records, image_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=collate, num_workers=0)
-
-
 def file_logger(name: str, path: str | Path) -> logging.Logger:
     """A logger that writes plain text to `path` and to stderr (one handler each)."""
     logger = logging.getLogger(name)
@@ -89,25 +81,58 @@ def file_logger(name: str, path: str | Path) -> logging.Logger:
     return logger
 
 
-class EpochLoaders:
-    """Deterministic per-epoch data order that can start part-way into an epoch (resume)."""
+def silent_logger(name: str) -> logging.Logger:
+    """A logger that writes nothing: ranks other than 0 (rank 0 speaks for the group)."""
+    logger = logging.getLogger(name)
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    return logger
 
-    def __init__(self, train_records, val_records, image_size: int, batch_size: int, seed: int):
+
+class EpochLoaders:
+    """Deterministic per-epoch data order that can start part-way into an epoch (resume).
+
+    The order of epoch e is a permutation seeded by (seed, e) alone, cut into global batches
+    of `batch_size * world.size`; each rank takes its contiguous share of every global batch,
+    so N ranks see the samples a single process with the global batch would, in its order.
+    """
+
+    def __init__(self, train_records, val_records, image_size: int, batch_size: int, seed: int,
+                 world: World = SINGLE):
         self.train = ImageReportDataset(train_records, image_size)
         self.val_dataset = ImageReportDataset(val_records, image_size)
         self.val_records = list(val_records)
         self.batch_size, self.seed, self.image_size = batch_size, seed, image_size
+        self.world = world
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world.size
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.train) / self.batch_size)
+        return math.ceil(len(self.train) / self.global_batch_size)
 
     def epoch(self, epoch: int, skip_batches: int = 0):
-        """Batches of `epoch` (its own seeded shuffle), skipping the first `skip_batches`."""
+        """This rank's batches of `epoch` (its own seeded shuffle), skipping the first
+        `skip_batches` global batches.
+
+        Each batch also holds `positions` (its samples' places in the global batch) and
+        `weight` (its share of the global batch x world size: scaling the rank's mean loss by
+        it makes the ranks' averaged gradients the gradient of the global batch's mean loss,
+        also when the last batch does not split evenly). A rank left without a sample gets
+        the batch's first one with weight 0, so that it still takes part in the step.
+        """
         order = torch.randperm(len(self.train),
                                generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-        for start in range(skip_batches * self.batch_size, len(order), self.batch_size):
-            yield collate([self.train[int(i)] for i in order[start:start + self.batch_size]])
+        size = self.global_batch_size
+        for start in range(skip_batches * size, len(order), size):
+            chunk = order[start:start + size]
+            shares = torch.tensor_split(torch.arange(len(chunk)), self.world.size)
+            positions = shares[self.world.rank].tolist()
+            weight = len(positions) * self.world.size / len(chunk)
+            batch = collate([self.train[int(chunk[p])] for p in positions or [0]])
+            yield batch | {"positions": positions or [0], "weight": weight}
 
     def val(self):
         """Validation batches in file order."""
