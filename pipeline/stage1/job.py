@@ -89,12 +89,9 @@ class Stage1Job:
                     self.run_id, cfg.objective, cfg.lr, cfg.batch_size, self.world.size,
                     cfg.epochs, out)
         try:
-            result = trainer.fit()
-        except BaseException:
-            sink.drop()  # what no step checkpoint covers (the trainer flushed the rest)
-            raise
+            with sink.around_training():
+                result = trainer.fit()
         finally:
-            sink.drain()
             self._log_outputs(trainer, [log_path, config_path])
         log_metrics({"final_train_loss": result.final_train_loss})
         set_run_tags({"stage1.objective": cfg.objective})

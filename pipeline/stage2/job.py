@@ -128,12 +128,9 @@ class Stage2Job:
                 self._restore(trainer, *resume_point, log)
             sink(self._preflight(trainer), trainer.state.step)
             try:
-                result = trainer.fit()
-            except BaseException:
-                sink.drop()  # what no step checkpoint covers (the trainer flushed the rest)
-                raise
+                with sink.around_training():
+                    result = trainer.fit()
             finally:
-                sink.drain()  # an unreachable server is waited for here, not during training
                 self._log_outputs(trainer)
             self._record(trainer, result, llm, sink)
         return result

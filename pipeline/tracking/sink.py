@@ -6,9 +6,10 @@ while the tracking server is unreachable (`pipeline.tracking.outage`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
@@ -64,6 +65,19 @@ class MetricsSink:
     def drop(self) -> None:
         """Forget the buffered points without sending them (tags stay)."""
         self._buffer.clear()
+
+    @contextlib.contextmanager
+    def around_training(self) -> Iterator[None]:
+        """Around a training loop that flushes right after each step checkpoint: when it
+        stops, drop what no step checkpoint covers (a resumed run logs those steps again);
+        then send the rest, waiting for an unreachable server here, not during training."""
+        try:
+            yield
+        except BaseException:
+            self.drop()
+            raise
+        finally:
+            self.drain()
 
     def flush(self) -> bool:
         """Send what is buffered; False (buffer kept) when the server is unreachable."""
