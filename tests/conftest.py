@@ -39,6 +39,9 @@ def mlflow_store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
     # The fluent API caches the active experiment id; it belongs to the store just removed.
     mlflow.tracking.fluent._active_experiment_id = None
+    # set_experiment exported it during the test (delenv above records nothing to undo when
+    # it was absent); a later subprocess copying os.environ must not inherit it.
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 def pytest_collection_modifyitems(config, items):
