@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.servers import free_port, healthy, start_mlflow_server, stop_process_group
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTAGE_S = 30

@@ -87,6 +87,7 @@ def _post(url: str, body) -> requests.Response:
 
 
 @pytest.mark.slow  # the fixture trains and evaluates a tiny champion, then serves it
+@pytest.mark.reliability
 @pytest.mark.parametrize("case, body, reason", ABUSE, ids=[case for case, _, _ in ABUSE])
 def test_malformed_request_gets_a_4xx_with_the_reason_and_the_server_keeps_answering(
         served, case, body, reason):
@@ -102,6 +103,7 @@ def test_malformed_request_gets_a_4xx_with_the_reason_and_the_server_keeps_answe
 
 
 @pytest.mark.slow
+@pytest.mark.reliability
 def test_after_the_abuse_a_224px_png_still_gets_a_report(served):
     url, proc = served
     response = _post(url, {"inputs": [{"image": _png_b64(224)}]})

@@ -21,10 +21,18 @@ import torch
 
 from pipeline.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, STEPS = 4, 24
+# In-process tests leave MLflow's experiment/run variables in os.environ; a child must not
+# look for an experiment of another store.
+_INHERITED = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+def _env(tracking_uri: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
+    return {**env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": tracking_uri}
 N_POINTS = 10
 
 
@@ -79,7 +87,7 @@ def _final(out: Path):
 def reference(tmp_path_factory):
     """One uninterrupted run in its own store."""
     tmp = tmp_path_factory.mktemp("reference")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/m.db"}
+    env = _env(f"sqlite:///{tmp}/m.db")
     done = subprocess.run(_command(tmp / "out", resume=False), cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -94,7 +102,7 @@ def test_interrupted_and_resumed_ten_times_equals_one_uninterrupted_run(
         signum, reference, mlflow_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow_store}
+    env = _env(mlflow_store)
     out = tmp_path / "out"
     rng = random.Random(1000 + signum)  # seeded: the same points in every CI run
     points = sorted(rng.sample(range(1, STEPS), N_POINTS))
