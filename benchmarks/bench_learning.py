@@ -13,6 +13,7 @@ Columns: steps, minutes, val loss, grounding gap (test), coarse and fine finding
 CIDEr, distinct share. No MLflow: the trainers report into a throwaway sink.
 
     .venv/bin/python benchmarks/bench_learning.py --profile demo [--steps 254] [--out bench.md]
+    .venv/bin/python benchmarks/bench_learning.py --rows promoted,scratch --steps 64  # two rows
 """
 from __future__ import annotations
 
@@ -108,7 +109,9 @@ def _table(rows: dict[str, dict]) -> str:
 @click.option("--steps", default=254, show_default=True, help="Stage 2 steps of every row")
 @click.option("--llm", "llm_name", default="smollm2", show_default=True)
 @click.option("--out", default=None, help="also write the table (markdown) here")
-def main(profile: str, steps: int, llm_name: str, out: str | None) -> None:
+@click.option("--rows", default="", help="only the rows whose name contains one of these "
+              "comma-separated words (e.g. 'promoted,scratch'); all when empty")
+def main(profile: str, steps: int, llm_name: str, out: str | None, rows: str) -> None:
     from pipeline import config as C
     from pipeline.data import load_dataset
     from pipeline.models.llm_loading import load_llm
@@ -120,35 +123,48 @@ def main(profile: str, steps: int, llm_name: str, out: str | None) -> None:
     llm = load_llm(s2_base.llm.name, s2_base.llm.cache_dir, s2_base.llm.dtype)
     records = load_dataset(s2_base.data)
 
-    seed_s1 = replace(s1_base, objective="vicreg", lr=1e-5, batch_size=2, epochs=3)
-    vicreg_model, vicreg_min = _stage1(seed_s1, tmp / "s1_vicreg")
-    findings_model, findings_min = _stage1(s1_base, tmp / "s1_findings")
     plain = dict(findings=False, aux_finding_weight=0.0)
-    variants = {
-        "seed recipe (vicreg S1, lr 2e-5)": (vicreg_model, dict(plain, lr=2e-5, encoder_lr=None)),
-        "higher lr only (1e-3)": (vicreg_model, dict(plain, lr=1e-3, encoder_lr=None)),
-        "+ lr per module (1e-3 / 1e-4)": (vicreg_model, dict(plain)),
-        "+ classify-then-generate": (vicreg_model, {}),
-        "chosen, from promoted findings S1": (findings_model, {}),
+    variants = {  # name: (Stage 1 it starts from, Stage 2 changes)
+        "seed recipe (vicreg S1, lr 2e-5)": ("vicreg", dict(plain, lr=2e-5, encoder_lr=None)),
+        "higher lr only (1e-3)": ("vicreg", dict(plain, lr=1e-3, encoder_lr=None)),
+        "+ lr per module (1e-3 / 1e-4)": ("vicreg", dict(plain)),
+        "+ classify-then-generate": ("vicreg", {}),
+        "chosen, from promoted findings S1": ("findings", {}),
         "chosen, from scratch": (None, {}),
     }
-    rows: dict[str, dict] = {}
+    wanted = [word.strip() for word in rows.split(",") if word.strip()]
+    variants = {name: v for name, v in variants.items()
+                if not wanted or any(word in name for word in wanted)}
+    if not variants:
+        raise click.UsageError(f"--rows {rows!r} names no row")
+    needed = {init for init, _ in variants.values()}
+    stage1 = {"vicreg": (None, 0.0), "findings": (None, 0.0)}
+    if "vicreg" in needed:
+        seed_s1 = replace(s1_base, objective="vicreg", lr=1e-5, batch_size=2, epochs=3)
+        stage1["vicreg"] = _stage1(seed_s1, tmp / "s1_vicreg")
+    if "findings" in needed:
+        stage1["findings"] = _stage1(s1_base, tmp / "s1_findings")
+    table_rows: dict[str, dict] = {}
     chosen = None
-    for name, (init, changes) in variants.items():
+    for name, (init_name, changes) in variants.items():
+        init = stage1[init_name][0] if init_name else None
         cfg = replace(s2_base, **changes)
         report_model, minutes, val_loss, _ = _stage2(cfg, init, llm, records,
                                                      tmp / name.replace(" ", "_"), steps)
         row = _row(report_model, records, tmp / "eval")
         blind = row.pop("_blind")
-        rows[name] = {"steps": steps, "minutes": minutes, "val_loss": val_loss, **row}
-        click.echo(f"{name}: {rows[name]}", err=True)
+        table_rows[name] = {"steps": steps, "minutes": minutes, "val_loss": val_loss, **row}
+        click.echo(f"{name}: {table_rows[name]}", err=True)
         if name.startswith("chosen, from promoted"):
             chosen = report_model
-    rows["blind baseline"] = blind
-    rows["classifier ceiling (chosen head)"] = _ceiling(chosen.model, records,
-                                                         s2_base.encoder.image_size)
-    table = _table(rows)
-    click.echo(f"\nStage 1: vicreg {vicreg_min:.1f} min, findings {findings_min:.1f} min; "
+    table_rows["blind baseline"] = blind
+    if chosen is not None:
+        table_rows["classifier ceiling (chosen head)"] = _ceiling(chosen.model, records,
+                                                                  s2_base.encoder.image_size)
+    table = _table(table_rows)
+    trained = ", ".join(f"{name} {minutes:.1f} min" for name, (model, minutes) in stage1.items()
+                        if model is not None)
+    click.echo(f"\nStage 1: {trained or 'none'}; "
                f"Stage 2 rows: {steps} steps each, seed {s2_base.seed}, profile {profile}\n")
     click.echo(table)
     if out:

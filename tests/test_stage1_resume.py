@@ -136,3 +136,14 @@ def test_resume_of_a_folder_without_step_checkpoint_is_one_error_line(mlflow_sto
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no step checkpoint" in errors[0], result.output
+
+
+def test_a_csv_log_starts_its_own_folder(tmp_path):
+    """A trainer driven from a script (benchmarks/bench_learning.py), not a job, writes its CSV
+    log into a folder nobody created; the first row creates it."""
+    from pipeline.train.resume import append_csv_row
+
+    path = tmp_path / "new" / "deeper" / "train_log.csv"
+    append_csv_row(path, ["step", "loss"], {"step": 1, "loss": 0.5})
+    append_csv_row(path, ["step", "loss"], {"step": 2, "loss": 0.4})
+    assert path.read_text(encoding="utf-8").splitlines() == ["step,loss", "1,0.5", "2,0.4"]

@@ -87,8 +87,11 @@ def truncate_csv(path: str | Path, last_step: int) -> int:
 
 
 def append_csv_row(path: Path, fields, row) -> None:
-    """Append one row to a CSV log, writing the header first when the file is new."""
+    """Append one row to a CSV log, writing the header first when the file is new (its folder
+    too: a trainer driven from a script, not a job, writes where it is told)."""
     new = not path.exists()
+    if new:
+        path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         if new:
