@@ -1,6 +1,7 @@
 """Which levers make the report model read the image: one table, same seed, same step budget.
 
-Rows, each a Stage 2 run of the same number of steps (then greedy reports on the test split):
+Rows, each a Stage 2 run of the same number of steps, whole epochs (then greedy reports on the
+test split):
   seed recipe          vicreg Stage 1 (lr 1e-5) -> plain visual prefix, lr 2e-5 everywhere
   higher lr only       same init, plain prefix, lr 1e-3 everywhere
   + lr per module      same init, plain prefix, bridge 1e-3 / encoder 1e-4
@@ -64,7 +65,7 @@ def _stage2(cfg, init_model, llm, records, out: Path, steps: int):
     result = trainer.fit()
     minutes = (time.monotonic() - start) / 60
     val_loss = trainer.epoch_history["val_loss"][-1][1]
-    return ReportModel(model.eval(), llm, cfg), minutes, val_loss, result
+    return ReportModel(model.eval(), llm, cfg), minutes, val_loss, trainer.state.step
 
 
 def _row(report_model, records, out: Path) -> dict:
@@ -106,7 +107,7 @@ def _table(rows: dict[str, dict]) -> str:
 
 @click.command()
 @click.option("--profile", default="demo", show_default=True)
-@click.option("--steps", default=254, show_default=True, help="Stage 2 steps of every row")
+@click.option("--steps", default=254, show_default=True, help="Stage 2 steps of every row, rounded up to whole epochs (the table shows the steps run)")
 @click.option("--llm", "llm_name", default="smollm2", show_default=True)
 @click.option("--out", default=None, help="also write the table (markdown) here")
 @click.option("--rows", default="", help="only the rows whose name contains one of these "
@@ -149,11 +150,11 @@ def main(profile: str, steps: int, llm_name: str, out: str | None, rows: str) ->
     for name, (init_name, changes) in variants.items():
         init = stage1[init_name][0] if init_name else None
         cfg = replace(s2_base, **changes)
-        report_model, minutes, val_loss, _ = _stage2(cfg, init, llm, records,
+        report_model, minutes, val_loss, steps_run = _stage2(cfg, init, llm, records,
                                                      tmp / name.replace(" ", "_"), steps)
         row = _row(report_model, records, tmp / "eval")
         blind = row.pop("_blind")
-        table_rows[name] = {"steps": steps, "minutes": minutes, "val_loss": val_loss, **row}
+        table_rows[name] = {"steps": steps_run, "minutes": minutes, "val_loss": val_loss, **row}
         click.echo(f"{name}: {table_rows[name]}", err=True)
         if name.startswith("chosen, from promoted"):
             chosen = report_model
@@ -165,7 +166,7 @@ def main(profile: str, steps: int, llm_name: str, out: str | None, rows: str) ->
     trained = ", ".join(f"{name} {minutes:.1f} min" for name, (model, minutes) in stage1.items()
                         if model is not None)
     click.echo(f"\nStage 1: {trained or 'none'}; "
-               f"Stage 2 rows: {steps} steps each, seed {s2_base.seed}, profile {profile}\n")
+               f"Stage 2 rows: {steps} steps asked, whole epochs run, seed {s2_base.seed}, profile {profile}\n")
     click.echo(table)
     if out:
         Path(out).write_text(table + "\n", encoding="utf-8")
