@@ -107,7 +107,9 @@ def _table(rows: dict[str, dict]) -> str:
 
 @click.command()
 @click.option("--profile", default="demo", show_default=True)
-@click.option("--steps", default=254, show_default=True, help="Stage 2 steps of every row, rounded up to whole epochs (the table shows the steps run)")
+@click.option("--steps", default=254, show_default=True,
+              help="Stage 2 steps of every row, rounded up to whole epochs (the table shows "
+                   "the steps run)")
 @click.option("--llm", "llm_name", default="smollm2", show_default=True)
 @click.option("--out", default=None, help="also write the table (markdown) here")
 @click.option("--rows", default="", help="only the rows whose name contains one of these "
@@ -139,19 +141,18 @@ def main(profile: str, steps: int, llm_name: str, out: str | None, rows: str) ->
     if not variants:
         raise click.UsageError(f"--rows {rows!r} names no row")
     needed = {init for init, _ in variants.values()}
-    stage1 = {"vicreg": (None, 0.0), "findings": (None, 0.0)}
-    if "vicreg" in needed:
-        seed_s1 = replace(s1_base, objective="vicreg", lr=1e-5, batch_size=2, epochs=3)
-        stage1["vicreg"] = _stage1(seed_s1, tmp / "s1_vicreg")
-    if "findings" in needed:
-        stage1["findings"] = _stage1(s1_base, tmp / "s1_findings")
+    stage1_configs = {"vicreg": replace(s1_base, objective="vicreg", lr=1e-5, batch_size=2,
+                                        epochs=3),
+                      "findings": s1_base}
+    stage1 = {name: _stage1(cfg, tmp / f"s1_{name}") for name, cfg in stage1_configs.items()
+              if name in needed}  # name: (model, minutes)
     table_rows: dict[str, dict] = {}
     chosen = None
     for name, (init_name, changes) in variants.items():
         init = stage1[init_name][0] if init_name else None
         cfg = replace(s2_base, **changes)
         report_model, minutes, val_loss, steps_run = _stage2(cfg, init, llm, records,
-                                                     tmp / name.replace(" ", "_"), steps)
+                                                             tmp / name.replace(" ", "_"), steps)
         row = _row(report_model, records, tmp / "eval")
         blind = row.pop("_blind")
         table_rows[name] = {"steps": steps_run, "minutes": minutes, "val_loss": val_loss, **row}
@@ -163,10 +164,9 @@ def main(profile: str, steps: int, llm_name: str, out: str | None, rows: str) ->
         table_rows["classifier ceiling (chosen head)"] = _ceiling(chosen.model, records,
                                                                   s2_base.encoder.image_size)
     table = _table(table_rows)
-    trained = ", ".join(f"{name} {minutes:.1f} min" for name, (model, minutes) in stage1.items()
-                        if model is not None)
-    click.echo(f"\nStage 1: {trained or 'none'}; "
-               f"Stage 2 rows: {steps} steps asked, whole epochs run, seed {s2_base.seed}, profile {profile}\n")
+    trained = ", ".join(f"{name} {minutes:.1f} min" for name, (_, minutes) in stage1.items())
+    click.echo(f"\nStage 1: {trained or 'none'}; Stage 2 rows: {steps} steps asked, whole "
+               f"epochs run, seed {s2_base.seed}, profile {profile}\n")
     click.echo(table)
     if out:
         Path(out).write_text(table + "\n", encoding="utf-8")

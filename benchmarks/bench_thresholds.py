@@ -24,20 +24,21 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def _split(report_model, records):
-    from pipeline.data import ImageReportDataset, collate
+def _split(report_model, records) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """(images, reports, finding logits at the saved head) of one split."""
+    from pipeline.data import image_batch
 
-    dataset = ImageReportDataset(records, report_model.cfg.encoder.image_size)
-    batch = collate([dataset[i] for i in range(len(dataset))])
-    return batch["images"], batch["reports"]
+    images = image_batch(records, report_model.cfg.encoder.image_size)
+    with torch.no_grad():
+        logits = report_model.model.forward_with_findings(images)[1]
+    return images, [r.report for r in records], logits
 
 
-def _chosen_on_validation(report_model, images, reports, min_positives: int) -> torch.Tensor:
+def _chosen_on_validation(reports, logits, min_positives: int) -> torch.Tensor:
     """Per-output threshold with the best validation F1 (ties: the one nearest 0.5)."""
     from pipeline.models.findings import HEAD_OUTPUTS, finding_targets
 
-    with torch.no_grad():
-        probs = torch.sigmoid(report_model.model.forward_with_findings(images)[1])
+    probs = torch.sigmoid(logits)
     targets = finding_targets(reports) > 0
     chosen = torch.full((HEAD_OUTPUTS,), 0.5)
     for i in range(HEAD_OUTPUTS):
@@ -52,18 +53,18 @@ def _chosen_on_validation(report_model, images, reports, min_positives: int) -> 
     return chosen
 
 
-def _scores(report_model, images, reports, thresholds: torch.Tensor) -> dict[str, float]:
+def _scores(report_model, images, reports, logits, thresholds) -> dict[str, float]:
+    """Gap and head F1 with `thresholds` (one per head output) as the decode thresholds."""
     from pipeline.models.findings import decode_findings, label_f1
 
-    bias = report_model.model.finding_head.linear.bias
+    shift = torch.tensor([_logit(float(t)) for t in thresholds])
+    f1 = label_f1(reports, decode_findings(logits - shift))
+    bias = report_model.model.finding_head.linear.bias  # the gap runs the model itself
     saved = bias.detach().clone()
     with torch.no_grad():
-        bias -= torch.tensor([_logit(float(t)) for t in thresholds], dtype=bias.dtype)
+        bias -= shift.to(bias.dtype)
     try:
         _, gap = report_model.grounding_gap(images, reports)
-        with torch.no_grad():
-            logits = report_model.model.forward_with_findings(images)[1]
-        f1 = label_f1(reports, decode_findings(logits))
     finally:
         with torch.no_grad():
             bias.copy_(saved)
@@ -90,8 +91,7 @@ def main(checkpoint: str, thresholds: str, min_positives: int) -> None:
     splits = {name: _split(report_model, records[name]) for name in ("val", "test")}
     rows = {f"{float(t):.2f}": torch.full((HEAD_OUTPUTS,), float(t))
             for t in thresholds.split(",")}
-    rows["per output, chosen on val"] = _chosen_on_validation(report_model, *splits["val"],
-                                                              min_positives)
+    rows["per output, chosen on val"] = _chosen_on_validation(*splits["val"][1:], min_positives)
     print("| threshold | gap val / test | head coarse F1 val / test | head fine F1 val / test |")
     print("|---|---|---|---|")
     for name, row in rows.items():
