@@ -112,5 +112,8 @@ def distributed_world():
     world = join_world()
     try:
         yield world
+    except BaseException as exc:
+        world.part_after(exc)
+        raise
     finally:
         leave_world(world)

@@ -124,10 +124,20 @@ def test_kill9_of_one_rank_stops_the_group_and_resume_logs_every_step_once(mlflo
 
 
 # Run under torchrun: on rank 1 only, `<module>.<name>` raises a GuardError from its N-th call
-# on; then the step program runs as usual.
+# on; then the step program runs as usual. Rank 0 ends its run slowly (a slow tracking
+# server): rank 1 must not exit, and so have torchrun stop rank 0, before rank 0 is done.
 _POISON = '''
-import importlib, os, sys
+import importlib, os, sys, time
+import mlflow
 from pipeline.guards import GuardError
+real_end_run = mlflow.end_run
+
+def slow_end_run(*args, **kwargs):
+    if os.environ["RANK"] == "0":
+        time.sleep(3)
+    return real_end_run(*args, **kwargs)
+
+mlflow.end_run = slow_end_run
 module_name, name, nth, program = sys.argv[1:5]
 module, calls = importlib.import_module(module_name), [0]
 real = getattr(module, name)

@@ -110,7 +110,21 @@ class World:
         rank, message = next((r, m) for r, m in enumerate(messages) if m)
         group_error = GuardError(f"{message} (on rank {rank} of {self.size}; every rank stopped)")
         group_error.reported_by_rank0 = not self.is_main
+        group_error.raised_on_every_rank = True
         raise group_error from error
+
+    def part_after(self, error: BaseException) -> None:
+        """After `error` ended this rank's job: when every rank raised it (a group error),
+        wait until every rank has ended its job, rank 0 included (it saves, ends its run
+        FAILED and reports). torchrun stops the other ranks as soon as one exits with an
+        error, so a rank that left first would cut rank 0's save and report short.
+        Rank 0 then ignores stop signals: those torchrun sends while it exits."""
+        if not (self.distributed and getattr(error, "raised_on_every_rank", False)):
+            return
+        if self.is_main:
+            for signum in interrupts.STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+        dist.barrier()
 
 
 SINGLE = World()
