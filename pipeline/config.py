@@ -61,6 +61,9 @@ class BridgeConfig:
     # 2's classify-then-generate prompt and auxiliary loss). Checkpoints without one load as
     # models without one.
     finding_head: bool = True
+    # The head reads the encoder tokens pooled to finding_grid x finding_grid cells (1: their
+    # mean, as checkpoints before cells; loading reads the grid from the weights).
+    finding_grid: int = 4
 
 
 @dataclass(frozen=True)

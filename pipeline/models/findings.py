@@ -2,7 +2,7 @@
 
 Labels come from the rule-based labeler applied to each training report, so any dataset with
 reports works with no extra annotation. The head predicts the 18 fine labels and the 6
-coarse groups (any side or zone) from the mean-pooled encoder tokens; the coarse logits
+coarse groups (any side or zone) from the encoder tokens pooled to a few cells; the coarse logits
 decide which groups are present, the fine ones where (classify-then-generate: the predicted
 findings become plain words in the frozen LLM's prompt).
 """
@@ -24,15 +24,41 @@ HEAD_OUTPUTS = len(FINE) + len(COARSE)  # fine logits first, then coarse
 
 
 class FindingHead(nn.Module):
-    """(B, N, d) encoder tokens -> (B, HEAD_OUTPUTS) finding logits."""
+    """(B, N, d) encoder tokens on a square, row-major grid -> (B, HEAD_OUTPUTS) logits.
 
-    def __init__(self, dim: int):
+    The tokens are average-pooled to `grid` x `grid` cells, each cell is normalised, and one
+    linear layer reads every cell, so where a finding lies (its side and zone) stays visible
+    to the head. `grid=1` is the mean of all tokens: the head of checkpoints from before the
+    cells, with the same tensors.
+    """
+
+    def __init__(self, dim: int, grid: int = 1):
         super().__init__()
+        if grid < 1:
+            raise ValueError(f"finding head grid must be >= 1, got {grid}")
+        self.grid = grid
         self.norm = nn.LayerNorm(dim)
-        self.linear = nn.Linear(dim, HEAD_OUTPUTS)
+        self.linear = nn.Linear(dim * grid * grid, HEAD_OUTPUTS)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.linear(self.norm(tokens.mean(dim=1)))
+        if self.grid == 1:
+            cells = tokens.mean(dim=1, keepdim=True)
+        else:
+            batch, count, dim = tokens.shape
+            side = math.isqrt(count)
+            if side * side != count:
+                raise ValueError(f"finding head: {count} tokens are not a square grid")
+            grid = tokens.transpose(1, 2).reshape(batch, dim, side, side)
+            cells = nn.functional.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
+        return self.linear(self.norm(cells).flatten(1))
+
+
+def head_grid(tensors: dict[str, Tensor], prefix: str = "finding_head.") -> int | None:
+    """The cell grid of a finding head's weights (None without a head)."""
+    weight, norm = tensors.get(prefix + "linear.weight"), tensors.get(prefix + "norm.weight")
+    if weight is None or norm is None:
+        return None
+    return math.isqrt(int(weight.shape[1]) // int(norm.shape[0]))
 
 
 @lru_cache(maxsize=65536)

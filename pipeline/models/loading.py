@@ -12,6 +12,7 @@ import torch
 
 from pipeline import config as C
 from pipeline.checkpoint import CheckpointError, load_checkpoint, split_prefix
+from pipeline.models.findings import head_grid
 from pipeline.models.report_model import ReportModel
 
 
@@ -55,9 +56,17 @@ def has_finding_head(tensors: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(HEAD_PREFIX) for k in tensors)
 
 
+def with_grid_of(bridge_cfg: C.BridgeConfig, tensors: dict[str, torch.Tensor]) -> C.BridgeConfig:
+    """The bridge config with the finding head's cell grid as the checkpoint's weights have it
+    (older checkpoints' configs do not name it); unchanged when they hold no head."""
+    grid = head_grid(tensors, HEAD_PREFIX)
+    return bridge_cfg if grid is None else replace(bridge_cfg, finding_grid=grid)
+
+
 def with_head_of(bridge_cfg: C.BridgeConfig, tensors: dict[str, torch.Tensor]) -> C.BridgeConfig:
-    """The bridge config with `finding_head` as the checkpoint has it (older ones have none)."""
-    return replace(bridge_cfg, finding_head=has_finding_head(tensors))
+    """The bridge config with `finding_head` (and its grid) as the checkpoint has it (older
+    ones have none)."""
+    return replace(with_grid_of(bridge_cfg, tensors), finding_head=has_finding_head(tensors))
 
 
 def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> list[str]:

@@ -36,7 +36,8 @@ class VisionBridge(nn.Module):
             in_dim=encoder_cfg.d_model, out_dim=out_dim, num_tokens=bridge_cfg.num_visual_tokens,
             kind=bridge_cfg.kind, hidden_mult=bridge_cfg.hidden_mult,
             max_visual_tokens=bridge_cfg.max_visual_tokens, grid_size=encoder.grid_size)
-        head = FindingHead(encoder_cfg.d_model) if bridge_cfg.finding_head else None
+        head = FindingHead(encoder_cfg.d_model, bridge_cfg.finding_grid) \
+            if bridge_cfg.finding_head else None
         return cls(encoder, bridge, head)
 
     @property
