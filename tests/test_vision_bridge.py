@@ -131,3 +131,39 @@ def test_profiles_build_with_their_sizes(profile, tokens):
     model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
     assert model.num_visual_tokens == tokens
     assert model.encoder.num_patches == cfg.encoder.num_patches
+
+
+def test_finding_head_cells_see_where_a_finding_lies_and_grid_1_is_the_mean():
+    from pipeline.models.findings import FindingHead
+
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 16, 8)  # a 4 x 4 grid, row-major
+    mirrored = tokens.reshape(1, 4, 4, 8).flip(2).reshape(1, 16, 8)  # left <-> right
+    mean_head, cell_head = FindingHead(8, grid=1), FindingHead(8, grid=4)
+    with torch.no_grad():
+        assert torch.allclose(mean_head(tokens), mean_head(mirrored), atol=1e-6)
+        assert not torch.allclose(cell_head(tokens), cell_head(mirrored), atol=1e-3)
+        expected = mean_head.linear(mean_head.norm(tokens.mean(dim=1)))
+        assert torch.equal(mean_head(tokens), expected)  # the head of checkpoints before cells
+    with pytest.raises(ValueError, match="not a square grid"):
+        cell_head(torch.randn(1, 15, 8))
+
+
+def test_a_checkpoint_from_before_cells_loads_with_its_mean_head(tmp_path):
+    # Its config names no grid (the default is now 4 cells); the weights say 1.
+    import dataclasses
+    import json
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models.loading import load_vision_bridge
+
+    cfg = C.build(C.Stage1Config, "tiny", {"bridge.finding_grid": 1})
+    old = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim).eval()
+    saved = dataclasses.asdict(cfg)
+    del saved["bridge"]["finding_grid"]
+    path = save_checkpoint(tmp_path / "old", old.state_dict(), {"config": json.dumps(saved)})
+    model, _, loaded_cfg = load_vision_bridge(path, C.build(C.Stage1Config, "tiny"))
+    assert loaded_cfg.bridge.finding_grid == 1 and C.BridgeConfig().finding_grid == 4
+    images = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.findings(images), old.findings(images))
