@@ -7,6 +7,7 @@ nothing either way."""
 from __future__ import annotations
 
 import mlflow
+import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -53,6 +54,11 @@ def test_reports_decided_by_the_image_are_read_and_promoted(mlflow_store, tmp_pa
     assert metrics["grounding_gap"] >= 0.05, metrics
     assert metrics["greedy_finding_coarse_macro_f1"] >= \
         metrics["blind_finding_coarse_macro_f1"] + 0.1, metrics
+    # The classifier that writes the prompt, scored alone, and the report's share of it.
+    assert metrics["head_finding_coarse_macro_f1"] >= \
+        metrics["blind_finding_coarse_macro_f1"] + 0.1, metrics
+    assert metrics["report_over_head_coarse_f1"] == pytest.approx(
+        metrics["greedy_finding_coarse_macro_f1"] / metrics["head_finding_coarse_macro_f1"])
     assert ev.data.tags["champion.verdict"] == "approved", ev.data.tags.get("champion.reasons")
     champion = MlflowClient().get_model_version_by_alias("report-vlm", "champion")
     assert champion.tags["source_run"] == s2.info.run_id

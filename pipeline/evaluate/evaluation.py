@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.data import ImageReportDataset, collate, dataset_digest, image_batch, load_dataset
+from pipeline.models.findings import label_f1
 from pipeline.models.loading import load_report_model
 
 
@@ -77,6 +78,14 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     images = image_batch(records, report_model.cfg.encoder.image_size)
     own, metrics["grounding_gap"] = report_model.grounding_gap(images, references)
     metrics["caption_loss"] = own
+    predicted = report_model.predicted_findings(images)
+    if predicted is not None:  # the classifier that writes the prompt, scored alone: the
+        # ceiling of classify-then-generate; the report's share of it says how well the LLM
+        # writes the findings it is given
+        metrics.update(label_f1(references, predicted, prefix="head_"))
+        if metrics["head_finding_coarse_macro_f1"] > 0:
+            metrics["report_over_head_coarse_f1"] = \
+                best["finding_coarse_macro_f1"] / metrics["head_finding_coarse_macro_f1"]
     blind = best_constant_report([r.report for r in dataset["train"]])
     blind_scores = score_reports(references, [blind] * len(references), meteor=False)
     metrics.update({f"blind_{k}": float(blind_scores[k]) for k in BLIND_KEYS})

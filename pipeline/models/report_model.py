@@ -127,6 +127,15 @@ class ReportModel:
                                 max_new_tokens or self.cfg.max_new_tokens, num_beams,
                                 findings=uses_findings(self.cfg, self.model), **kwargs)
 
+    def predicted_findings(self, images: torch.Tensor) -> list[dict[str, int]] | None:
+        """The findings the prompt is given for each image (None when the model writes from
+        its visual tokens alone)."""
+        if not uses_findings(self.cfg, self.model):
+            return None
+        self.model.eval()
+        with torch.no_grad():
+            return decode_findings(self.model.findings(images))
+
     def grounding_gap(self, images: torch.Tensor, reports: Sequence[str]) -> tuple[float, float]:
         """(own-image caption loss, shifted-image loss minus own) over a split."""
         own, shifted = grounding_losses(self.model, self.llm, images, reports, self.cfg)
