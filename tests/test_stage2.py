@@ -345,3 +345,27 @@ def test_sigterm_saves_a_checkpoint_at_the_step_it_stopped_and_metrics_stop_ther
     assert run.data.tags["init.source"] == "scratch" and "resumed_from" in run.data.tags
     assert run.data.metrics["final_train_loss"] == pytest.approx(
         pd.read_csv(csv_glob()[0]).query("epoch == 3")["caption_loss"].mean(), abs=1e-5)
+
+
+def test_stage1_from_before_cells_initialises_stage2_with_its_mean_head(mlflow_store, tmp_path):
+    # Its saved config names no finding grid (the default is now 4 cells); its weights say 1.
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models.vision_bridge import VisionBridge
+    from steps import stage2 as step
+
+    cfg = C.build(C.Stage1Config, "tiny", {"bridge.finding_grid": 1})
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    saved = C.to_dict(cfg)
+    del saved["bridge"]["finding_grid"]
+    path = save_checkpoint(tmp_path / "old", model.state_dict(),
+                           {"stage": "stage1", "config": saved})
+    result = CliRunner().invoke(step.main, ["--profile", "tiny", "--init", str(path),
+                                            "--epochs", "1", "--force_init"])
+    assert result.exit_code == 0, result.output
+    run = mlflow_run_of("stage2")
+    assert run.data.tags["init.source"] == "checkpoint"
+    final = next((tmp_path / "outputs").glob("stage2/*/checkpoints/vision_bridge_vlm_final*"))
+    from pipeline.models.loading import weights_of
+
+    tensors, _ = weights_of(final)
+    assert tensors["finding_head.linear.weight"].shape[1] == cfg.encoder.d_model
