@@ -53,8 +53,8 @@ class FindingHead(nn.Module):
         return self.linear(self.norm(cells).flatten(1))
 
 
-def head_grid(tensors: dict[str, Tensor], prefix: str = "finding_head.") -> int | None:
-    """The cell grid of a finding head's weights (None without a head)."""
+def head_grid(tensors: dict[str, Tensor], prefix: str) -> int | None:
+    """The cell grid of the finding head whose weights start with `prefix` (None without one)."""
     weight, norm = tensors.get(prefix + "linear.weight"), tensors.get(prefix + "norm.weight")
     if weight is None or norm is None:
         return None

@@ -17,7 +17,7 @@ import torch
 from pipeline import config as C
 from pipeline.checkpoint import STAGE2_FINAL, final_checkpoint_path, read_metadata
 from pipeline.guards import GuardError
-from pipeline.models.loading import stage1_config_of
+from pipeline.models.loading import stage1_config_of, with_grid_of
 from pipeline.train.health import health_failures, probe_health
 
 
@@ -107,13 +107,14 @@ def choose_init(init: str, output_dir: str, cfg: C.Stage2Config | None = None) -
                                                   f"{passed_over}")
 
 
-def adopt_architecture(cfg: C.Stage2Config, metadata: dict) -> C.Stage2Config:
-    """Stage 2 config with the checkpoint's encoder and bridge sizes (weights must fit)."""
+def adopt_architecture(cfg: C.Stage2Config, metadata: dict, tensors: dict) -> C.Stage2Config:
+    """Stage 2 config with the checkpoint's encoder and bridge sizes (weights must fit); the
+    finding head's grid is read from the weights (older configs do not name it)."""
     source = stage1_config_of(metadata, None)
-    if source is None:
-        return cfg
-    return replace(cfg, encoder=source.encoder,
-                   bridge=replace(source.bridge, max_visual_tokens=cfg.bridge.max_visual_tokens))
+    if source is not None:
+        cfg = replace(cfg, encoder=source.encoder, bridge=replace(
+            source.bridge, max_visual_tokens=cfg.bridge.max_visual_tokens))
+    return replace(cfg, bridge=with_grid_of(cfg.bridge, tensors))
 
 
 def refuse_width_mismatch(choice: InitChoice, width: int | None, llm_name: str,

@@ -4,7 +4,6 @@ MLflow is reached only through `pipeline.tracking.runs` and `pipeline.tracking.r
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,8 +16,7 @@ from pipeline.stage2.resume import (find_interrupted, latest_step_checkpoint,
                                    restore_optimizer, restore_result, resume_block,
                                    same_config, state_from_metadata, truncate_csv)
 from pipeline.stage2.trainer import Stage2Result, Stage2Trainer, step_metrics
-from pipeline.models.loading import (load_into, model_tensors, output_width, weights_of,
-                                     with_grid_of)
+from pipeline.models.loading import load_into, model_tensors, output_width, weights_of
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
                                   refuse_width_mismatch)
 from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name_run,
@@ -81,9 +79,8 @@ class Stage2Job:
         else:
             choice = choose_init(self.init, self.cfg.output_dir, self.cfg)
             tensors, meta = weights_of(choice.path) if choice.path else (None, {})
-            if tensors is not None:  # the weights' sizes (older configs do not name the grid)
-                self.cfg = adopt_architecture(self.cfg, meta)
-                self.cfg = replace(self.cfg, bridge=with_grid_of(self.cfg.bridge, tensors))
+            if tensors is not None:
+                self.cfg = adopt_architecture(self.cfg, meta, tensors)
         self.echo(f"init: {choice.source}: {choice.note}")
         llm = self.llm or load_llm(self.cfg.llm.name, self.cfg.llm.cache_dir, self.cfg.llm.dtype)
         if tensors is not None:  # before any run or step: weights of the wrong width never fit
