@@ -89,3 +89,21 @@ def test_image_ignored_rule_judges_a_run_shorter_than_its_window_by_all_its_epoc
     assert not ignored(3, [0.001]) and not ignored(3, [0.5, 0.001])
     assert ignored(3, [0.5, 0.001, 0.001])
 
+
+
+def test_the_beam_that_writes_the_given_findings_is_chosen_ties_go_to_the_better_beam():
+    from pipeline.data.labeler import FINDINGS
+    from pipeline.models.report_model import choose_reports, disagreement
+
+    given = dict.fromkeys(FINDINGS, 0) | {"cardiomegaly": 1, "effusion_left": 1}
+    normal = dict.fromkeys(FINDINGS, 0) | {"no_finding": 1}
+    beams = ["Cardiomegaly.",  # misses the effusion
+             "The heart is enlarged. Small left pleural effusion.",  # writes both
+             "Cardiomegaly. Left pleural effusion."]  # writes both, a worse beam
+    assert disagreement(beams[0], given) == (1, 1)
+    assert disagreement(beams[1], given) == (0, 0)
+    clear = ["The lungs are clear.", "No acute cardiopulmonary abnormality."]
+    assert choose_reports([beams, clear], [given, normal]) == [beams[1], clear[0]]
+    # Without findings (or when asked not to) the top beam is written.
+    assert choose_reports([beams, clear], None) == [beams[0], clear[0]]
+    assert choose_reports([beams], [given], by_findings=False) == [beams[0]]

@@ -5,6 +5,10 @@ with their own, through the inference path) and a blind baseline, the same score
 constant report, the training report whose coarse finding F1 over the training reports is
 highest, written for every study of the split. A model that does not beat it has learned
 nothing about the images.
+
+With beams and a finding head, the report written is the beam whose findings agree best with
+those its prompt was given (`choose_by_findings`); the top beam's scores are logged beside it
+(`beam_top_*`) when the two differ.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from tqdm.auto import tqdm
 from pipeline.data import ImageReportDataset, collate, dataset_digest, image_batch, load_dataset
 from pipeline.models.findings import label_f1
 from pipeline.models.loading import load_report_model
+from pipeline.models.report_model import choose_reports
 
 
 @dataclass
@@ -34,15 +39,18 @@ class EvalOutcome:
 
 
 def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_size: int = 8):
+    """(the reports the model writes, the top beam's) for every record."""
     dataset = ImageReportDataset(records, report_model.cfg.encoder.image_size)
-    out = []
+    candidates, given = [], []
     label = "greedy" if num_beams == 1 else f"beam{num_beams}"
     for start in tqdm(range(0, len(dataset), batch_size), desc=f"generate ({label})", unit="batch"):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        with torch.no_grad():
-            out += report_model.generate(batch["images"], num_beams=num_beams,
-                                         max_new_tokens=max_new_tokens)
-    return out
+        options, labels = report_model.candidates(batch["images"], num_beams=num_beams,
+                                                  max_new_tokens=max_new_tokens)
+        candidates += options
+        given = None if labels is None else given + labels
+    chosen = choose_reports(candidates, given, report_model.cfg.choose_by_findings)
+    return chosen, [options[0] for options in candidates]
 
 
 def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: str = "test",
@@ -66,10 +74,13 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     decodings = [("greedy", 1)] + ([("beam", num_beams)] if num_beams > 1 else [])
     best = None
     for name, beams in decodings:
-        generated = _generate_all(report_model, records, beams, max_new_tokens)
+        generated, top_beam = _generate_all(report_model, records, beams, max_new_tokens)
         table[f"generated_{name}"] = generated
         scores = score_reports(references, generated, meteor=meteor)
         metrics.update({f"{name}_{k}": float(v) for k, v in scores.items()})
+        if top_beam != generated:  # the top beam alone, side by side with the chosen one
+            top = score_reports(references, top_beam, meteor=False)
+            metrics.update({f"{name}_top_{k}": float(top[k]) for k in TOP_BEAM_KEYS})
         best = scores  # the last decoding (beam when run) picks the champion
     weights = DEFAULT_SCORE_WEIGHTS
     definition = " + ".join(f"{w:g}*{k}" for k, w in weights.items()) + \
@@ -97,6 +108,7 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
                        dataset_digest(dataset))
 
 
+TOP_BEAM_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider")
 BLIND_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider", "rouge_l")
 
 

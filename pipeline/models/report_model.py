@@ -16,6 +16,7 @@ import torch
 
 from pipeline import config as C
 from pipeline.models import captioning
+from pipeline.data.labeler import COARSE_FINDINGS, FINDINGS, coarse_labels, label_report, to_coarse
 from pipeline.models.findings import decode_findings, findings_text
 
 
@@ -91,25 +92,58 @@ def grounding_losses(model, llm, images: torch.Tensor, reports: Sequence[str],
 
 
 @torch.no_grad()
-def generate_reports(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
-                     num_beams: int = 1, batch_size: int = 8, findings: bool = False,
-                     **generate_kwargs) -> list[str]:
-    """One report per image (greedy when num_beams == 1)."""
+def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
+                        num_beams: int = 1, batch_size: int = 8, findings: bool = False,
+                        **generate_kwargs) -> tuple[list[list[str]], list[dict] | None]:
+    """`num_beams` candidate reports per image, best beam first (one, greedy, when num_beams
+    == 1), and the findings each image's prompt was given (None without findings)."""
     model.eval()
     generate_kwargs.setdefault("no_repeat_ngram_size", 4)  # greedy loops on a small LM
-    out: list[str] = []
+    texts: list[str] = []
+    given: list[dict] = []
     for start in range(0, images.shape[0], batch_size):
         chunk = images[start:start + batch_size]
         if findings:
             visual, logits = model.forward_with_findings(chunk)
+            given += decode_findings(logits)
         else:
             visual, logits = model(chunk), None
         prompts = prompts_for(prompt, chunk.shape[0], logits)
         prompt_ids = [captioning.encode_prompt(llm.tokenizer, p) for p in prompts]
         embeds, mask = captioning.prompt_only(visual, prompt_ids, llm.pad_token_id, llm.embed)
-        out += llm.generate(embeds, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                            **generate_kwargs)
-    return [text.strip() for text in out]
+        texts += llm.generate(embeds, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                              num_return_sequences=num_beams, **generate_kwargs)
+    texts = [text.strip() for text in texts]
+    candidates = [texts[i:i + num_beams] for i in range(0, len(texts), num_beams)]
+    return candidates, (given if findings else None)
+
+
+def disagreement(report: str, labels: dict[str, int]) -> tuple[int, int]:
+    """How far a report's findings, as the labeler reads them, are from `labels`: (coarse
+    groups that differ, fine labels that differ)."""
+    coarse, fine, wanted = coarse_labels(report), label_report(report), to_coarse(labels)
+    return (sum(coarse[k] != wanted[k] for k in COARSE_FINDINGS),
+            sum(fine[k] != int(labels.get(k, 0)) for k in FINDINGS))
+
+
+def choose_reports(candidates: Sequence[Sequence[str]], given: Sequence[dict] | None,
+                   by_findings: bool = True) -> list[str]:
+    """One report per image among the LLM's own candidates: the one whose findings agree best
+    with those its prompt was given (ties: the better beam); the best beam without them."""
+    if not by_findings or given is None:
+        return [options[0] for options in candidates]
+    return [min(enumerate(options), key=lambda io: (disagreement(io[1], labels), io[0]))[1]
+            for options, labels in zip(candidates, given)]
+
+
+def generate_reports(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
+                     num_beams: int = 1, batch_size: int = 8, findings: bool = False,
+                     by_findings: bool = True, **generate_kwargs) -> list[str]:
+    """One report per image (greedy when num_beams == 1; with beams and findings, the beam
+    that writes the given findings best)."""
+    candidates, given = generate_candidates(model, llm, images, prompt, max_new_tokens,
+                                            num_beams, batch_size, findings, **generate_kwargs)
+    return choose_reports(candidates, given, by_findings)
 
 
 @dataclass
@@ -123,9 +157,16 @@ class ReportModel:
     def generate(self, images: torch.Tensor, num_beams: int = 1, max_new_tokens: int | None = None,
                  **kwargs) -> list[str]:
         """Reports for a batch of images (B, 1, S, S)."""
-        return generate_reports(self.model, self.llm, images, self.cfg.prompt,
-                                max_new_tokens or self.cfg.max_new_tokens, num_beams,
-                                findings=uses_findings(self.cfg, self.model), **kwargs)
+        return choose_reports(*self.candidates(images, num_beams, max_new_tokens, **kwargs),
+                              by_findings=self.cfg.choose_by_findings)
+
+    def candidates(self, images: torch.Tensor, num_beams: int = 1,
+                   max_new_tokens: int | None = None, **kwargs
+                   ) -> tuple[list[list[str]], list[dict] | None]:
+        """`num_beams` candidates per image, best beam first, and the findings given."""
+        return generate_candidates(self.model, self.llm, images, self.cfg.prompt,
+                                   max_new_tokens or self.cfg.max_new_tokens, num_beams,
+                                   findings=uses_findings(self.cfg, self.model), **kwargs)
 
     def predicted_findings(self, images: torch.Tensor) -> list[dict[str, int]] | None:
         """The findings the prompt is given for each image (None when the model writes from
