@@ -172,9 +172,11 @@ class Stage2Config:
     max_report_tokens: int = 160
     max_new_tokens: int = 96
     eval_num_beams: int = 3  # evaluate's beam width unless asked otherwise (1 = greedy only)
-    # With beams and findings, write the beam whose findings (read by the labeler) agree best
-    # with those the prompt was given; every candidate is the LLM's own text (False: top beam).
+    # With beams and findings, write the candidate whose findings (read by the labeler) agree
+    # best with those the prompt was given, among the beams and `choose_samples` sampled
+    # reports (temperature 0.7, seeded); every candidate is the LLM's own text (False: top beam).
     choose_by_findings: bool = True
+    choose_samples: int = 3
     checkpoint_every: int = 50
     n_val_reports: int = 4
     # Healthy bands for the epoch's mean caption loss (epoch, low, high), interpolated between

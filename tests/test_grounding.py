@@ -107,3 +107,29 @@ def test_the_beam_that_writes_the_given_findings_is_chosen_ties_go_to_the_better
     # Without findings (or when asked not to) the top beam is written.
     assert choose_reports([beams, clear], None) == [beams[0], clear[0]]
     assert choose_reports([beams], [given], by_findings=False) == [beams[0]]
+
+
+def test_candidates_are_the_beams_then_seeded_samples_and_the_caller_rng_is_untouched(
+        grounded_llm):
+    import torch
+
+    from pipeline import config as C
+    from pipeline.models.llm_loading import load_llm
+    from pipeline.models.report_model import generate_candidates
+    from pipeline.models.vision_bridge import VisionBridge
+
+    cfg = C.build(C.Stage2Config, "tiny")
+    llm = load_llm(str(grounded_llm))
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, llm.hidden_size)
+    images = torch.randn(3, 1, cfg.encoder.image_size, cfg.encoder.image_size)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    args = (model, llm, images, cfg.prompt, 6)
+    first, given = generate_candidates(*args, num_beams=2, findings=True, samples=3, seed=5)
+    assert torch.rand(1) == before  # sampling ran in its own random state
+    again, _ = generate_candidates(*args, num_beams=2, findings=True, samples=3, seed=5)
+    beams, _ = generate_candidates(*args, num_beams=2, findings=True)
+    assert [len(row) for row in first] == [5, 5, 5] and len(given) == 3
+    assert first == again  # seeded: the same images give the same candidates
+    assert [row[:2] for row in first] == beams  # the beams first, best first

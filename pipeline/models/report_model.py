@@ -94,12 +94,14 @@ def grounding_losses(model, llm, images: torch.Tensor, reports: Sequence[str],
 @torch.no_grad()
 def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
                         num_beams: int = 1, batch_size: int = 8, findings: bool = False,
+                        samples: int = 0, seed: int = 0, temperature: float = 0.7,
                         **generate_kwargs) -> tuple[list[list[str]], list[dict] | None]:
-    """`num_beams` candidate reports per image, best beam first (one, greedy, when num_beams
-    == 1), and the findings each image's prompt was given (None without findings)."""
+    """Candidate reports per image: `num_beams` beams, best first (one, greedy, when num_beams
+    == 1), then `samples` sampled ones (seeded: the same images give the same candidates), and
+    the findings each image's prompt was given (None without findings)."""
     model.eval()
     generate_kwargs.setdefault("no_repeat_ngram_size", 4)  # greedy loops on a small LM
-    texts: list[str] = []
+    candidates: list[list[str]] = []
     given: list[dict] = []
     for start in range(0, images.shape[0], batch_size):
         chunk = images[start:start + batch_size]
@@ -111,10 +113,17 @@ def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_t
         prompts = prompts_for(prompt, chunk.shape[0], logits)
         prompt_ids = [captioning.encode_prompt(llm.tokenizer, p) for p in prompts]
         embeds, mask = captioning.prompt_only(visual, prompt_ids, llm.pad_token_id, llm.embed)
-        texts += llm.generate(embeds, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                              num_return_sequences=num_beams, **generate_kwargs)
-    texts = [text.strip() for text in texts]
-    candidates = [texts[i:i + num_beams] for i in range(0, len(texts), num_beams)]
+        texts = llm.generate(embeds, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                             num_return_sequences=num_beams, **generate_kwargs)
+        rows = [texts[i:i + num_beams] for i in range(0, len(texts), num_beams)]
+        if samples:
+            with torch.random.fork_rng():  # the caller's random state stays as it was
+                torch.manual_seed(seed + start)
+                drawn = llm.generate(embeds, mask, max_new_tokens=max_new_tokens,
+                                     do_sample=True, temperature=temperature,
+                                     num_return_sequences=samples, **generate_kwargs)
+            rows = [row + drawn[i * samples:(i + 1) * samples] for i, row in enumerate(rows)]
+        candidates += [[text.strip() for text in row] for row in rows]
     return candidates, (given if findings else None)
 
 
@@ -163,10 +172,15 @@ class ReportModel:
     def candidates(self, images: torch.Tensor, num_beams: int = 1,
                    max_new_tokens: int | None = None, **kwargs
                    ) -> tuple[list[list[str]], list[dict] | None]:
-        """`num_beams` candidates per image, best beam first, and the findings given."""
+        """Candidates per image (beams, best first; with beams and findings chosen among, also
+        `choose_samples` sampled ones) and the findings given."""
+        findings = uses_findings(self.cfg, self.model)
+        if num_beams > 1 and findings and self.cfg.choose_by_findings:
+            kwargs.setdefault("samples", self.cfg.choose_samples)
+            kwargs.setdefault("seed", self.cfg.seed)
         return generate_candidates(self.model, self.llm, images, self.cfg.prompt,
                                    max_new_tokens or self.cfg.max_new_tokens, num_beams,
-                                   findings=uses_findings(self.cfg, self.model), **kwargs)
+                                   findings=findings, **kwargs)
 
     def predicted_findings(self, images: torch.Tensor) -> list[dict[str, int]] | None:
         """The findings the prompt is given for each image (None when the model writes from
