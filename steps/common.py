@@ -112,6 +112,9 @@ def distributed_world():
     world = join_world()
     try:
         yield world
+        # Every rank leaves together: a rank that tore its group down while rank 0 still
+        # ended its run could abort at exit (gloo), and torchrun would then stop rank 0.
+        world.barrier()
     except BaseException as exc:
         world.part_after(exc)
         raise
