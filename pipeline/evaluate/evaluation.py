@@ -6,9 +6,10 @@ constant report, the training report whose coarse finding F1 over the training r
 highest, written for every study of the split. A model that does not beat it has learned
 nothing about the images.
 
-With beams and a finding head, the report written is the beam whose findings agree best with
-those its prompt was given (`choose_by_findings`); the top beam's scores are logged beside it
-(`beam_top_*`) when the two differ.
+With beams and a finding head, the report written is the candidate (the beams and
+`choose_samples` sampled reports) whose findings agree best with those its prompt was given
+(`choose_by_findings`); the top beam's scores are logged beside it (`beam_top_*`) when the two
+differ.
 """
 from __future__ import annotations
 

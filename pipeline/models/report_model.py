@@ -148,8 +148,8 @@ def choose_reports(candidates: Sequence[Sequence[str]], given: Sequence[dict] | 
 def generate_reports(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
                      num_beams: int = 1, batch_size: int = 8, findings: bool = False,
                      by_findings: bool = True, **generate_kwargs) -> list[str]:
-    """One report per image (greedy when num_beams == 1; with beams and findings, the beam
-    that writes the given findings best)."""
+    """One report per image (greedy when num_beams == 1; with findings, the candidate that
+    writes the given findings best)."""
     candidates, given = generate_candidates(model, llm, images, prompt, max_new_tokens,
                                             num_beams, batch_size, findings, **generate_kwargs)
     return choose_reports(candidates, given, by_findings)
