@@ -73,6 +73,12 @@ class LLMConfig:
     name: str = "smollm2"
     dtype: str = "float32"
     cache_dir: str = "~/.cache/report-vlm/llm"  # converted GGUF weights, shared by clones
+    # LoRA adapters on the attention projections: the only LLM tensors that train (the base
+    # stays frozen and checksummed). 0 = no adapters, the purely frozen LLM (what checkpoints
+    # from before adapters hold); the profiles turn them on.
+    adapter_rank: int = 0
+    adapter_alpha: float = 16.0
+    adapter_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,7 @@ class Stage2Config:
     llm: LLMConfig = field(default_factory=LLMConfig)
     lr: float = 1e-3  # the bridge's (LLaVA's projector lr); the seed's recipe: 2e-5 everywhere
     encoder_lr: float | None = 1e-4  # encoder + finding head; None = lr
+    adapter_lr: float = 5e-4  # the LLM's LoRA adapters (when llm.adapter_rank > 0)
     batch_size: int = 2
     # The grounding gap still rises at epoch 4 (validation 0.13, 0.13, 0.16, 0.17); 6 epochs.
     epochs: int = 6
@@ -169,8 +176,12 @@ class Stage2Config:
     grad_clip: float = 1.0
     seed: int = 0
     prompt: str = "Write the radiology report for this chest X-ray.\n"
+    # The chat template's system turn; None keeps the LLM's own (SmolLM2's names a helpful
+    # assistant, which checkpoints from before this field were trained with).
+    system_prompt: str | None = None
     max_report_tokens: int = 160
     max_new_tokens: int = 96
+    repetition_penalty: float = 1.0  # generation's (1.0: none); no_repeat_ngram_size is 4
     eval_num_beams: int = 3  # evaluate's beam width unless asked otherwise (1 = greedy only)
     # With beams and findings, write the candidate whose findings (read by the labeler) agree
     # best with those the prompt was given, among the beams and `choose_samples` sampled
@@ -248,7 +259,8 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "Stage2Config": {
         "tiny": {"encoder": _ENCODER_PROFILES["tiny"], "bridge": _BRIDGE_PROFILES["tiny"],
-                 "data": _DATA_PROFILES["tiny"], "llm": {"name": "tiny-random"}, "epochs": 2,
+                 "data": _DATA_PROFILES["tiny"], "epochs": 2,
+                 "llm": {"name": "tiny-random", "adapter_rank": 2, "adapter_alpha": 4.0},
                  "max_report_tokens": 256, "max_new_tokens": 16, "eval_num_beams": 1,
                  "checkpoint_every": 4, "n_val_reports": 2},
         "demo": {"encoder": _ENCODER_PROFILES["demo"], "bridge": _BRIDGE_PROFILES["demo"],

@@ -50,7 +50,8 @@ def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_s
                                                   max_new_tokens=max_new_tokens)
         candidates += options
         given = None if labels is None else given + labels
-    chosen = choose_reports(candidates, given, report_model.cfg.choose_by_findings)
+    chosen = choose_reports(candidates, given, report_model.cfg.choose_by_findings,
+                            report_model.style)
     return chosen, [options[0] for options in candidates]
 
 
@@ -61,11 +62,18 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     from pipeline.evaluate.scoring import (DEFAULT_SCORE_WEIGHTS, composite_score, per_finding_f1_figure,
                                   score_reports)
 
+    from pipeline.data.report_text import ReportStyle, language_scores
+
     report_model = report_model or load_report_model(checkpoint)
     num_beams = num_beams or report_model.cfg.eval_num_beams
     data_cfg = report_model.cfg.data if data == "synthetic" else \
         replace(report_model.cfg.data, source=data, image_dir=image_dir)
     dataset = load_dataset(data_cfg)
+    # Report form is judged against the training reports of the data evaluated on; candidate
+    # choice uses the style saved with the model (its own training reports) when it has one.
+    style = ReportStyle.from_reports(r.report for r in dataset["train"])
+    if report_model.style is None:
+        report_model = replace(report_model, style=style)
     records = dataset[split][:limit]
     if not records:
         raise ValueError(f"split {split!r} of {data!r} is empty")
@@ -77,7 +85,8 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     for name, beams in decodings:
         generated, top_beam = _generate_all(report_model, records, beams, max_new_tokens)
         table[f"generated_{name}"] = generated
-        scores = score_reports(references, generated, meteor=meteor)
+        scores = {**score_reports(references, generated, meteor=meteor),
+                  **language_scores(generated, style)}
         metrics.update({f"{name}_{k}": float(v) for k, v in scores.items()})
         if top_beam != generated:  # the top beam alone, side by side with the chosen one
             top = score_reports(references, top_beam, meteor=False)
@@ -99,9 +108,12 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
             metrics["report_over_head_coarse_f1"] = \
                 best["finding_coarse_macro_f1"] / metrics["head_finding_coarse_macro_f1"]
     blind = best_constant_report([r.report for r in dataset["train"]])
-    blind_scores = score_reports(references, [blind] * len(references), meteor=False)
+    blind_scores = {**score_reports(references, [blind] * len(references), meteor=False),
+                    **language_scores([blind], style)}
     metrics.update({f"blind_{k}": float(blind_scores[k]) for k in BLIND_KEYS})
     metrics["blind_score"] = composite_score(blind_scores, weights)
+    # How the references themselves read: the ceiling of report form on this data.
+    metrics["reference_report_form"] = language_scores(references, style)["report_form"]
     for key in ("finding_coarse_macro_f1", "finding_macro_f1"):
         metrics[f"{key}_over_blind"] = best[key] - blind_scores[key]
     figure = per_finding_f1_figure(best, Path(out_dir) / "finding_f1.png")
@@ -110,7 +122,8 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
 
 
 TOP_BEAM_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider")
-BLIND_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider", "rouge_l")
+BLIND_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider", "rouge_l",
+              "report_form", "contradiction_share")
 
 
 def best_constant_report(train_reports: list[str]) -> str:

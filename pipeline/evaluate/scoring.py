@@ -34,6 +34,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
+from pipeline.data.report_text import clean_report  # noqa: F401 - part of this module's API
 from pipeline.train.curve import distinct_share  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
@@ -42,25 +43,6 @@ log = logging.getLogger(__name__)
 # names no finding can win; here half the weight is clinical: the coarse finding macro F1.
 DEFAULT_SCORE_WEIGHTS: Mapping[str, float] = MappingProxyType(
     {"finding_coarse_macro_f1": 0.5, "bleu4": 0.25, "cider": 0.25})
-
-# R2Gen's sentence cleaner, verbatim: `:-\[` is a range, so it also strips ; < = > ? @ [.
-_SENT_PUNCT = re.compile(r"[.,?;*!%^&_+():-\[\]{}]")
-
-
-def clean_report(text: str) -> str:
-    """R2Gen's cleaning: "Heart enlarged. No effusion." -> "heart enlarged . no effusion ."."""
-    text = re.sub(r"\.{2,}", ".", " ".join(text.split())).replace("1. ", "")
-    for k in "2345":  # R2Gen drops list numbering "2. " .. "5. "
-        text = text.replace(f". {k}. ", ". ").replace(f" {k}. ", ". ")
-    sentences = []
-    for sentence in text.strip().lower().split(". "):
-        for char in "\"/\\'":
-            sentence = sentence.replace(char, "")
-        sentence = " ".join(_SENT_PUNCT.sub("", sentence).split())
-        if sentence:
-            sentences.append(f"{sentence} .")
-    return " ".join(sentences) or "."
-
 
 def _check_pairs(references: Sequence[str], hypotheses: Sequence[str]) -> None:
     if len(references) != len(hypotheses) or not references:

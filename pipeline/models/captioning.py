@@ -40,11 +40,14 @@ class Layout:
         return self.n_visual + self.text_length
 
 
-def encode_prompt(tokenizer, prompt: str) -> tuple[int, ...]:
+def encode_prompt(tokenizer, prompt: str, system: str | None = None) -> tuple[int, ...]:
     """Prompt token ids; in the LLM's chat format (a user turn, then the assistant's start)
-    when its tokenizer has a chat template, so an instruct LLM answers with the report."""
+    when its tokenizer has a chat template, so an instruct LLM answers with the report.
+    `system` replaces the template's own system turn (SmolLM2's names a helpful assistant,
+    which invites an assistant's answer and leaks into reports); None keeps it."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.strip()}],
+        turns = [{"role": "system", "content": system}] if system else []
+        text = tokenizer.apply_chat_template(turns + [{"role": "user", "content": prompt.strip()}],
                                              tokenize=False, add_generation_prompt=True)
     else:
         text = prompt
@@ -52,7 +55,8 @@ def encode_prompt(tokenizer, prompt: str) -> tuple[int, ...]:
 
 
 def tokenize_batch(tokenizer, prompt: str | Sequence[str], reports: list[str], eos_id: int,
-                   pad_id: int, n_visual: int, max_report_tokens: int) -> Layout:
+                   pad_id: int, n_visual: int, max_report_tokens: int,
+                   system: str | None = None) -> Layout:
     """Tokenize prompts (one, or one per report) and reports (no special tokens added) and
     append EOS to each report."""
     prompts = [prompt] * len(reports) if isinstance(prompt, str) else list(prompt)
@@ -60,7 +64,7 @@ def tokenize_batch(tokenizer, prompt: str | Sequence[str], reports: list[str], e
         raise ValueError(f"{len(prompts)} prompts for {len(reports)} reports")
     prompt_ids, report_ids, truncated = [], [], 0
     for text, report in zip(prompts, reports):
-        ids_p = encode_prompt(tokenizer, text)
+        ids_p = encode_prompt(tokenizer, text, system)
         # A report follows the prompt's final newline directly; after other text, a space.
         lead = "" if tokenizer.decode(ids_p[-1:]).endswith(("\n", " ")) else " "
         ids = tokenizer(lead + report.strip(), add_special_tokens=False)["input_ids"]

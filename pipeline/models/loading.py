@@ -13,6 +13,7 @@ import torch
 from pipeline import config as C
 from pipeline.checkpoint import CheckpointError, load_checkpoint, split_prefix
 from pipeline.models.findings import head_grid
+from pipeline.models.llm import ADAPTER_PREFIX, prepare_adapters
 from pipeline.models.report_model import ReportModel
 
 
@@ -119,12 +120,28 @@ def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = 
     from pipeline.models.llm_loading import load_llm
     from pipeline.models.vision_bridge import VisionBridge
 
-    tensors, metadata = weights_of(Path(checkpoint))
+    raw_tensors, metadata = load_checkpoint(Path(checkpoint))
+    tensors = model_tensors(raw_tensors)
     raw = metadata.get("config")
     cfg = C.from_dict(C.Stage2Config, raw) if isinstance(raw, dict) else C.Stage2Config()
     cfg = replace(cfg, bridge=with_head_of(cfg.bridge, tensors))
     if llm is None:
         llm = load_llm(cfg.llm.name, cache_dir=cache_dir or cfg.llm.cache_dir, dtype=cfg.llm.dtype)
+    adapters = split_prefix(raw_tensors, ADAPTER_PREFIX)
+    if cfg.llm.adapter_rank > 0 and not adapters:
+        raise CheckpointError(f"checkpoint {checkpoint} names LLM adapters (rank "
+                              f"{cfg.llm.adapter_rank}) but holds none")
+    prepare_adapters(llm, cfg.llm, adapters or None)
     model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=llm.hidden_size)
     load_into(model, tensors, checkpoint)
-    return ReportModel(model.eval(), llm, cfg)
+    return ReportModel(model.eval(), llm, cfg, style_of(metadata))
+
+
+def style_of(metadata: dict):
+    """The training reports' style a Stage 2 checkpoint carries (None before it did)."""
+    from pipeline.data.report_text import ReportStyle
+
+    lines = metadata.get("report_style")
+    if isinstance(lines, str):
+        lines = json.loads(lines)
+    return ReportStyle.from_sentences(lines) if lines else None

@@ -60,7 +60,8 @@ def caption_forward(model, llm, images: torch.Tensor, reports: Sequence[str], cf
         visual, logits, true_labels = model(images), None, None
     prompts = prompts_for(cfg.prompt, len(reports), logits, true_labels)
     layout = captioning.tokenize_batch(llm.tokenizer, prompts, list(reports), llm.eos_token_id,
-                                       llm.pad_token_id, visual.shape[1], cfg.max_report_tokens)
+                                       llm.pad_token_id, visual.shape[1], cfg.max_report_tokens,
+                                       cfg.system_prompt)
     labels = label_fn(layout)
     embeds, mask = captioning.assemble(visual, layout, llm.embed)
     loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
@@ -95,7 +96,7 @@ def grounding_losses(model, llm, images: torch.Tensor, reports: Sequence[str],
 def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
                         num_beams: int = 1, batch_size: int = 8, findings: bool = False,
                         samples: int = 0, seed: int = 0, temperature: float = 0.7,
-                        **generate_kwargs) -> tuple[list[list[str]], list[dict] | None]:
+                        system: str | None = None, **generate_kwargs) -> tuple[list[list[str]], list[dict] | None]:
     """Candidate reports per image: `num_beams` beams, best first (one, greedy, when num_beams
     == 1), then `samples` sampled ones (seeded: the same images give the same candidates), and
     the findings each image's prompt was given (None without findings)."""
@@ -111,7 +112,7 @@ def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_t
         else:
             visual, logits = model(chunk), None
         prompts = prompts_for(prompt, chunk.shape[0], logits)
-        prompt_ids = [captioning.encode_prompt(llm.tokenizer, p) for p in prompts]
+        prompt_ids = [captioning.encode_prompt(llm.tokenizer, p, system) for p in prompts]
         embeds, mask = captioning.prompt_only(visual, prompt_ids, llm.pad_token_id, llm.embed)
         texts = llm.generate(embeds, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                              num_return_sequences=num_beams, **generate_kwargs)
@@ -135,13 +136,29 @@ def disagreement(report: str, labels: dict[str, int]) -> tuple[int, int]:
             sum(fine[k] != int(labels.get(k, 0)) for k in FINDINGS))
 
 
+def choice_key(report: str, labels: dict | None, style=None) -> tuple:
+    """How a candidate ranks (lower is better): self-contradiction first, then the findings'
+    disagreement with `labels` (coarse, fine), then the share of its sentences out of the
+    training reports' form (with a `style`)."""
+    from pipeline.data.report_text import contradictions
+
+    form = 0.0
+    if style is not None:
+        in_form, n = style.form(report)
+        form = 1.0 - (in_form / n if n else 0.0)
+    diff = disagreement(report, labels) if labels is not None else (0, 0)
+    return (bool(contradictions(report)), *diff, form)
+
+
 def choose_reports(candidates: Sequence[Sequence[str]], given: Sequence[dict] | None,
-                   by_findings: bool = True) -> list[str]:
-    """One report per image among the LLM's own candidates: the one whose findings agree best
-    with those its prompt was given (ties: the better beam); the best beam without them."""
-    if not by_findings or given is None:
+                   by_findings: bool = True, style=None) -> list[str]:
+    """One report per image among the LLM's own candidates: the best by `choice_key` (no
+    self-contradiction, the findings its prompt was given, report form; ties: the better
+    beam); the top beam when not choosing."""
+    if not by_findings or (given is None and style is None):
         return [options[0] for options in candidates]
-    return [min(enumerate(options), key=lambda io: (disagreement(io[1], labels), io[0]))[1]
+    given = given if given is not None else [None] * len(candidates)
+    return [min(enumerate(options), key=lambda io: (choice_key(io[1], labels, style), io[0]))[1]
             for options, labels in zip(candidates, given)]
 
 
@@ -162,12 +179,13 @@ class ReportModel:
     model: torch.nn.Module
     llm: object
     cfg: C.Stage2Config
+    style: object = None  # the training reports' ReportStyle, for candidate choice
 
     def generate(self, images: torch.Tensor, num_beams: int = 1, max_new_tokens: int | None = None,
                  **kwargs) -> list[str]:
         """Reports for a batch of images (B, 1, S, S)."""
         return choose_reports(*self.candidates(images, num_beams, max_new_tokens, **kwargs),
-                              by_findings=self.cfg.choose_by_findings)
+                              by_findings=self.cfg.choose_by_findings, style=self.style)
 
     def candidates(self, images: torch.Tensor, num_beams: int = 1,
                    max_new_tokens: int | None = None, **kwargs
@@ -178,9 +196,10 @@ class ReportModel:
         if num_beams > 1 and findings and self.cfg.choose_by_findings:
             kwargs.setdefault("samples", self.cfg.choose_samples)
             kwargs.setdefault("seed", self.cfg.seed)
+        kwargs.setdefault("repetition_penalty", self.cfg.repetition_penalty)
         return generate_candidates(self.model, self.llm, images, self.cfg.prompt,
                                    max_new_tokens or self.cfg.max_new_tokens, num_beams,
-                                   findings=findings, **kwargs)
+                                   findings=findings, system=self.cfg.system_prompt, **kwargs)
 
     def predicted_findings(self, images: torch.Tensor) -> list[dict[str, int]] | None:
         """The findings the prompt is given for each image (None when the model writes from

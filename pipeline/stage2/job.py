@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import config as C
-from pipeline.checkpoint import STAGE2_FINAL, load_checkpoint, read_metadata, sha256_file
+from pipeline.checkpoint import (STAGE2_FINAL, load_checkpoint, read_metadata, sha256_file,
+                                 split_prefix)
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
 from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
@@ -23,7 +24,7 @@ from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name
                                     relog_missing, set_run_tags, stage_run)
 from pipeline.tracking.sink import MetricsSink
 from pipeline.guards import GuardError
-from pipeline.models.llm import TrainableLLMError
+from pipeline.models.llm import ADAPTER_PREFIX, TrainableLLMError
 from pipeline.train.common import EpochLoaders, file_logger, seed_everything, silent_logger
 from pipeline.train.distributed import SINGLE, World
 
@@ -161,6 +162,8 @@ class Stage2Job:
     def _restore_state(trainer: Stage2Trainer, ckpt: Path, meta: dict) -> None:
         tensors, _ = load_checkpoint(ckpt)
         load_into(trainer.model, model_tensors(tensors), ckpt)
+        if trainer.adapters:
+            trainer.llm.load_adapter_state(split_prefix(tensors, ADAPTER_PREFIX))
         resume = meta["resume"]
         restore_optimizer(trainer.optimizer, trainer.scheduler, tensors, resume)
         trainer.state = state_from_metadata(resume)

@@ -27,11 +27,14 @@ from pipeline.models.report_model import caption_forward, generate_reports, grou
 from pipeline.train.curve import degenerate, distinct_share, judge_epoch
 from pipeline.guards import (IGNORE_INDEX, GuardError, check_finite_loss,
                              check_label_mask, check_optimizer_excludes)
+from pipeline.data.report_text import ReportStyle, language_scores
 from pipeline.models.bridge import check_visual_tokens
+from pipeline.models.llm import ADAPTER_PREFIX, prepare_adapters
 from pipeline.stage2.resume import ResumeState, append_csv_row, optimizer_tensors, resume_extras
 from pipeline.train.common import build_optimizer, optimizer_step
 from pipeline.train.distributed import SINGLE, World
 
+STYLE_SENTENCES = 5000  # training sentences a checkpoint carries for candidate choice
 CSV_FIELDS = ("step", "epoch", "caption_loss", "finding_loss", "lr", "grad_norm", "seconds")
 IMAGE_IGNORED_TAG = "stage2.image_ignored"
 LOW_FIRST_STEP = ("WARNING: first-step caption loss {loss:.4f} < 0.1. A healthy run starts "
@@ -66,11 +69,15 @@ class Stage2Result:
 
 class _CaptionStep(torch.nn.Module):
     """A batch's losses as the vision-bridge's forward, so that DistributedDataParallel wraps
-    the vision-bridge alone: the frozen LLM is no submodule, it stays whole on every rank."""
+    the vision-bridge alone: the frozen LLM is no submodule, it stays whole on every rank.
+    Its LoRA adapters (when it has them) are registered here too, the same tensors, so that
+    DDP averages their gradients and the optimizer, clipping and finite-gradient guard see
+    exactly what trains."""
 
-    def __init__(self, model: torch.nn.Module, batch_losses: Callable):
+    def __init__(self, model: torch.nn.Module, batch_losses: Callable, adapters=()):
         super().__init__()
         self.model, self.batch_losses = model, batch_losses
+        self.adapters = torch.nn.ParameterList(list(adapters))
 
     def forward(self, batch, check: bool):
         return self.batch_losses(batch, check=check)
@@ -96,17 +103,28 @@ class Stage2Trainer:
         self.aux_findings = self.findings and cfg.aux_finding_weight > 0
         self.pos_weight = positive_weights([r.report for r in loaders.train.records]) \
             if self.findings else None
+        # The training reports' style: report form of the validation reports, candidate choice
+        # after training (saved with every checkpoint, the most frequent sentences first).
+        self.style = ReportStyle.from_reports(r.report for r in loaders.train.records)
+        # Fresh adapters (or none: the LLM as it was loaded) for every new run; a resumed run
+        # then loads the saved ones over them.
+        prepare_adapters(llm, cfg.llm)
+        self.adapters = [p for _, p in llm.named_adapter_parameters()]
+        self.trained = _CaptionStep(model, self._batch, self.adapters)
         self.optimizer, self.scheduler = build_optimizer(
-            model, cfg.lr, cfg.weight_decay, cfg.epochs * loaders.batches_per_epoch,
+            self.trained, cfg.lr, cfg.weight_decay, cfg.epochs * loaders.batches_per_epoch,
             cfg.warmup_steps, groups=self._param_groups())
-        self.step_model = world.wrap(_CaptionStep(model, self._batch))
+        self.step_model = world.wrap(self.trained)
 
     def _param_groups(self):
-        """Bridge at `lr`, encoder (+ finding head) at `encoder_lr` (LLaVA: projector fast)."""
-        if self.cfg.encoder_lr is None or self.cfg.encoder_lr == self.cfg.lr:
+        """Bridge at `lr`, encoder (+ finding head) at `encoder_lr` (LLaVA: projector fast),
+        the LLM's adapters at `adapter_lr`."""
+        encoder_lr = self.cfg.lr if self.cfg.encoder_lr is None else self.cfg.encoder_lr
+        if encoder_lr == self.cfg.lr and not self.adapters:
             return None
         slow = [p for name, p in self.model.named_parameters() if not name.startswith("bridge.")]
-        return [(list(self.model.bridge.parameters()), self.cfg.lr), (slow, self.cfg.encoder_lr)]
+        groups = [(list(self.model.bridge.parameters()), self.cfg.lr), (slow, encoder_lr)]
+        return groups + ([(self.adapters, self.cfg.adapter_lr)] if self.adapters else [])
 
     # ---- one batch -------------------------------------------------------------------------
     def _teacher_labels(self, reports):
@@ -142,7 +160,7 @@ class Stage2Trainer:
     def preflight(self, n_batches: int = 2) -> dict:
         """Frozen LLM, optimizer scope and label layout, before any step; returns statistics."""
         self.llm.assert_frozen()
-        n_params = check_optimizer_excludes(self.optimizer, self.llm.named_parameters())
+        n_params = check_optimizer_excludes(self.optimizer, self.llm.named_base_parameters())
         supervised = 0
         with torch.no_grad():
             for i, batch in enumerate(self.loaders.epoch(1, 0)):
@@ -152,7 +170,8 @@ class Stage2Trainer:
                                       self.cfg, self._teacher_labels(batch["reports"]),
                                       self.label_fn)
                 supervised += self._check(out)
-        return {"preflight_supervised_tokens": supervised, "optimizer_tensors": n_params}
+        return {"preflight_supervised_tokens": supervised, "optimizer_tensors": n_params,
+                "llm_adapter_parameters": float(sum(p.numel() for p in self.adapters))}
 
     def _step(self, batch, epoch: int) -> float:
         error, value, aux_value, tokens = None, float("nan"), 0.0, 0
@@ -172,7 +191,7 @@ class Stage2Trainer:
         total = loss * (tokens * size / max(1, all_tokens))
         if aux is not None:
             total = total + self.cfg.aux_finding_weight * aux * (samples * size / max(1, all_samples))
-        grad_norm = optimizer_step(self.model, total, self.optimizer, self.scheduler,
+        grad_norm = optimizer_step(self.trained, total, self.optimizer, self.scheduler,
                                    self.cfg.grad_clip, self.state.step + 1)
         self.state.step += 1
         if self.result.first_step_loss is None and self.state.step == 1:
@@ -201,7 +220,8 @@ class Stage2Trainer:
         return {"stage": "stage2", "run_id": self.run_id, "kind": kind, "lr": self.cfg.lr,
                 "final_loss": final_loss, "step": self.state.step, "epoch": self.state.epoch,
                 "llm": self.cfg.llm.name, "hidden_size": self.llm.hidden_size,
-                "config": json.dumps(to_dict(self.cfg), sort_keys=True), "format_version": 1}
+                "config": json.dumps(to_dict(self.cfg), sort_keys=True), "format_version": 1,
+                "report_style": json.dumps(self.style.to_sentences()[:STYLE_SENTENCES])}
 
     def save(self, kind: str, final_loss=None, interrupted: bool = False) -> Path | None:
         """Write a checkpoint (rank 0 only); step checkpoints carry optimizer/scheduler state
@@ -210,6 +230,7 @@ class Stage2Trainer:
             return None
         name = f"vision_bridge_vlm_{kind}"
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"{ADAPTER_PREFIX}.{k}": v for k, v in self.llm.adapter_state().items()})
         meta = self._metadata(kind, final_loss)
         meta["interrupted"] = interrupted  # the save on interrupt, not a periodic one
         if kind == "step":
@@ -249,13 +270,17 @@ class Stage2Trainer:
         generated = self.generate(shown) if shown else []
         self.result.val_reports = [{"epoch": epoch, "id": r.id, "reference": r.report,
                                     "generated": g} for r, g in zip(shown, generated)]
+        if generated:
+            scores.update({f"val_{k}": v for k, v in language_scores(generated, self.style).items()})
         self.model.train()
         return scores
 
     def generate(self, records) -> list[str]:
         """Greedy reports for records."""
         return generate_reports(self.model, self.llm, self.loaders.images(records),
-                                self.cfg.prompt, self.cfg.max_new_tokens, findings=self.findings)
+                                self.cfg.prompt, self.cfg.max_new_tokens, findings=self.findings,
+                                system=self.cfg.system_prompt,
+                                repetition_penalty=self.cfg.repetition_penalty)
 
     def _image_ignored(self) -> bool:
         """True when the grounding gap stayed under its floor for cfg.ignored_epochs epochs
