@@ -1,0 +1,94 @@
+"""Report form, chat preambles, foreign words and self-contradiction against training reports."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.data.report_text import (ReportStyle, contradictions, has_preamble,
+                                       language_scores, read_report, rouge_l)
+from pipeline.models.report_model import choose_reports
+
+TRAIN = ["The heart is normal in size. The lungs are clear. No pleural effusion or pneumothorax.",
+         "The heart is enlarged. There is a small left pleural effusion. No pneumothorax.",
+         "Heart size is within normal limits. There is a nodule in the right upper zone."]
+
+
+@pytest.fixture(scope="module")
+def style():
+    return ReportStyle.from_reports(TRAIN)
+
+
+def test_training_sentences_are_in_form_and_assistant_text_is_not(style):
+    assert language_scores(TRAIN, style)["report_form"] == 1.0
+    chat = ("The patient is a 28-year-old male with a history of asthma. "
+            "Right lung volume of 2200 mL.")
+    reading = read_report(chat, style)
+    assert reading.in_form == 0 and reading.sentences == 2
+    assert reading.foreign >= 8  # age, history, volume: words no training report has
+    # A paraphrase close to a training sentence counts; case and punctuation never matter.
+    assert style.form("THE HEART IS NORMAL IN SIZE!") == (1, 1)
+    assert style.closeness("the heart is mildly enlarged".split()) >= 0.6
+
+
+@pytest.mark.parametrize("text", [
+    "Sure, here is the report: the heart is enlarged.",
+    "The chest X-ray report for this chest X-radiology report is: the lungs are clear.",
+    "The lungs are clear. You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+])
+def test_chat_preambles_are_caught(text):
+    assert has_preamble(text)
+
+
+@pytest.mark.parametrize("text", TRAIN + ["Report of the heart: normal."])
+def test_report_text_is_no_preamble(text):
+    assert not has_preamble(text)
+
+
+@pytest.mark.parametrize("text, groups", [
+    ("Cardiomegaly is present. The heart is normal in size.", ["cardiomegaly"]),
+    ("The cardiomegaly is likely to be focal. The heart is normal in size.", ["cardiomegaly"]),
+    ("The heart is enlarged. The heart is not enlarged.", ["cardiomegaly"]),
+    ("There is a small left pleural effusion. No pleural effusion.", ["effusion"]),
+    ("There is a small left pleural effusion. No left pleural effusion.", ["effusion"]),
+    ("Focal consolidation in the right lower zone. The lungs are clear.", ["consolidation"]),
+    # Not contradictions: another side, another finding, a denial alone.
+    ("There is a small left pleural effusion. No right pleural effusion.", []),
+    ("The heart is enlarged. No pleural effusion or pneumothorax.", []),
+    ("The heart is normal in size. No cardiomegaly.", []),
+])
+def test_self_contradiction(text, groups):
+    assert contradictions(text) == groups
+
+
+def test_the_synthetic_references_read_as_reports():
+    from pipeline import config as C
+    from pipeline.data import load_dataset
+
+    data = load_dataset(C.build(C.Stage2Config, "tiny").data)
+    style = ReportStyle.from_reports(r.report for r in data["train"])
+    scores = language_scores([r.report for r in data["train"]], style)
+    assert scores["report_form"] == 1.0
+    assert scores["contradiction_share"] == scores["preamble_share"] == 0.0
+
+
+def test_style_round_trips_through_its_sentences(style):
+    again = ReportStyle.from_sentences(style.to_sentences())
+    assert again.sentences == style.sentences and again.vocabulary == style.vocabulary
+
+
+def test_rouge_l_matches_its_definition():
+    assert rouge_l("a b c d".split(), "a b c d".split()) == pytest.approx(1.0)
+    assert rouge_l("a b".split(), "c d".split()) == 0.0
+    p, r, beta = 2 / 3, 2 / 4, 1.2  # LCS "a c" of "a x c" and "a b c d"
+    assert rouge_l("a x c".split(), "a b c d".split()) == \
+        pytest.approx((1 + beta ** 2) * p * r / (r + beta ** 2 * p))
+
+
+def test_choice_prefers_a_report_that_does_not_contradict_itself_then_form(style):
+    given = {"cardiomegaly": 1}
+    contradicting = "Cardiomegaly is present. The heart is normal in size."
+    foreign = "The heart is enlarged. The patient is a 28-year-old male."
+    clean = "The heart is enlarged. No pneumothorax."
+    beams = [contradicting, foreign, clean]
+    assert choose_reports([beams], [given], style=style) == [clean]
+    assert choose_reports([beams[:2]], [given], style=style) == [foreign]
+    assert choose_reports([beams], None, by_findings=False, style=style) == [contradicting]
