@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from pipeline.device import map_location, to_storage
+
 SUFFIX = ".safetensors"
 
 
@@ -45,8 +47,9 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor],
     if path.suffix != SUFFIX:
         path = path.with_name(path.name + SUFFIX)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses shared or non-contiguous storage; clone makes each tensor its own.
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # Device-free (CPU) tensors, whatever the run computed on. safetensors refuses shared or
+    # non-contiguous storage; clone makes each tensor its own.
+    flat = {k: to_storage(v).contiguous().clone() for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(flat, str(tmp), metadata=_encode(metadata))
     os.replace(tmp, path)
@@ -63,23 +66,25 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata of a checkpoint: our safetensors, or a legacy `.pt` state dict."""
+def load_checkpoint(path: str | Path, device: torch.device | str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a checkpoint: our safetensors, or a legacy `.pt` state dict;
+    the tensors on `device` (default: the CPU they were saved from)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix in (".pt", ".pth", ".bin"):
-        return _load_legacy(path), {"format": "legacy-pt", "source_file": str(path)}
+        return _load_legacy(path, device), {"format": "legacy-pt", "source_file": str(path)}
     try:
-        tensors = load_file(str(path))
+        tensors = load_file(str(path), device=map_location(device))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     return tensors, read_metadata(path)
 
 
-def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
+def _load_legacy(path: Path, device=None) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location=map_location(device), weights_only=True)
     except Exception as exc:  # torch raises several types for refused pickles
         raise CheckpointError(
             f"legacy checkpoint {path} cannot be read with weights_only=True "

@@ -96,6 +96,7 @@ class DataConfig:
     max_val: int | None = None
     max_test: int | None = None
     image_size: int = 224
+    num_workers: int | None = None  # DataLoader workers; None: 0 on CPU, up to 4 on CUDA
 
 
 HEALTH_KEYS = ("feature_std", "normalized_std", "effective_rank")

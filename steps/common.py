@@ -31,6 +31,13 @@ def profile_option(func):
                         show_default=True, help="model sizes, data subset and epochs")(func)
 
 
+def device_option(func):
+    """`--device auto|cpu|cuda[:N]` (auto: CUDA when available)."""
+    return click.option("--device", default="auto", show_default=True,
+                        help="auto | cpu | cuda | cuda:N (auto: CUDA when available; under "
+                             "torchrun each rank takes its LOCAL_RANK's GPU)")(func)
+
+
 def auto(value, cast):
     """Parse an MLproject value where '' / 'auto' / 'none' mean: take the profile's."""
     if value is None or str(value).strip().lower() in ("", "auto", "none"):
@@ -107,9 +114,10 @@ def _torchrun(module: str, nproc: int, params: dict) -> int:
 
 
 @contextlib.contextmanager
-def distributed_world():
-    """This process's data-parallel world (torchrun's, or a single process); closed after."""
-    world = join_world()
+def distributed_world(device: str = "auto"):
+    """This process's data-parallel world (torchrun's, or a single process) on the device
+    `device` resolves to; closed after."""
+    world = join_world(device)
     try:
         yield world
         # Every rank leaves together: a rank that tore its group down while rank 0 still

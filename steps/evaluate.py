@@ -20,7 +20,8 @@ from pipeline.tracking.registry import (champion_state, record_champion_verdict,
                                         resolve_stage2_checkpoint)
 from pipeline.tracking.runs import (log_dict, log_files, log_metrics, log_new_params, log_param,
                                     log_table, name_run, set_run_tags, stage_run)
-from steps.common import auto, one_line_errors, profile_option
+from pipeline.device import device_params, resolve_device
+from steps.common import auto, device_option, one_line_errors, profile_option
 
 
 @click.command()
@@ -38,18 +39,22 @@ from steps.common import auto, one_line_errors, profile_option
 @click.option("--meteor/--no-meteor", default=True, show_default=True,
               help="METEOR needs Java and ~15 s to start")
 @profile_option  # accepted for symmetry with main; the model's own config sets all sizes
+@device_option
 @one_line_errors
-def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, meteor, profile):
+def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, meteor, profile,
+         device):
     """Generate and score reports; promote the champion."""
     checkpoint, source_run = resolve_stage2_checkpoint(model_ref)
+    resolved = resolve_device(device)
     with stage_run("evaluate") as run:
         log_new_params({"model": model_ref, "data": data, "split": split, "profile": profile,
-                        "num_beams": num_beams, "source_run": source_run or ""})
+                        "num_beams": num_beams, "source_run": source_run or "",
+                        **device_params(resolved)})
         outcome = evaluate_model(checkpoint, data=data, image_dir=image_dir, split=split,
                                  num_beams=auto(num_beams, int),
                                  max_new_tokens=auto(max_new_tokens, int), limit=auto(limit, int),
                                  out_dir=f"outputs/evaluate/{run.info.run_id}",
-                                 meteor=meteor)
+                                 meteor=meteor, device=resolved)
         # Findings absent from references and reports alike have no F1 (NaN): not logged.
         log_metrics({k: v for k, v in outcome.metrics.items() if math.isfinite(v)})
         log_param("score_definition", outcome.score_definition)

@@ -18,7 +18,7 @@ from pipeline.tracking.runs import (StepFailed, artifact_uri, find_reusable_run,
                                     log_metrics, log_new_params, name_run, run_entry_point,
                                     run_metrics, run_tags, set_run_tags, shown_uri, stage_run,
                                     tracking_uri, view_hint)
-from steps.common import one_line_errors, profile_option
+from steps.common import device_option, one_line_errors, profile_option
 
 
 def _step(name: str, params: dict, commit: str | None, allow_fail: bool = False):
@@ -50,8 +50,9 @@ def _step(name: str, params: dict, commit: str | None, allow_fail: bool = False)
 @click.option("--nproc", default="1", show_default=True,
               help="processes for stage1 and stage2 (above 1: torchrun, DDP)")
 @click.option("--stop_on_reject", "--stop-on-reject", is_flag=True)
+@device_option
 @one_line_errors
-def main(profile, data, objective, stage1_lr, stage2_lr, llm, nproc, stop_on_reject):
+def main(profile, data, objective, stage1_lr, stage2_lr, llm, nproc, stop_on_reject, device):
     """Run the whole pipeline; print the metrics, where results are and how to look."""
     # Child steps run `python -m steps.X` (MLproject); make that this interpreter.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -62,8 +63,8 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, nproc, stop_on_rej
         set_run_tags({"data.digest": dataset_digest(records)})
         log_new_params({"profile": profile, "data": data, "data.digest": dataset_digest(records),
                         "objective": objective, "stage1_lr": stage1_lr, "stage2_lr": stage2_lr,
-                        "llm": llm, "nproc": nproc})
-        common = {"profile": profile, "data": data}
+                        "llm": llm, "nproc": nproc, "device": device})
+        common = {"profile": profile, "data": data, "device": device}
         training = {**common, "nproc": nproc}  # a reused run was trained on as many ranks
         s1, _ = _step("stage1", {**training, "objective": objective, "lr": stage1_lr}, commit)
         _, approved = _step("validate", {"stage1_run": s1, "profile": profile}, commit,

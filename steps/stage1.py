@@ -13,7 +13,8 @@ import click
 
 from pipeline import config as C
 from pipeline.stage1.job import Stage1Job
-from steps.common import auto, distributed_world, nproc_option, one_line_errors, profile_option
+from steps.common import (auto, device_option, distributed_world, nproc_option,
+                          one_line_errors, profile_option)
 
 
 @click.command()
@@ -33,17 +34,18 @@ from steps.common import auto, distributed_world, nproc_option, one_line_errors,
 @click.option("--resume", default=None,
               help="'auto' or an interrupted run's output folder: continue it (its config wins)")
 @click.option("--output_dir", "--output-dir", default="outputs/stage1", show_default=True)
+@device_option
 @nproc_option("steps.stage1")
 @one_line_errors
 def main(profile, data, image_dir, epochs, lr, batch_size, objective, max_visual_tokens, seed,
-         resume, output_dir):
+         resume, output_dir, device):
     """Train vision + bridge (no LLM) and track the run in MLflow."""
     cfg = C.build(C.Stage1Config, profile, {
         "data.source": data, "data.image_dir": image_dir, "epochs": auto(epochs, int),
         "lr": auto(lr, float), "batch_size": auto(batch_size, int), "objective": auto(objective, str),
         "bridge.max_visual_tokens": auto(max_visual_tokens, int), "seed": auto(seed, int),
         "output_dir": output_dir})
-    with distributed_world() as world:
+    with distributed_world(device) as world:
         Stage1Job(cfg, profile=profile, resume=None if resume in (None, "", "none") else resume, world=world,
                   echo=lambda m: click.echo(m, err=True)).run()
 

@@ -13,7 +13,8 @@ import click
 from pipeline import config as C
 from pipeline.stage2.job import Stage2Job
 from pipeline.tracking.runs import end_active_run
-from steps.common import auto, distributed_world, nproc_option, one_line_errors, profile_option
+from steps.common import (auto, device_option, distributed_world, nproc_option,
+                          one_line_errors, profile_option)
 
 
 @click.command()
@@ -42,10 +43,12 @@ from steps.common import auto, distributed_world, nproc_option, one_line_errors,
 @click.option("--resume", default=None,
               help="'auto' or an interrupted run's output folder: continue it")
 @click.option("--output_dir", "--output-dir", default="outputs/stage2", show_default=True)
+@device_option
 @nproc_option("steps.stage2")
 @one_line_errors
 def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings, batch_size,
-         max_visual_tokens, llm, seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir):
+         max_visual_tokens, llm, seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir,
+         device):
     """Train vision + bridge against the frozen LLM and register the result."""
     config_file = auto(config_file, str)
     cfg = C.build(C.Stage2Config, profile, {
@@ -57,7 +60,7 @@ def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings
     if encoder_lr is not None:
         cfg = C.replace_values(cfg, encoder_lr=None if encoder_lr == "same" else float(encoder_lr))
     init = "scratch" if from_scratch else (vision_checkpoint or init)
-    with distributed_world() as world:
+    with distributed_world(device) as world:
         job = Stage2Job(cfg, profile=profile, init=init, force_init=force_init,
                         resume=None if resume in (None, "", "none") else resume,
                         echo=lambda m: click.echo(m, err=True), world=world)

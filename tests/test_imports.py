@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Lower layers never import higher ones; packages within one layer do not import each other.
 LAYERS = {
+    "pipeline.device": -1,  # the one device decision, below everything that places tensors
     "pipeline.config": 0, "pipeline.checkpoint": 0, "pipeline.guards": 0, "pipeline.interrupts": 0,
     "pipeline.data": 1,
     "pipeline.models": 2,

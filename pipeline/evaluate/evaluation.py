@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.data import ImageReportDataset, collate, dataset_digest, image_batch, load_dataset
+from pipeline.device import resolve_device
 from pipeline.models.findings import label_f1
 from pipeline.models.loading import load_report_model
 from pipeline.models.report_model import choose_reports
@@ -57,14 +58,15 @@ def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_s
 
 def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: str = "test",
                    num_beams: int | None = None, max_new_tokens=None, limit=None, out_dir="outputs/evaluate",
-                   report_model=None, meteor: bool = True) -> EvalOutcome:
-    """Score greedy (and, if num_beams > 1, beam) reports of a Stage 2 checkpoint on a split."""
+                   report_model=None, meteor: bool = True, device: str = "auto") -> EvalOutcome:
+    """Score greedy (and, if num_beams > 1, beam) reports of a Stage 2 checkpoint on a split
+    (on `device`: auto = CUDA when available)."""
     from pipeline.evaluate.scoring import (DEFAULT_SCORE_WEIGHTS, composite_score, per_finding_f1_figure,
                                   score_reports)
 
     from pipeline.data.report_text import ReportStyle, language_scores
 
-    report_model = report_model or load_report_model(checkpoint)
+    report_model = report_model or load_report_model(checkpoint, device=resolve_device(device))
     num_beams = num_beams or report_model.cfg.eval_num_beams
     data_cfg = report_model.cfg.data if data == "synthetic" else \
         replace(report_model.cfg.data, source=data, image_dir=image_dir)

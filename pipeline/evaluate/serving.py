@@ -24,6 +24,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from pipeline.device import resolve_device, to_device, to_storage
+
 MAX_IMAGES = 32
 MAX_REQUEST_MB = 16  # base64 text of all images of one request; a 12 MB film still fits
 MAX_PIXELS = 50_000_000  # a 7000 x 7000 film; checked from the header, before decoding
@@ -154,6 +156,14 @@ def decode_image(value: str, image_size: int, image_root: str | None = None) -> 
     return torch.from_numpy((array - 0.5) / 0.5).unsqueeze(0)
 
 
+DEVICE_ENV = "REPORT_VLM_DEVICE"  # auto (default): the GPU when one is visible, else the CPU
+
+
+def serving_device() -> torch.device:
+    """The device a served model runs on (`REPORT_VLM_DEVICE`, default auto)."""
+    return resolve_device(os.environ.get(DEVICE_ENV) or "auto")
+
+
 def _images(frame, image_size: int) -> torch.Tensor:
     root = os.environ.get(IMAGE_ROOT_ENV) or None
     return torch.stack([decode_image(v, image_size, root) for v in frame["image"]])
@@ -166,16 +176,17 @@ class VisionBridgePyfunc(mlflow.pyfunc.PythonModel):
         from pipeline import config as C
         from pipeline.models.loading import load_vision_bridge
 
+        self.device = serving_device()
         self.model, self.metadata, self.cfg = load_vision_bridge(
-            context.artifacts["checkpoint"], C.Stage1Config())
+            context.artifacts["checkpoint"], C.Stage1Config(), self.device)
 
     def predict(self, context, model_input, params=None):
         frame = _to_frame(model_input)
         size = self.cfg.encoder.image_size
-        images = _images(frame, size)
+        images = to_device(_images(frame, size), self.device)
         with torch.no_grad():
             tokens = self.model(images)
-        return tokens.mean(dim=1).numpy().tolist()
+        return to_storage(tokens.mean(dim=1)).numpy().tolist()
 
 
 class ReportVLMPyfunc(mlflow.pyfunc.PythonModel):
@@ -184,7 +195,8 @@ class ReportVLMPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from pipeline.models.loading import load_report_model
 
-        self.report_model = load_report_model(context.artifacts["checkpoint"])
+        self.report_model = load_report_model(context.artifacts["checkpoint"],
+                                              device=serving_device())
 
     def predict(self, context, model_input, params=None):
         chosen = generation_params(params)

@@ -43,9 +43,10 @@ def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in tensors.items()}
 
 
-def weights_of(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Model tensors (prefix-free, no optimizer state) and metadata of a checkpoint."""
-    tensors, metadata = load_checkpoint(path)
+def weights_of(path: Path, device=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Model tensors (prefix-free, no optimizer state, on `device`: default the CPU) and
+    metadata of a checkpoint."""
+    tensors, metadata = load_checkpoint(path, device)
     return model_tensors(tensors), metadata
 
 
@@ -97,15 +98,19 @@ def _output_dim(tensors: dict[str, torch.Tensor], default: int) -> int:
     return width if width is not None else default
 
 
-def load_vision_bridge(path: str | Path, fallback: C.Stage1Config):
-    """(model, metadata, stage1 config) from a safetensors or legacy `.pt` checkpoint."""
+def load_vision_bridge(path: str | Path, fallback: C.Stage1Config, device=None):
+    """(model, metadata, stage1 config) from a safetensors or legacy `.pt` checkpoint; the
+    model on `device` (default: the CPU)."""
+    from pipeline.device import place
     from pipeline.models.vision_bridge import VisionBridge
 
-    tensors, metadata = weights_of(path)
+    tensors, metadata = weights_of(path, device)
     cfg = stage1_config_of(metadata, fallback)
     cfg = replace(cfg, embed_dim=_output_dim(tensors, cfg.embed_dim),
                   bridge=with_head_of(cfg.bridge, tensors))
     model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    if device is not None:
+        place(model, device)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -115,12 +120,15 @@ def load_vision_bridge(path: str | Path, fallback: C.Stage1Config):
     return model.eval(), metadata, cfg
 
 
-def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = None) -> ReportModel:
-    """Rebuild vision-bridge + LLM from a Stage 2 checkpoint (the LLM is loaded by name)."""
+def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = None,
+                      device=None) -> ReportModel:
+    """Rebuild vision-bridge + LLM from a Stage 2 checkpoint (the LLM is loaded by name), on
+    `device` (default: the CPU)."""
+    from pipeline.device import place
     from pipeline.models.llm_loading import load_llm
     from pipeline.models.vision_bridge import VisionBridge
 
-    raw_tensors, metadata = load_checkpoint(Path(checkpoint))
+    raw_tensors, metadata = load_checkpoint(Path(checkpoint), device)
     tensors = model_tensors(raw_tensors)
     raw = metadata.get("config")
     cfg = C.from_dict(C.Stage2Config, raw) if isinstance(raw, dict) else C.Stage2Config()
@@ -133,6 +141,9 @@ def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = 
                               f"{cfg.llm.adapter_rank}) but holds none")
     prepare_adapters(llm, cfg.llm, adapters or None)
     model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=llm.hidden_size)
+    if device is not None:
+        place(model, device)
+        place(llm, device)
     load_into(model, tensors, checkpoint)
     return ReportModel(model.eval(), llm, cfg, style_of(metadata))
 

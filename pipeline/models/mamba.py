@@ -1,9 +1,10 @@
 """Mamba-1 mixer: mamba_ssm's fused CUDA kernels when present, a chunked PyTorch scan otherwise.
 
 `Mamba` has the constructor, parameters and state_dict of `mamba_ssm.Mamba` (mamba_simple), so
-weights move between the two unchanged. `forward` has one dispatch point: the fused kernels
-(`mamba_inner_fn`, or `selective_scan_fn` without causal_conv1d) on CUDA when mamba_ssm imports,
-else the portable path, which is the specification the kernels are tested against.
+weights move between the two unchanged. `forward` has one dispatch point: on CUDA, mamba_ssm's
+`selective_scan_fn` with causal_conv1d's `causal_conv1d_fn` (torch's conv1d where only mamba_ssm
+is installed) when they import, else the portable path, which is the specification the kernels
+are tested against. The first CUDA forward warns once which of the two runs.
 
 The portable selective scan splits L into n_chunks chunks of T <= `chunk_size` positions and
 keeps the state as (T, batch, n_chunks, N, D): step t of every chunk is one contiguous slab and D
@@ -34,23 +35,32 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 _LOGGED_PATHS: set[str] = set()
-_PATHS = {"kernel": "mamba_ssm fused CUDA kernels", "portable": "pure PyTorch chunked scan"}
-_INSTALL_HINT = "pip install 'mamba-ssm>=2.2' 'causal-conv1d>=1.4' (the project's [cuda] extra)"
+_PATHS = {"kernel": "mamba_ssm CUDA kernels", "portable": "pure PyTorch chunked scan"}
+_INSTALL_HINT = ("pip install --no-build-isolation causal-conv1d==1.7.0 mamba-ssm==2.3.2.post1 "
+                 "(the project's [cuda] extra)")
 
 
 @functools.lru_cache(maxsize=1)
 def _load_kernels() -> SimpleNamespace | None:
-    """mamba_ssm's fused ops, imported on first CUDA use only; None where they do not import."""
+    """mamba_ssm's scan (and causal_conv1d's conv), imported on first CUDA use only; None where
+    mamba_ssm does not import."""
     try:
-        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except ImportError:
         return None
     try:
         from causal_conv1d import causal_conv1d_fn
-    except ImportError:  # mamba_inner_fn needs it; selective_scan_fn alone does not
+    except ImportError:  # the conv then runs as torch's conv1d (cuDNN)
         causal_conv1d_fn = None
-    return SimpleNamespace(mamba_inner_fn=mamba_inner_fn, selective_scan_fn=selective_scan_fn,
-                           causal_conv1d_fn=causal_conv1d_fn)
+    return SimpleNamespace(selective_scan_fn=selective_scan_fn, causal_conv1d_fn=causal_conv1d_fn)
+
+
+def kernel_path_name(kernels: SimpleNamespace | None) -> str:
+    """What the mixer runs on CUDA with `kernels` (as the warning and benchmarks say it)."""
+    if kernels is None:
+        return "portable PyTorch scan"
+    conv = "causal_conv1d_fn" if kernels.causal_conv1d_fn is not None else "torch conv1d"
+    return f"mamba_ssm selective_scan_fn + {conv}"
 
 
 def _log_path_once(path: str) -> None:
@@ -67,11 +77,15 @@ def _kernels_for(want_kernels: bool) -> SimpleNamespace | None:
     if not want_kernels:
         return None
     kernels = _load_kernels()
-    if kernels is None and "missing-kernels" not in _LOGGED_PATHS:
-        _LOGGED_PATHS.add("missing-kernels")
-        warnings.warn("Mamba on CUDA without the mamba_ssm kernels: running the portable PyTorch "
-                      f"scan (same results, slower). To install them: {_INSTALL_HINT}",
-                      RuntimeWarning, stacklevel=3)
+    if "cuda-path" not in _LOGGED_PATHS:  # one warning per process, either way
+        _LOGGED_PATHS.add("cuda-path")
+        if kernels is None:
+            warnings.warn("Mamba on CUDA without the mamba_ssm kernels: running the portable "
+                          "PyTorch scan (same results, slower). To install them: "
+                          f"{_INSTALL_HINT}", RuntimeWarning, stacklevel=3)
+        else:
+            warnings.warn(f"Mamba on CUDA runs the {kernel_path_name(kernels)} kernels",
+                          RuntimeWarning, stacklevel=3)
     return kernels
 
 
@@ -311,20 +325,22 @@ class Mamba(nn.Module):
         return ssm_scan(u, dt, A, B, C, self.chunk_size)
 
     def _kernel_forward(self, hidden_states: Tensor, kernels: SimpleNamespace) -> Tensor:
+        """mamba_simple's unfused path. Under bf16 autocast the projections and the scan's
+        u, dt, B, C, z run in bf16 while A, D and the dt bias stay fp32 (the scan keeps its
+        state in fp32), as the kernels expect; the parameters are never cast in place."""
         batch, L, _ = hidden_states.shape
         # in_proj as W @ x^T gives the channel-major layout the kernels want without a transpose
         xz = (self.in_proj.weight @ hidden_states.reshape(batch * L, -1).t()).view(-1, batch, L)
         xz = xz.permute(1, 0, 2)                                             # (b, 2D, L)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.float())                                   # (D, N)
+        x, z = xz.chunk(2, dim=1)                                            # (b, D, L) each
         if kernels.causal_conv1d_fn is not None:
-            return kernels.mamba_inner_fn(
-                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
-                delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        x, z = xz.chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., :L])                                  # (b, D, L)
+            x = kernels.causal_conv1d_fn(x, self.conv1d.weight[:, 0, :], self.conv1d.bias,
+                                         activation="silu")
+        else:
+            x = F.silu(self.conv1d(x)[..., :L])                              # (b, D, L)
         x_dbl = self.x_proj(x.transpose(1, 2).reshape(batch * L, -1))       # (b*L, rank + 2N)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (self.dt_proj.weight @ dt.t()).view(-1, batch, L).permute(1, 0, 2)

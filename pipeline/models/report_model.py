@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from pipeline import config as C
+from pipeline.device import to_device
 from pipeline.models import captioning
 from pipeline.data.labeler import COARSE_FINDINGS, FINDINGS, coarse_labels, label_report, to_coarse
 from pipeline.models.findings import decode_findings, findings_text
@@ -181,6 +182,11 @@ class ReportModel:
     cfg: C.Stage2Config
     style: object = None  # the training reports' ReportStyle, for candidate choice
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model was placed; images given to it are moved there."""
+        return next(self.model.parameters()).device
+
     def generate(self, images: torch.Tensor, num_beams: int = 1, max_new_tokens: int | None = None,
                  **kwargs) -> list[str]:
         """Reports for a batch of images (B, 1, S, S)."""
@@ -197,9 +203,10 @@ class ReportModel:
             kwargs.setdefault("samples", self.cfg.choose_samples)
             kwargs.setdefault("seed", self.cfg.seed)
         kwargs.setdefault("repetition_penalty", self.cfg.repetition_penalty)
-        return generate_candidates(self.model, self.llm, images, self.cfg.prompt,
-                                   max_new_tokens or self.cfg.max_new_tokens, num_beams,
-                                   findings=findings, system=self.cfg.system_prompt, **kwargs)
+        return generate_candidates(self.model, self.llm, to_device(images, self.device),
+                                   self.cfg.prompt, max_new_tokens or self.cfg.max_new_tokens,
+                                   num_beams, findings=findings, system=self.cfg.system_prompt,
+                                   **kwargs)
 
     def predicted_findings(self, images: torch.Tensor) -> list[dict[str, int]] | None:
         """The findings the prompt is given for each image (None when the model writes from
@@ -208,9 +215,10 @@ class ReportModel:
             return None
         self.model.eval()
         with torch.no_grad():
-            return decode_findings(self.model.findings(images))
+            return decode_findings(self.model.findings(to_device(images, self.device)))
 
     def grounding_gap(self, images: torch.Tensor, reports: Sequence[str]) -> tuple[float, float]:
         """(own-image caption loss, shifted-image loss minus own) over a split."""
-        own, shifted = grounding_losses(self.model, self.llm, images, reports, self.cfg)
+        own, shifted = grounding_losses(self.model, self.llm, to_device(images, self.device),
+                                        reports, self.cfg)
         return own, shifted - own

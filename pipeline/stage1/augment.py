@@ -17,9 +17,10 @@ def radiograph_views(images: torch.Tensor, generator: torch.Generator | None = N
     """A random affine crop, contrast/brightness jitter and noise per image (B, C, H, W)."""
     B = images.shape[0]
     dev, dt = images.device, images.dtype
+    draw_on = getattr(generator, "device", None)  # the generator's device: views are the same on any
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(B, generator=generator, device="cpu").to(dev, dt)
+        return lo + (hi - lo) * torch.rand(B, generator=generator, device=draw_on).to(dev, dt)
 
     angle = uniform(-max_rotate_deg, max_rotate_deg) * math.pi / 180
     scale = uniform(*scale_range)
@@ -30,7 +31,7 @@ def radiograph_views(images: torch.Tensor, generator: torch.Generator | None = N
     out = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
     contrast = uniform(1 - max_contrast, 1 + max_contrast).view(B, 1, 1, 1)
     brightness = uniform(-max_contrast / 2, max_contrast / 2).view(B, 1, 1, 1)
-    noise = torch.randn(out.shape, generator=generator, device="cpu").to(dev, dt)
+    noise = torch.randn(out.shape, generator=generator, device=draw_on).to(dev, dt)
     return out * contrast + brightness + noise_std * noise
 
 

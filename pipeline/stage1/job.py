@@ -11,6 +11,7 @@ from typing import Callable
 from pipeline import config as C
 from pipeline.checkpoint import STAGE1_FINAL, load_checkpoint, read_metadata, sha256_file
 from pipeline.data import dataset_digest, dataset_profile, records_frame
+from pipeline.device import device_params
 from pipeline.stage1.trainer import (STEP_STEM, Stage1Result, Stage1Trainer, build_stage1_inputs,
                                      step_metrics)
 from pipeline.tracking.runs import (log_dataset, log_files, log_metrics, log_new_params,
@@ -57,7 +58,8 @@ class Stage1Job:
                                     self.cfg.output_dir, "", lambda m, s: None, lambda t: None,
                                     silent_logger("stage1.rank"), self.profile, world=self.world)
             if resume_point is not None:
-                trainer.restore(load_checkpoint(resume_point[0])[0], resume_point[1]["resume"])
+                trainer.restore(load_checkpoint(resume_point[0], self.world.device)[0],
+                                resume_point[1]["resume"])
             return trainer.fit()
         with stage_run("stage1", run_id=resume_point[1]["run_id"] if resume_point else None) as run:
             return self._run_main(run, inputs, resume_point)
@@ -73,7 +75,8 @@ class Stage1Job:
         logger = file_logger("stage1", log_path)
         log_new_params({**C.flatten(cfg), "profile": self.profile,
                         "batch_size_per_rank": cfg.batch_size, "world_size": self.world.size,
-                        "global_batch_size": inputs.loaders.global_batch_size})
+                        "global_batch_size": inputs.loaders.global_batch_size,
+                        **device_params(self.world.device)})
         if resume_point is None:
             log_dataset(records_frame(inputs.records), source=cfg.data.source,
                         name="stage1-data", digest=dataset_digest(inputs.records),
@@ -100,7 +103,7 @@ class Stage1Job:
         return result
 
     def _restore(self, trainer: Stage1Trainer, ckpt: Path, meta: dict, logger) -> None:
-        tensors, _ = load_checkpoint(ckpt)
+        tensors, _ = load_checkpoint(ckpt, self.world.device)
         kept = trainer.restore(tensors, meta["resume"])
         trainer.result.checkpoints.update(
             {p.name.removesuffix(".safetensors"): p

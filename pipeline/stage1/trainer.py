@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from pipeline import interrupts
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import COLLAPSE_TAG, Stage1Config, to_dict
+from pipeline.device import autocast, full_precision, to_device
 from pipeline.guards import GuardError, check_finite_loss, low_loss_warning
 from pipeline.models.loading import load_into, model_tensors
 from pipeline.stage1.augment import per_sample, radiograph_views
@@ -173,8 +174,9 @@ class Stage1Trainer:
         return [torch.Generator().manual_seed(base + p) for p in positions]
 
     def _step(self, batch, epoch: int) -> float:
-        loss, terms = self.step_model(batch["images"], batch["reports"],
-                                      self._generators(batch["positions"]))
+        with autocast(self.world.device):
+            loss, terms = self.step_model(to_device(batch["images"], self.world.device),
+                                          batch["reports"], self._generators(batch["positions"]))
         error, local = None, float("nan")
         try:
             local = check_finite_loss(loss, self.step + 1)
@@ -199,11 +201,16 @@ class Stage1Trainer:
     # ---- epochs ----------------------------------------------------------------------------
     @torch.no_grad()
     def _validate(self) -> float:
+        with full_precision(self.world.device):
+            return self._validate_fp32()
+
+    def _validate_fp32(self) -> float:
         self.model.eval()
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)  # same views every epoch
         # The findings objective is validated on the images as they are (no augmentation).
         augment = None if self.cfg.objective == "findings" else radiograph_views
-        losses = [float(objective_loss(self.cfg.objective, self.model, batch["images"],
+        losses = [float(objective_loss(self.cfg.objective, self.model,
+                                       to_device(batch["images"], self.world.device),
                                        augment, gen, batch["reports"], self.pos_weight)[0])
                   for batch in self.loaders.val()]
         if self.cfg.objective == "findings":
@@ -219,7 +226,8 @@ class Stage1Trainer:
 
         predicted, reports = [], []
         for batch in self.loaders.val():
-            predicted += decode_findings(self.model.findings(batch["images"]))
+            predicted += decode_findings(self.model.findings(to_device(batch["images"],
+                                                                       self.world.device)))
             reports += batch["reports"]
         return label_f1(reports, predicted, prefix="val_")
 
@@ -311,6 +319,7 @@ def build_stage1_inputs(cfg: Stage1Config, world: World = SINGLE) -> Stage1Input
     `cfg.batch_size` is per rank: the global batch is `cfg.batch_size * world.size`.
     """
     from pipeline.data import image_batch, load_dataset
+    from pipeline.device import place
     from pipeline.models.vision_bridge import VisionBridge
     from pipeline.train.common import seed_everything
 
@@ -319,8 +328,11 @@ def build_stage1_inputs(cfg: Stage1Config, world: World = SINGLE) -> Stage1Input
     if not records["val"]:
         raise ValueError(f"data {cfg.data.source!r} has an empty val split; Stage 1 needs it "
                          "for val_loss and the feature-health probe")
-    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim)
+    model = place(VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim),
+                  world.device)
     size = cfg.encoder.image_size
-    loaders = EpochLoaders(records["train"], records["val"], size, cfg.batch_size, cfg.seed, world)
-    probe_images = image_batch(records["val"][:cfg.health.probe_size], size)
+    loaders = EpochLoaders(records["train"], records["val"], size, cfg.batch_size, cfg.seed, world,
+                           cfg.data.num_workers)
+    probe_images = to_device(image_batch(records["val"][:cfg.health.probe_size], size),
+                             world.device)
     return Stage1Inputs(model, records, loaders, probe_images)

@@ -23,6 +23,7 @@ from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, r
 from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name_run,
                                     relog_missing, set_run_tags, stage_run)
 from pipeline.tracking.sink import MetricsSink
+from pipeline.device import device_params, place, to_device
 from pipeline.guards import GuardError
 from pipeline.models.llm import ADAPTER_PREFIX, TrainableLLMError
 from pipeline.train.common import EpochLoaders, file_logger, seed_everything, silent_logger
@@ -68,7 +69,8 @@ class Stage2Job:
 
         verdict = run_verdict(meta.get("run_id")) or run_verdict(model_version_run(choice.uri or ""))
         health_cfg = C.build(C.GateConfig, self.profile).health  # the gate's floors
-        probe = probe_images(self.cfg.data, self.cfg.encoder.image_size, health_cfg.probe_size)
+        probe = to_device(probe_images(self.cfg.data, self.cfg.encoder.image_size,
+                                       health_cfg.probe_size), self.world.device)
         return refuse_if_unfit(choice, model, meta, verdict, probe, health_cfg, self.force_init)
 
     def _build(self, resume_point):
@@ -83,11 +85,13 @@ class Stage2Job:
             if tensors is not None:
                 self.cfg = adopt_architecture(self.cfg, meta, tensors)
         self.echo(f"init: {choice.source}: {choice.note}")
-        llm = self.llm or load_llm(self.cfg.llm.name, self.cfg.llm.cache_dir, self.cfg.llm.dtype)
+        llm = place(self.llm or load_llm(self.cfg.llm.name, self.cfg.llm.cache_dir,
+                                         self.cfg.llm.dtype), self.world.device)
         if tensors is not None:  # before any run or step: weights of the wrong width never fit
             refuse_width_mismatch(choice, output_width(tensors), self.cfg.llm.name, llm.hidden_size)
         seed_everything(self.cfg.seed)
-        model = VisionBridge.from_config(self.cfg.encoder, self.cfg.bridge, out_dim=llm.hidden_size)
+        model = place(VisionBridge.from_config(self.cfg.encoder, self.cfg.bridge,
+                                               out_dim=llm.hidden_size), self.world.device)
         health = self._initialise(model, choice, tensors, meta)
         return choice, llm, model, health
 
@@ -98,7 +102,8 @@ class Stage2Job:
         choice, llm, model, health = self.world.main_first(lambda: self._build(resume_point))
         records = self.world.main_first(lambda: load_dataset(self.cfg.data))
         loaders = EpochLoaders(records["train"], records["val"], self.cfg.encoder.image_size,
-                               self.cfg.batch_size, self.cfg.seed, self.world)
+                               self.cfg.batch_size, self.cfg.seed, self.world,
+                               self.cfg.data.num_workers)
         if not self.world.is_main:
             return self._run_rank(model, llm, loaders, resume_point)
         run_id = resume_point[1]["run_id"] if resume_point else None
@@ -117,7 +122,8 @@ class Stage2Job:
                 log_new_params({**C.flatten(self.cfg), "profile": self.profile, "init": self.init,
                                 "batch_size_per_rank": self.cfg.batch_size,
                                 "world_size": self.world.size,
-                                "global_batch_size": loaders.global_batch_size})
+                                "global_batch_size": loaders.global_batch_size,
+                                **device_params(self.world.device)})
                 log_dataset(records_frame(records), source=self.cfg.data.source,
                             name="stage2-data", digest=dataset_digest(records), context="training",
                             profile=dataset_profile(records))
@@ -160,7 +166,7 @@ class Stage2Job:
 
     @staticmethod
     def _restore_state(trainer: Stage2Trainer, ckpt: Path, meta: dict) -> None:
-        tensors, _ = load_checkpoint(ckpt)
+        tensors, _ = load_checkpoint(ckpt, trainer.world.device)
         load_into(trainer.model, model_tensors(tensors), ckpt)
         if trainer.adapters:
             trainer.llm.load_adapter_state(split_prefix(tensors, ADAPTER_PREFIX))

@@ -22,6 +22,7 @@ from pipeline import interrupts
 from pipeline.models import captioning
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Stage2Config, to_dict
+from pipeline.device import autocast, full_precision, to_device
 from pipeline.models.findings import decode_findings, finding_loss, label_f1, positive_weights
 from pipeline.models.report_model import caption_forward, generate_reports, grounding_losses, uses_findings
 from pipeline.train.curve import degenerate, distinct_share, judge_epoch
@@ -146,8 +147,8 @@ class Stage2Trainer:
 
     def _batch(self, batch, check: bool = False, teacher: bool = True):
         true_labels = self._teacher_labels(batch["reports"]) if teacher else None
-        out = caption_forward(self.model, self.llm, batch["images"], batch["reports"], self.cfg,
-                              true_labels, self.label_fn)
+        out = caption_forward(self.model, self.llm, to_device(batch["images"], self.world.device),
+                              batch["reports"], self.cfg, true_labels, self.label_fn)
         if check:
             self._check(out)
         aux = None
@@ -166,9 +167,10 @@ class Stage2Trainer:
             for i, batch in enumerate(self.loaders.epoch(1, 0)):
                 if i >= n_batches:
                     break
-                out = caption_forward(self.model, self.llm, batch["images"], batch["reports"],
-                                      self.cfg, self._teacher_labels(batch["reports"]),
-                                      self.label_fn)
+                out = caption_forward(self.model, self.llm,
+                                      to_device(batch["images"], self.world.device),
+                                      batch["reports"], self.cfg,
+                                      self._teacher_labels(batch["reports"]), self.label_fn)
                 supervised += self._check(out)
         return {"preflight_supervised_tokens": supervised, "optimizer_tensors": n_params,
                 "llm_adapter_parameters": float(sum(p.numel() for p in self.adapters))}
@@ -176,7 +178,8 @@ class Stage2Trainer:
     def _step(self, batch, epoch: int) -> float:
         error, value, aux_value, tokens = None, float("nan"), 0.0, 0
         try:  # a guard firing on any rank stops every rank (World.mean)
-            loss, aux, layout, tokens = self.step_model(batch, self.state.step == 0)
+            with autocast(self.world.device):  # bf16 LLM forward (and so backward) on CUDA
+                loss, aux, layout, tokens = self.step_model(batch, self.state.step == 0)
             value = check_finite_loss(loss, self.state.step + 1)
             aux_value = check_finite_loss(aux, self.state.step + 1) if aux is not None else 0.0
         except GuardError as exc:
@@ -256,10 +259,15 @@ class Stage2Trainer:
     @torch.no_grad()
     def _validate(self, epoch: int) -> dict[str, float]:
         """Validation through the inference path: caption loss with each study's own image and
-        with the images shifted by one study (the grounding gap), finding F1, sample reports."""
+        with the images shifted by one study (the grounding gap), finding F1, sample reports;
+        in fp32 on every device."""
+        with full_precision(self.world.device):
+            return self._validate_fp32(epoch)
+
+    def _validate_fp32(self, epoch: int) -> dict[str, float]:
         self.model.eval()
         records = self.loaders.val_records
-        images = self.loaders.images(records)
+        images = to_device(self.loaders.images(records), self.world.device)
         reports = [r.report for r in records]
         own, shifted = grounding_losses(self.model, self.llm, images, reports, self.cfg)
         scores = {"val_loss": own, "val_loss_shifted": shifted, "val_grounding_gap": shifted - own}
@@ -277,7 +285,8 @@ class Stage2Trainer:
 
     def generate(self, records) -> list[str]:
         """Greedy reports for records."""
-        return generate_reports(self.model, self.llm, self.loaders.images(records),
+        return generate_reports(self.model, self.llm,
+                                to_device(self.loaders.images(records), self.world.device),
                                 self.cfg.prompt, self.cfg.max_new_tokens, findings=self.findings,
                                 system=self.cfg.system_prompt,
                                 repetition_penalty=self.cfg.repetition_penalty)

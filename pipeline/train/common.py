@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from pipeline.data import ImageReportDataset, collate, image_batch
+from pipeline.device import loader_options
 from pipeline.guards import check_finite_grads
 from pipeline.train.distributed import SINGLE, World
 
@@ -95,15 +97,22 @@ class EpochLoaders:
     The order of epoch e is a permutation seeded by (seed, e) alone, cut into global batches
     of `batch_size * world.size`; each rank takes its contiguous share of every global batch,
     so N ranks see the samples a single process with the global batch would, in its order.
+
+    Images are decoded by a DataLoader (`num_workers` processes, kept across epochs; pinned
+    memory when the world computes on CUDA) that only follows this order: what a step sees is
+    a function of (seed, epoch, step) whatever the number of workers.
     """
 
     def __init__(self, train_records, val_records, image_size: int, batch_size: int, seed: int,
-                 world: World = SINGLE):
+                 world: World = SINGLE, num_workers: int | None = None):
         self.train = ImageReportDataset(train_records, image_size)
         self.val_dataset = ImageReportDataset(val_records, image_size)
         self.val_records = list(val_records)
         self.batch_size, self.seed, self.image_size = batch_size, seed, image_size
         self.world = world
+        self.options = loader_options(world.device, num_workers)
+        self._order = _PlannedBatches()
+        self._loader: DataLoader | None = None  # built on first use; its workers persist
 
     @property
     def global_batch_size(self) -> int:
@@ -126,13 +135,24 @@ class EpochLoaders:
         order = torch.randperm(len(self.train),
                                generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
         size = self.global_batch_size
+        plan = []  # (dataset indices, positions in the global batch, weight) per step
         for start in range(skip_batches * size, len(order), size):
             chunk = order[start:start + size]
             shares = torch.tensor_split(torch.arange(len(chunk)), self.world.size)
             positions = shares[self.world.rank].tolist()
             weight = len(positions) * self.world.size / len(chunk)
-            batch = collate([self.train[int(chunk[p])] for p in positions or [0]])
-            yield batch | {"positions": positions or [0], "weight": weight}
+            plan.append(([int(chunk[p]) for p in positions or [0]], positions or [0], weight))
+        if not plan:
+            return
+        self._order.batches = [indices for indices, _, _ in plan]
+        for (_, positions, weight), batch in zip(plan, self._train_loader()):
+            yield batch | {"positions": positions, "weight": weight}
+
+    def _train_loader(self) -> DataLoader:
+        if self._loader is None:
+            self._loader = DataLoader(self.train, batch_sampler=self._order, collate_fn=collate,
+                                      **self.options)
+        return self._loader
 
     def val(self):
         """Validation batches in file order."""
@@ -143,3 +163,17 @@ class EpochLoaders:
     def images(self, records) -> torch.Tensor:
         """A batch of images for records (e.g. to generate reports)."""
         return image_batch(records, self.image_size)
+
+
+class _PlannedBatches:
+    """A DataLoader batch sampler that yields the batches of the epoch being read (set by
+    `EpochLoaders.epoch` before each pass; the sampler runs in the main process)."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -1,9 +1,10 @@
 """Data parallelism over torch.distributed (one process per rank under torchrun).
 
-torchrun exports RANK, WORLD_SIZE and LOCAL_RANK; `join_world` reads them and opens the
-process group (gloo: the training loops run on the CPU). With world size 1 nothing is
-opened and every method below is a no-op or a plain local computation, so a single process
-runs exactly as before.
+torchrun exports RANK, WORLD_SIZE and LOCAL_RANK; `join_world` reads them, resolves this
+rank's device (`pipeline.device`: LOCAL_RANK's GPU under CUDA) and opens the process group
+(NCCL for CUDA tensors, gloo on the CPU). With world size 1 nothing is opened and every
+method below is a no-op or a plain local computation, so a single process runs exactly as
+before.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import interrupts
+from pipeline.device import CPU, is_cuda, prepare, process_group_backend, resolve_device
 from pipeline.guards import GuardError
 
 T = TypeVar("T")
@@ -24,10 +26,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class World:
-    """This process's rank among `size` data-parallel ranks."""
+    """This process's rank among `size` data-parallel ranks, and the device it computes on."""
 
     rank: int = 0
     size: int = 1
+    device: torch.device = CPU
 
     @property
     def is_main(self) -> bool:
@@ -45,7 +48,8 @@ class World:
         """
         if not self.distributed:
             return module
-        return DistributedDataParallel(module, find_unused_parameters=True)
+        device_ids = [self.device.index] if is_cuda(self.device) else None
+        return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
 
     def barrier(self) -> None:
         """Wait for every rank (e.g. while rank 0 validates or writes a checkpoint)."""
@@ -130,19 +134,22 @@ class World:
 SINGLE = World()
 
 
-def join_world() -> World:
-    """The world torchrun started this process in (opens the process group), or SINGLE.
+def join_world(device: str = "auto") -> World:
+    """The world torchrun started this process in (opens the process group), or a single
+    process; either computes on the device `device` resolves to for this LOCAL_RANK.
 
     On ranks other than 0 (which open no run, so get no stop handler from it), SIGINT and
     SIGTERM wait for the current step too: a rank that stopped mid-step would fail rank 0's
     step instead of letting it save and end its run KILLED.
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = resolve_device(device)
+    prepare(resolved)
     if size <= 1:
-        return SINGLE
+        return World(device=resolved)
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    world = World(rank=dist.get_rank(), size=dist.get_world_size())
+        dist.init_process_group(process_group_backend(resolved, size))
+    world = World(rank=dist.get_rank(), size=dist.get_world_size(), device=resolved)
     if not world.is_main:
         for signum in interrupts.STOP_SIGNALS:
             signal.signal(signum, lambda received, _: interrupts.request_stop(received))
