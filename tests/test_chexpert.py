@@ -56,6 +56,7 @@ CASES = [
     ("Pleural Effusion", "Blunting of the left costophrenic angle.", P),
     ("Pleural Effusion", "No pleural effusion.", N),
     ("Pleural Effusion", "The costophrenic angles are sharp.", N),
+    ("Pleural Effusion", "Interval resolution of the right pleural effusion.", N),
     ("Pleural Effusion", "Trace left pleural effusion is not excluded.", U),
     ("Pleural Other", "Right pleural thickening.", P),
     ("Pleural Other", "Calcified pleural plaques.", P),

@@ -154,7 +154,7 @@ _PSEUDO_NEGATION = _rx(
     r"\bnot only\b", r"\bno longer\b(?= (?:(?:seen|visible|present|identified)\b))")
 _NEGATION_PRE = _rx(
     r"\bno\b", r"\bnot\b", r"\bwithout\b", r"\bfree of\b", r"\bnegative for\b",
-    r"\babsence of\b", r"\bno (?:evidence|signs?|findings?) of\b", r"\bresolv(?:ed|ution of)\b",
+    r"\babsence of\b", r"\bno (?:evidence|signs?|findings?) of\b", r"\bresol(?:ved|ution of)\b",
     r"\bclear of\b", r"\bnor\b", r"\bneither\b", r"\bremov(?:ed|al of)\b", r"\bnever\b")
 _NEGATION_POST = _rx(
     r"\b(?:has|have|is|are|now) (?:\w+ )?(?:resolved|cleared|been removed)\b",
