@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import mlflow
@@ -263,6 +262,7 @@ _RACER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_two_concurrent_evaluations_leave_the_better_version_champion(mlflow_store, tmp_path):
     high_run, _, high = _stage2_run(tmp_path, seed=0)
     low_run, _, low = _stage2_run(tmp_path, seed=1)

@@ -91,18 +91,18 @@ def _versions_from_run(name: str, source_run: str) -> list:
 
 
 def _register_once(name: str, source_run: str, log: Callable, tags: Mapping[str, str],
-                   keeps: Callable = lambda version: True) -> str:
+                   keeps: Callable = lambda version: True, prune: bool = True) -> str:
     """The version of `source_run` that `keeps` accepts, registered from `log()` when none is.
 
-    Under a race two may be registered; the lowest wins and the others are deleted, so every
-    caller ends on the same version.
+    Under a race two may be registered; the lowest wins, so every caller ends on the same
+    version, and with `prune` the others are deleted.
     """
     existing = [v for v in _versions_from_run(name, source_run) if keeps(v)]
     if not existing:
         mlflow.register_model(log().model_uri, name, tags={**tags, "source_run": source_run})
         existing = [v for v in _versions_from_run(name, source_run) if keeps(v)]
     keep, *extra = existing
-    for version in extra:  # already deleted by the other caller: nothing there
+    for version in extra if prune else ():  # deleted by the other caller: nothing there
         call_or_none(MlflowClient().delete_model_version, name, version.version,
                      what="deleting a duplicate version")
     return keep.version
@@ -258,7 +258,8 @@ def report_version_holding(checkpoint: str | Path, source_run: str) -> str:
         lambda: _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm},
                             params={"num_beams": 1, "max_new_tokens": 0}),
         {"llm": llm, SHA_TAG: sha, "checkpoint": Path(checkpoint).stem},
-        keeps=lambda version: _artifact_sha256(version) == sha)
+        keeps=lambda version: _artifact_sha256(version) == sha,
+        prune=False)  # a duplicate may be `candidate` (a Stage 2 run that registered twice)
 
 
 def _artifact_sha256(version) -> str:
