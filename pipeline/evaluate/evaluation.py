@@ -47,11 +47,14 @@ class EvalOutcome:
     decoding: str = "greedy"
     blind_report: str = ""
     data_digest: str = ""
+    num_beams: int = 1  # of the last decoding
+    n_candidates: int = 1  # reports it chose among per study (beams and samples)
     params: dict = field(default_factory=dict)  # how the scores were computed, for the run
 
 
 def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_size: int = 8):
-    """(the reports the model writes, the top beam's) for every record."""
+    """(the reports the model writes, the top beam's) for every record, and how many
+    candidates it chose among."""
     dataset = ImageReportDataset(records, report_model.cfg.encoder.image_size)
     candidates, given = [], []
     label = "greedy" if num_beams == 1 else f"beam{num_beams}"
@@ -63,7 +66,7 @@ def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_s
         given = None if labels is None else given + labels
     chosen = choose_reports(candidates, given, report_model.cfg.choose_by_findings,
                             report_model.style)
-    return chosen, [options[0] for options in candidates]
+    return chosen, [options[0] for options in candidates], max(map(len, candidates), default=1)
 
 
 def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: str = "test",
@@ -96,7 +99,8 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     decodings = [("greedy", 1)] + ([("beam", num_beams)] if num_beams > 1 else [])
     best = None
     for name, beams in decodings:
-        generated, top_beam = _generate_all(report_model, records, beams, max_new_tokens)
+        generated, top_beam, n_candidates = _generate_all(report_model, records, beams,
+                                                          max_new_tokens)
         table[f"generated_{name}"] = generated
         scores = {**score_reports(references, generated, meteor=meteor),
                   **language_scores(generated, style)}
@@ -137,7 +141,8 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
         metrics[f"{key}_over_blind"] = best[key] - blind_scores[key]
     figure = per_finding_f1_figure(best, Path(out_dir) / "finding_f1.png")
     return EvalOutcome(metrics, table, figure, definition, decodings[-1][0], blind,
-                       dataset_digest(dataset), {"text_cleaning": DEFAULT_CLEANING, **CE_PARAMS})
+                       dataset_digest(dataset), decodings[-1][1], n_candidates,
+                       {"text_cleaning": DEFAULT_CLEANING, **CE_PARAMS})
 
 
 TOP_BEAM_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import signal
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from pipeline import interrupts
-from pipeline.tracking.outage import call_patiently
+from pipeline.tracking.outage import call_or_none, call_patiently
 
 EXPERIMENT_NAME = "radiology-report-vlm"
 STAGE_TAG = "pipeline.stage"
@@ -327,11 +328,21 @@ def view_hint() -> str:
 
 
 def download_run_artifact(run_id: str, artifact_path: str) -> Path | None:
-    """A run's artifact as a local file, or None when it cannot be fetched."""
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path))
-    except (MlflowException, OSError):
+    """A run's artifact as a local file, or None when the run does not exist or lists no such
+    artifact. A server that does not answer is waited for, then raised: never an absence.
+
+    Absence is read from the listing: a `runs:/` download reports every failure, an
+    unreachable artifact store included, as a missing path.
+    """
+    client = MlflowClient()
+    folder = posixpath.dirname(artifact_path) or None
+    listed = call_or_none(client.list_artifacts, run_id, folder, what="listing artifacts")
+    if listed is None or artifact_path not in {f.path for f in listed}:
         return None
+    root = call_patiently(client.get_run, run_id, what="reading the run").info.artifact_uri
+    return Path(call_patiently(mlflow.artifacts.download_artifacts,
+                               artifact_uri=f"{root}/{artifact_path}",
+                               what=f"downloading {artifact_path}"))
 
 
 def find_reusable_run(entry_point: str, params: Mapping[str, str], git_commit: str | None):
