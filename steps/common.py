@@ -14,13 +14,16 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import PROFILES, ConfigError
 from pipeline.data import DataError
 from pipeline.guards import GuardError
+from pipeline.models.bridge import VisualTokenError
 from pipeline.models.llm import LLMLoadError, TrainableLLMError
 from pipeline.tracking.runs import TRACKING_ERRORS
 from pipeline.train.distributed import join_world, leave_world
 
-# Errors that end a step with a one-line reason on stderr and a non-zero exit code.
-EXPECTED_ERRORS = (ConfigError, DataError, GuardError, CheckpointError, TrainableLLMError,
-                   LLMLoadError, ValueError, FileNotFoundError, *TRACKING_ERRORS)
+# Errors that end a step with a one-line reason on stderr and a non-zero exit code: the
+# project's own (bad input, a guard, a refusal) and a missing file or model reference. Any
+# other error (a bug) keeps its traceback and exits 1.
+EXPECTED_ERRORS = (ConfigError, DataError, GuardError, CheckpointError, VisualTokenError,
+                   TrainableLLMError, LLMLoadError, FileNotFoundError, *TRACKING_ERRORS)
 EXIT_REFUSED = 2
 EXIT_INTERRUPTED = 130
 

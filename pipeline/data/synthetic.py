@@ -27,6 +27,7 @@ import click
 import numpy as np
 from PIL import Image
 
+from pipeline.config import ConfigError
 from pipeline.data.labeler import FINDINGS, SIDES, ZONES
 
 VERSION = 1
@@ -363,7 +364,7 @@ def generate_synthetic(out_dir: str | Path, seed: int = 0, n_train: int = 254, n
     if _is_complete(out, meta):
         return out / "annotation.json"
     if min(n_train, n_val, n_test) < 0 or image_size < 16:
-        raise ValueError(f"need split sizes >= 0 and image_size >= 16, got {meta}")
+        raise ConfigError(f"need split sizes >= 0 and image_size >= 16, got {meta}")
     (out / META_NAME).unlink(missing_ok=True)  # an interrupted run must not look complete
     counts = {"train": n_train, "val": n_val, "test": n_test}
     annotation: dict[str, list] = {split: [] for split in counts}

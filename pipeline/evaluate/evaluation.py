@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data import ImageReportDataset, collate, dataset_digest, image_batch, load_dataset
+from pipeline.data import (DataError, ImageReportDataset, collate, dataset_digest, image_batch,
+                           load_dataset)
 from pipeline.models.findings import label_f1
 from pipeline.models.loading import load_report_model
 from pipeline.models.report_model import choose_reports
@@ -37,6 +38,7 @@ class EvalOutcome:
     decoding: str = "greedy"
     blind_report: str = ""
     data_digest: str = ""
+    data_source: str = ""  # the data evaluated: `synthetic` means the model's own training data
 
 
 def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_size: int = 8):
@@ -68,7 +70,7 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     dataset = load_dataset(data_cfg)
     records = dataset[split][:limit]
     if not records:
-        raise ValueError(f"split {split!r} of {data!r} is empty")
+        raise DataError(f"split {split!r} of {data_cfg.source!r} is empty")
     references = [r.report for r in records]
     table = pd.DataFrame({"id": [r.id for r in records], "reference": references})
     metrics: dict[str, float] = {}
@@ -106,7 +108,7 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
         metrics[f"{key}_over_blind"] = best[key] - blind_scores[key]
     figure = per_finding_f1_figure(best, Path(out_dir) / "finding_f1.png")
     return EvalOutcome(metrics, table, figure, definition, decodings[-1][0], blind,
-                       dataset_digest(dataset))
+                       dataset_digest(dataset), data_cfg.source)
 
 
 TOP_BEAM_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider")
@@ -127,7 +129,7 @@ def best_constant_report(train_reports: list[str]) -> str:
     for i, report in enumerate(train_reports):
         key = tuple(sorted(k for k, v in coarse[i].items() if v)), \
             tuple(sorted(k for k, v in fine[i].items() if v))
-        if key in scored:  # reports with the same findings score the same
+        if key in scored and len(scored[key][3]) <= len(report):  # same findings, same score
             continue
         scored[key] = (macro_f1(per_label_f1(coarse, [coarse[i]] * len(coarse), COARSE_FINDINGS)),
                        macro_f1(per_label_f1(fine, [fine[i]] * len(fine), FINDINGS)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -94,11 +95,13 @@ def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None
             yield run
         except KeyboardInterrupt:
             interrupted = True
-            mlflow.set_tag(INTERRUPTED_TAG, "true")  # survives a status overwritten by `mlflow run`
-            mlflow.end_run("KILLED")
+            with _unless_unreachable("marking the run KILLED"):
+                mlflow.set_tag(INTERRUPTED_TAG, "true")  # survives `mlflow run`'s status
+                mlflow.end_run("KILLED")
             raise
         except BaseException:
-            mlflow.end_run("FAILED")
+            with _unless_unreachable("marking the run FAILED"):
+                mlflow.end_run("FAILED")
             raise
         else:
             call_patiently(mlflow.end_run, "FINISHED", what="ending the run")
@@ -106,6 +109,17 @@ def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None
         if not interrupted:  # interrupted: the program is on its way out; keep the shield
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _unless_unreachable(what: str) -> Iterator[None]:
+    """While an error unwinds: a tracking failure is reported in one line, never raised, so
+    the error that ended the run stays the one raised and printed."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - any tracking failure; the real error follows
+        print(f"warning: {what} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})",
+              file=sys.stderr)
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
