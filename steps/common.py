@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from datetime import timedelta
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pipeline.data import DataError
 from pipeline.guards import GuardError
 from pipeline.models.bridge import VisualTokenError
 from pipeline.models.llm import LLMLoadError, TrainableLLMError
+from pipeline.tracking.outage import patience
 from pipeline.tracking.runs import TRACKING_ERRORS
 from pipeline.train.distributed import join_world, leave_world
 
@@ -111,8 +113,13 @@ def _torchrun(module: str, nproc: int, params: dict) -> int:
 
 @contextlib.contextmanager
 def distributed_world():
-    """This process's data-parallel world (torchrun's, or a single process); closed after."""
-    world = join_world()
+    """This process's data-parallel world (torchrun's, or a single process); closed after.
+
+    Its collectives wait longer than rank 0 may spend retrying uploads at the end (each call
+    up to `patience()` plus MLflow's own ~4 min of retries, for a few calls), so the other
+    ranks at the final barrier do not time out while rank 0 rides out a tracking outage.
+    """
+    world = join_world(timedelta(seconds=max(30 * 60, 3 * (patience() + 300))))
     try:
         yield world
         # Every rank leaves together: a rank that tore its group down while rank 0 still

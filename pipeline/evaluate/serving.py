@@ -9,7 +9,8 @@ A request the model cannot answer raises `BadRequest` with the reason: in-proces
 under `mlflow models serve` a 400 whose `message` says why (any other exception reaches the
 client as MLflow's generic "unexpected error", the reason buried in a stack trace). Limits keep
 one request from holding the server: at most `MAX_IMAGES` images and `MAX_REQUEST_MB` of image
-text per request, `MAX_PIXELS` per image, and bounded generation params.
+text per request, `MAX_PIXELS` per image, `MAX_FILE_MB` per file named by path, and bounded
+generation params.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 MAX_IMAGES = 32
 MAX_REQUEST_MB = 16  # base64 text of all images of one request; a 12 MB film still fits
 MAX_PIXELS = 50_000_000  # a 7000 x 7000 film; checked from the header, before decoding
+MAX_FILE_MB = 64  # an image file named by path; read no further than this
 PARAM_RANGES = {"num_beams": (1, 8), "max_new_tokens": (0, 1024)}  # max_new_tokens 0 = default
 
 
@@ -123,6 +125,16 @@ def _allowed_path(text: str, image_root: str | None) -> Path:
     return path
 
 
+def _read_capped(path: Path) -> bytes:
+    """A file's bytes; BadRequest when it holds more than MAX_FILE_MB (never read whole)."""
+    cap = MAX_FILE_MB * 2**20
+    with open(path, "rb") as handle:
+        data = handle.read(cap + 1)
+    if len(data) > cap:
+        raise BadRequest(f"image file too large: over {MAX_FILE_MB} MB; at most {MAX_FILE_MB} MB")
+    return data
+
+
 def decode_image(value: str, image_size: int, image_root: str | None = None) -> torch.Tensor:
     """A base64 PNG/JPEG (or, under `image_root` only, a file path) -> tensor (1, S, S).
 
@@ -146,7 +158,7 @@ def decode_image(value: str, image_size: int, image_root: str | None = None) -> 
             raise BadRequest(f"{_NOT_AN_IMAGE}: the base64 decodes to {len(data)} bytes that "
                              "are not a PNG/JPEG")
         path = _allowed_path(text, image_root)
-        image = _open_bytes(path.read_bytes())
+        image = _open_bytes(_read_capped(path))
         if image is None:
             raise BadRequest(f"{_NOT_AN_IMAGE}: {text!r} is not a PNG/JPEG")
     image = image.convert("L").resize((image_size, image_size), Image.BILINEAR)

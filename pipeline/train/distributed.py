@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -130,8 +131,10 @@ class World:
 SINGLE = World()
 
 
-def join_world() -> World:
+def join_world(timeout: timedelta | None = None) -> World:
     """The world torchrun started this process in (opens the process group), or SINGLE.
+
+    `timeout` bounds every collective, the final barrier included (gloo's default: 30 min).
 
     On ranks other than 0 (which open no run, so get no stop handler from it), SIGINT and
     SIGTERM wait for the current step too: a rank that stopped mid-step would fail rank 0's
@@ -141,7 +144,7 @@ def join_world() -> World:
     if size <= 1:
         return SINGLE
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **({"timeout": timeout} if timeout else {}))
     world = World(rank=dist.get_rank(), size=dist.get_world_size())
     if not world.is_main:
         for signum in interrupts.STOP_SIGNALS:
