@@ -46,7 +46,7 @@ def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, me
     checkpoint, source_run = resolve_stage2_checkpoint(model_ref)
     resolved = resolve_device(device)
     with stage_run("evaluate") as run:
-        log_new_params({"model": model_ref, "data": data, "split": split, "profile": profile,
+        log_new_params({"model": model_ref, "split": split, "profile": profile,
                         "num_beams": num_beams, "source_run": source_run or "",
                         **device_params(resolved)})
         outcome = evaluate_model(checkpoint, data=data, image_dir=image_dir, split=split,
@@ -54,6 +54,7 @@ def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, me
                                  max_new_tokens=auto(max_new_tokens, int), limit=auto(limit, int),
                                  out_dir=f"outputs/evaluate/{run.info.run_id}",
                                  meteor=meteor, device=resolved)
+        log_new_params({"data": outcome.data_source})  # `synthetic`: the model's own data
         # Findings absent from references and reports alike have no F1 (NaN): not logged.
         log_metrics({k: v for k, v in outcome.metrics.items() if math.isfinite(v)})
         log_param("score_definition", outcome.score_definition)

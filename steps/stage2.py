@@ -1,6 +1,6 @@
 """Stage 2: train vision + bridge against the frozen LLM with caption cross-entropy.
 
-Reads: the data; initial weights (`init`: scratch / auto / path / `runs:/` / `models:/`).
+Reads: the data; initial weights (`init`: scratch / auto / latest / path / `runs:/` / `models:/`).
 Writes: `stage2_train_log.csv`, `stage2_loss.png`, `stage2_config.json`, `stage2.log`,
 `checkpoints/vision_bridge_vlm_{best_val,final,step<N>}.safetensors`, `val_reports/`; a
 `report-vlm` version with alias `candidate`. Resumes a killed run with `--resume`;
@@ -34,7 +34,8 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
 @click.option("--llm", default=None, help="smollm2 (offline default), tiny-random, HF folder, .gguf")
 @click.option("--seed", default=None)
 @click.option("--init", default="auto", show_default=True,
-              help="auto | scratch | a checkpoint path | runs:/... | models:/...")
+              help="auto (vision-bridge@stage2-ready) | latest (the newest fitting finished "
+                   "Stage 2 run) | scratch | a checkpoint path | runs:/... | models:/...")
 @click.option("--from_scratch", "--from-scratch", is_flag=True, help="same as --init scratch")
 @click.option("--vision_checkpoint", "--vision-checkpoint", default=None,
               help="same as --init PATH_OR_URI")

@@ -37,7 +37,7 @@ def main(stage1_run, checkpoint, min_final_loss, max_lr, data, profile):
     if checkpoint is None and auto(stage1_run, str) in (None, "latest"):
         run = latest_run("stage1")
         if run is None:
-            raise ValueError("no finished Stage 1 run found; pass --stage1_run or --checkpoint")
+            raise C.ConfigError("no finished Stage 1 run found; pass --stage1_run or --checkpoint")
         stage1_run = run.info.run_id
     # The floors of the profile the weights were trained with; --profile only when none recorded.
     judged_by = (recorded_profile(checkpoint=checkpoint) if checkpoint is not None

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data import ImageReportDataset, collate, dataset_digest, load_dataset
+from pipeline.data import DataError, ImageReportDataset, collate, dataset_digest, load_dataset
 from pipeline.device import resolve_device
 from pipeline.evaluate.clinical import PARAMS as CE_PARAMS, chexpert_labels, chexpert_scores
 from pipeline.data.report_cleaning import DEFAULT_CLEANING
@@ -50,6 +50,7 @@ class EvalOutcome:
     num_beams: int = 1  # of the last decoding
     n_candidates: int = 1  # reports it chose among per study (beams and samples)
     params: dict = field(default_factory=dict)  # how the scores were computed, for the run
+    data_source: str = ""  # the data evaluated: `synthetic` means the model's own training data
 
 
 def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_size: int = 8):
@@ -91,7 +92,7 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
         report_model = replace(report_model, style=style)
     records = dataset[split][:limit]
     if not records:
-        raise ValueError(f"split {split!r} of {data!r} is empty")
+        raise DataError(f"split {split!r} of {data_cfg.source!r} is empty")
     references = [r.report for r in records]
     table = pd.DataFrame({"id": [r.id for r in records], "reference": references})
     metrics: dict[str, float] = {}
@@ -142,7 +143,7 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     figure = per_finding_f1_figure(best, Path(out_dir) / "finding_f1.png")
     return EvalOutcome(metrics, table, figure, definition, decodings[-1][0], blind,
                        dataset_digest(dataset), decodings[-1][1], n_candidates,
-                       {"text_cleaning": DEFAULT_CLEANING, **CE_PARAMS})
+                       {"text_cleaning": DEFAULT_CLEANING, **CE_PARAMS}, data_cfg.source)
 
 
 TOP_BEAM_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider")
@@ -166,7 +167,7 @@ def best_constant_report(train_reports: list[str]) -> str:
     for i, report in enumerate(train_reports):
         key = tuple(sorted(k for k, v in coarse[i].items() if v)), \
             tuple(sorted(k for k, v in fine[i].items() if v))
-        if key in scored:  # reports with the same findings score the same
+        if key in scored and len(scored[key][3]) <= len(report):  # same findings, same score
             continue
         scored[key] = (macro_f1(per_label_f1(coarse, [coarse[i]] * len(coarse), COARSE_FINDINGS)),
                        macro_f1(per_label_f1(fine, [fine[i]] * len(fine), FINDINGS)),
