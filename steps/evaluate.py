@@ -99,9 +99,16 @@ def _description(outcome) -> str:
     m, d = outcome.metrics, outcome.decoding
     lines = ["| | model | blind baseline |", "|---|---|---|"]
     for label, key in (("coarse finding F1", "finding_coarse_macro_f1"),
-                       ("fine finding F1 (18)", "finding_macro_f1"), ("BLEU-4", "bleu4"),
-                       ("CIDEr", "cider")):
-        lines.append(f"| {label} | {m[f'{d}_{key}']:.3f} | {m[f'blind_{key}']:.3f} |")
+                       ("fine finding F1 (18)", "finding_macro_f1"),
+                       ("CheXpert-14 micro F1", "chexpert_micro_f1"),
+                       ("CheXpert-14 macro F1", "chexpert_macro_f1"), ("BLEU-4", "bleu4"),
+                       ("CIDEr", "cider"), ("ROUGE-L", "rouge_l"),
+                       ("report form (references: "
+                        f"{m.get('reference_report_form', float('nan')):.2f})", "report_form"),
+                       ("self-contradicting reports", "contradiction_share")):
+        model, blind = m.get(f"{d}_{key}", float("nan")), m.get(f"blind_{key}", float("nan"))
+        lines.append(f"| {label} | {model:.3f} | {blind:.3f} |")
+    lines.append(f"| chat preambles | {m.get(f'{d}_preamble_share', float('nan')):.3f} | 0 |")
     lines += [f"| grounding gap (nats) | {m['grounding_gap']:.3f} | 0 |",
               f"| distinct reports | {m[f'{d}_distinct_share']:.2f} | "
               f"{1 / max(1, len(outcome.table)):.2f} |", "", f"Samples ({d}):"]

@@ -29,6 +29,10 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
 @click.option("--findings", default=None, type=click.Choice(["true", "false"]),
               help="classify-then-generate + auxiliary finding loss (default true; false = "
                    "the seed's plain visual-prefix recipe)")
+@click.option("--adapter_rank", "--adapter-rank", default=None,
+              help="LoRA rank of the LLM's adapters (the profile's: 8; tiny: 2); 0 = no "
+                   "adapters, the LLM purely frozen")
+@click.option("--adapter_lr", "--adapter-lr", default=None, help="the adapters' learning rate")
 @click.option("--batch_size", "--batch-size", default=None, help="default 2")
 @click.option("--max_visual_tokens", "--max-visual-tokens", default=None, help="default 96")
 @click.option("--llm", default=None, help="smollm2 (offline default), tiny-random, HF folder, .gguf")
@@ -47,14 +51,15 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
 @device_option
 @nproc_option("steps.stage2")
 @one_line_errors
-def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings, batch_size,
-         max_visual_tokens, llm, seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir,
+def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings, adapter_rank,
+         adapter_lr, batch_size, max_visual_tokens, llm, seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir,
          device):
     """Train vision + bridge against the frozen LLM and register the result."""
     config_file = auto(config_file, str)
     cfg = C.build(C.Stage2Config, profile, {
         "data.source": data, "data.image_dir": image_dir, "epochs": auto(epochs, int),
         "lr": auto(lr, float), "batch_size": auto(batch_size, int),
+        "llm.adapter_rank": auto(adapter_rank, int), "adapter_lr": auto(adapter_lr, float),
         "findings": None if findings is None else findings == "true",
         "bridge.max_visual_tokens": auto(max_visual_tokens, int), "llm.name": auto(llm, str),
         "seed": auto(seed, int), "output_dir": output_dir}, config_file=config_file)

@@ -55,12 +55,13 @@ def _outcome(score: float, decoding: str = "greedy", num_beams: int = 1,
              n_candidates: int = 1) -> EvalOutcome:
     """What `evaluate_model` returns for a model that passes every rule but the champion's."""
     per_decoding = {"finding_coarse_macro_f1": 0.9, "finding_macro_f1": 0.8, "bleu4": 0.5,
-                    "cider": 1.5, "rouge_l": 0.6, "distinct_share": 1.0, "n_reports": 4.0}
+                    "cider": 1.5, "rouge_l": 0.6, "distinct_share": 1.0, "n_reports": 4.0,
+                    "report_form": 1.0, "contradiction_share": 0.0, "preamble_share": 0.0}
     blind = {"finding_coarse_macro_f1": 0.2, "finding_macro_f1": 0.1, "bleu4": 0.1,
              "cider": 0.2, "rouge_l": 0.3}
     metrics = {**{f"{decoding}_{k}": v for k, v in per_decoding.items()},
                **{f"blind_{k}": v for k, v in blind.items()},
-               "grounding_gap": 1.0, "score": score}
+               "grounding_gap": 1.0, "score": score, "reference_report_form": 1.0}
     table = pd.DataFrame({"id": ["s0"], "reference": ["The heart is enlarged."],
                           f"generated_{decoding}": ["The heart is enlarged."]})
     outcome = EvalOutcome(metrics, table, Path("no-figure.png"), "score (test)", decoding, "",
@@ -317,7 +318,8 @@ def test_scores_decoded_with_another_beam_width_or_candidate_count_are_not_compa
 def _passing_metrics() -> dict[str, float]:
     return {"finding_coarse_macro_f1": 0.9, "blind_finding_coarse_macro_f1": 0.2,
             "grounding_gap": 1.0, "score": 0.5, "bleu4": 0.4, "blind_bleu4": 0.1,
-            "cider": 1.0, "blind_cider": 0.2}
+            "cider": 1.0, "blind_cider": 0.2, "report_form": 0.95, "reference_report_form": 1.0,
+            "contradiction_share": 0.0, "preamble_share": 0.0}
 
 
 def test_champion_rules_are_conditions_over_a_metrics_dict_and_extend_by_appending():
@@ -352,3 +354,20 @@ def test_champion_outcome_is_a_frozen_value_and_names_the_evaluate_run(
                                 filter_string="tags.`pipeline.stage` = 'evaluate'")
     assert run.info.run_name == "evaluate champion test"
     assert run.data.tags["champion.verdict"] == "approved"
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"bleu4": 0.09}, "BLEU-4 0.090 < the constant report's 0.100"),
+    ({"cider": 0.1}, "CIDEr 0.100 < the constant report's 0.200"),
+    ({"report_form": 0.5}, "report form 0.500 < 0.85 x the references' 1.000"),
+    ({"contradiction_share": 0.25}, "25.0% of the reports assert and deny the same finding"),
+    ({"preamble_share": 0.1}, "10.0% of the reports open as a chat assistant's answer"),
+])
+def test_the_gate_refuses_text_that_does_not_read_as_reports_with_its_reason(change, reason):
+    from pipeline.config import ChampionConfig
+    from pipeline.gate.champion import judge_champion
+
+    base = {**_passing_metrics(), "bleu4": 0.4, "blind_bleu4": 0.1}
+    verdict = judge_champion({**base, **change}, ChampionConfig())
+    assert not verdict.approved
+    assert len(verdict.reasons) == 1 and verdict.reasons[0].startswith(reason), verdict.reasons

@@ -46,6 +46,29 @@ CHAMPION_RULES: tuple[ChampionRule, ...] = (
                  lambda m, c: f"coarse finding F1 {m['finding_coarse_macro_f1']:.3f} < blind "
                               f"baseline {m['blind_finding_coarse_macro_f1']:.3f} + margin "
                               f"{c.min_margin_over_blind:g}", "finding_coarse_macro_f1"),
+    # The text must read as a radiology report, not only name the findings.
+    ChampionRule("writes_like_reports_bleu", lambda m, c: m["bleu4"] >= m["blind_bleu4"],
+                 lambda m, c: f"BLEU-4 {m['bleu4']:.3f} < the constant report's "
+                              f"{m['blind_bleu4']:.3f}: printing one report for every study "
+                              "reads closer to the references", "bleu4"),
+    ChampionRule("writes_like_reports_cider", lambda m, c: m["cider"] >= m["blind_cider"],
+                 lambda m, c: f"CIDEr {m['cider']:.3f} < the constant report's "
+                              f"{m['blind_cider']:.3f}", "cider"),
+    ChampionRule("report_form",
+                 lambda m, c: m["report_form"] >= c.min_report_form * m["reference_report_form"],
+                 lambda m, c: f"report form {m['report_form']:.3f} < {c.min_report_form:g} x the "
+                              f"references' {m['reference_report_form']:.3f}: sentences no "
+                              "training report resembles (invented histories, measurements, "
+                              "assistant text)", "report_form"),
+    ChampionRule("no_self_contradiction",
+                 lambda m, c: m["contradiction_share"] <= c.max_contradiction_share,
+                 lambda m, c: f"{m['contradiction_share']:.1%} of the reports assert and deny the "
+                              f"same finding (at most {c.max_contradiction_share:.0%})",
+                 "contradiction_share"),
+    ChampionRule("no_chat_preamble", lambda m, c: m["preamble_share"] <= c.max_preamble_share,
+                 lambda m, c: f"{m['preamble_share']:.1%} of the reports open as a chat "
+                              f"assistant's answer (at most {c.max_preamble_share:.0%})",
+                 "preamble_share"),
     # `champion_score` is there only when the champion was measured the same way (data digest,
     # split size, decoding, beam width, candidates): one measured otherwise does not block.
     ChampionRule("beats_champion",

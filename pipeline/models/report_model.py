@@ -155,6 +155,14 @@ def disagreement(report: str, labels: dict[str, int]) -> tuple[int, int]:
             sum(fine[k] != int(labels.get(k, 0)) for k in FINDINGS))
 
 
+def report_token_limit(tokenizer, reports: Sequence[str], room: float = 1.1) -> int:
+    """New tokens enough for the longest of `reports` (and EOS), with 10% room: generation
+    that runs past every reference has stopped writing a report."""
+    longest = max((len(tokenizer(r.strip(), add_special_tokens=False)["input_ids"])
+                   for r in reports), default=0)
+    return int(longest * room) + 2
+
+
 def choice_key(report: str, labels: dict | None, style=None) -> tuple:
     """How a candidate ranks (lower is better): self-contradiction first, then the findings'
     disagreement with `labels` (coarse, fine), then the share of its sentences out of the
@@ -199,6 +207,7 @@ class ReportModel:
     llm: object
     cfg: C.Stage2Config
     style: object = None  # the training reports' ReportStyle, for candidate choice
+    token_limit: int | None = None  # new tokens enough for the longest training report
 
     @property
     def device(self) -> torch.device:
@@ -221,8 +230,9 @@ class ReportModel:
             kwargs.setdefault("samples", self.cfg.choose_samples)
             kwargs.setdefault("seed", self.cfg.seed)
         kwargs.setdefault("repetition_penalty", self.cfg.repetition_penalty)
+        limit = min(self.cfg.max_new_tokens, self.token_limit or self.cfg.max_new_tokens)
         return generate_candidates(self.model, self.llm, to_device(images, self.device),
-                                   self.cfg.prompt, max_new_tokens or self.cfg.max_new_tokens,
+                                   self.cfg.prompt, max_new_tokens or limit,
                                    num_beams, findings=findings, system=self.cfg.system_prompt,
                                    **kwargs)
 
