@@ -180,6 +180,8 @@ class Stage2Config:
     # The chat template's system turn; None keeps the LLM's own (SmolLM2's names a helpful
     # assistant, which checkpoints from before this field were trained with).
     system_prompt: str | None = None
+    # With findings: the prompt also names the finding groups not found ("Absent: ...").
+    prompt_absent: bool = False
     max_report_tokens: int = 160
     max_new_tokens: int = 96
     repetition_penalty: float = 1.0  # generation's (1.0: none); no_repeat_ngram_size is 4

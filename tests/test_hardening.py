@@ -263,7 +263,8 @@ def test_evaluate_logs_the_data_it_actually_used(mlflow_store, monkeypatch):
     monkeypatch.setattr(step, "resolve_stage2_checkpoint", lambda ref: ("ckpt", None))
     monkeypatch.setattr(step, "evaluate_model", lambda checkpoint, **kw: SimpleNamespace(
         metrics={}, table=pd.DataFrame({"id": []}), figure=None, score_definition="s",
-        decoding="greedy", blind_report="", data_digest="d", data_source=used))
+        decoding="greedy", blind_report="", data_digest="d", data_source=used, params={},
+        num_beams=1, n_candidates=1))
     result = CliRunner().invoke(step.main, ["--model", "m", "--split", "val"])
     assert result.exit_code == 0, result.output
     run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
@@ -323,6 +324,10 @@ def test_downloading_a_run_artifact_leaves_no_temporary_folder(tmp_path, monkeyp
         return str(target)
 
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download_artifacts)
+    # The run lists the artifact (absence is read from the listing, not from the download).
+    listing = SimpleNamespace(list_artifacts=lambda run_id, folder: [
+        SimpleNamespace(path="checkpoints/final.safetensors")])
+    monkeypatch.setattr(runs, "MlflowClient", lambda: listing)
     for _ in range(3):
         path = runs.download_run_artifact("r1", "checkpoints/final.safetensors")
         assert path.read_text() == "weights of r1"

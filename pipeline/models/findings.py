@@ -115,10 +115,26 @@ def _phrase(name: str) -> str:
     return f"{kind} in the {place[0]} {place[1]} zone"
 
 
-def findings_text(labels: dict[str, int]) -> str:
-    """Findings as prompt words: "Findings: cardiomegaly; left pleural effusion." / "none"."""
+_GROUP_WORDS = {"cardiomegaly": "cardiomegaly", "effusion": "pleural effusion",
+                "pneumothorax": "pneumothorax", "nodule": "nodule", "consolidation": "consolidation"}
+
+
+def findings_text(labels: dict[str, int], absent: bool = False) -> str:
+    """Findings as prompt words: "Findings: cardiomegaly; left pleural effusion." / "none".
+
+    With `absent`, the groups not found follow ("Absent: pneumothorax, nodule."): a small LM
+    then writes its negative sentences from the prompt instead of its most frequent ones,
+    which otherwise deny the very findings it writes later in the report.
+    """
     present = [_phrase(n) for n in FINE if labels.get(n)]
-    return "Findings: " + ("; ".join(present) if present else "none") + "."
+    present += [_GROUP_WORDS[n.split("_")[0]] for n, v in labels.items()
+                if v and n.endswith("_unlocalised") and n.split("_")[0] in _GROUP_WORDS]
+    text = "Findings: " + ("; ".join(present) if present else "none") + "."
+    if absent:
+        found = {n.split("_")[0] for n, v in labels.items() if v and n != "no_finding"}
+        missing = [words for group, words in _GROUP_WORDS.items() if group not in found]
+        text += " Absent: " + (", ".join(missing) if missing else "none") + "."
+    return text
 
 
 def counts_f1(tp: int, fp: int, fn: int) -> dict[str, float]:

@@ -23,7 +23,7 @@ from pipeline.models.findings import decode_findings, findings_text
 
 
 def prompts_for(prompt: str, n: int, logits: torch.Tensor | None = None,
-                true_labels: Sequence[dict] | None = None) -> list[str]:
+                true_labels: Sequence[dict] | None = None, absent: bool = False) -> list[str]:
     """One prompt per sample: the findings (true ones if given, else decoded from `logits`)
     as words before `prompt`; just `prompt` when the model has no findings."""
     if true_labels is not None:
@@ -32,7 +32,7 @@ def prompts_for(prompt: str, n: int, logits: torch.Tensor | None = None,
         labels = decode_findings(logits)
     else:
         return [prompt] * n
-    return [f"{findings_text(lab)}\n{prompt}" for lab in labels]
+    return [f"{findings_text(lab, absent)}\n{prompt}" for lab in labels]
 
 
 def uses_findings(cfg: C.Stage2Config, model) -> bool:
@@ -60,7 +60,7 @@ def caption_forward(model, llm, images: torch.Tensor, reports: Sequence[str], cf
         visual, logits = model.forward_with_findings(images)
     else:
         visual, logits, true_labels = model(images), None, None
-    prompts = prompts_for(cfg.prompt, len(reports), logits, true_labels)
+    prompts = prompts_for(cfg.prompt, len(reports), logits, true_labels, cfg.prompt_absent)
     layout = captioning.tokenize_batch(llm.tokenizer, prompts, list(reports), llm.eos_token_id,
                                        llm.pad_token_id, visual.shape[1], cfg.max_report_tokens,
                                        cfg.system_prompt)
@@ -117,7 +117,8 @@ def _samples(llm, visual: torch.Tensor, prompt_ids, seed: int, samples: int,
 def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
                         num_beams: int = 1, batch_size: int = 8, findings: bool = False,
                         samples: int = 0, seed: int = 0, temperature: float = 0.7,
-                        system: str | None = None, **generate_kwargs) -> tuple[list[list[str]], list[dict] | None]:
+                        system: str | None = None, absent: bool = False, **generate_kwargs
+                        ) -> tuple[list[list[str]], list[dict] | None]:
     """Candidate reports per image: `num_beams` beams, best first (one, greedy, when num_beams
     == 1), then `samples` sampled ones (seeded per image by `image_seed`: an image gets the
     same candidates alone or anywhere in any batch), and the findings each image's prompt was
@@ -133,7 +134,7 @@ def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_t
             given += decode_findings(logits)
         else:
             visual, logits = model(chunk), None
-        prompts = prompts_for(prompt, chunk.shape[0], logits)
+        prompts = prompts_for(prompt, chunk.shape[0], logits, absent=absent)
         prompt_ids = [captioning.encode_prompt(llm.tokenizer, p, system) for p in prompts]
         embeds, mask = captioning.prompt_only(visual, prompt_ids, llm.pad_token_id, llm.embed)
         texts = llm.generate(embeds, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
@@ -234,7 +235,7 @@ class ReportModel:
         return generate_candidates(self.model, self.llm, to_device(images, self.device),
                                    self.cfg.prompt, max_new_tokens or limit,
                                    num_beams, findings=findings, system=self.cfg.system_prompt,
-                                   **kwargs)
+                                   absent=self.cfg.prompt_absent, **kwargs)
 
     def predicted_findings(self, images: torch.Tensor) -> list[dict[str, int]] | None:
         """The findings the prompt is given for each image (None when the model writes from

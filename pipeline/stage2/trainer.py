@@ -298,7 +298,7 @@ class Stage2Trainer:
                                 self.cfg.prompt,
                                 min(self.cfg.max_new_tokens, self.report_token_limit),
                                 findings=self.findings,
-                                system=self.cfg.system_prompt,
+                                system=self.cfg.system_prompt, absent=self.cfg.prompt_absent,
                                 repetition_penalty=self.cfg.repetition_penalty)
 
     def _image_ignored(self) -> bool:
