@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data import ImageReportDataset, collate, dataset_digest, image_batch, load_dataset
 from pipeline.device import resolve_device
-from pipeline.models.findings import label_f1
+from pipeline.data.finding_metrics import label_f1
 from pipeline.models.loading import load_report_model
 from pipeline.models.report_model import choose_reports
 
@@ -132,7 +132,7 @@ def best_constant_report(train_reports: list[str]) -> str:
     """The training report that, written for every training study, scores the highest coarse
     finding macro F1 (ties: fine macro F1, then the shorter report)."""
     from pipeline.data.labeler import COARSE_FINDINGS, FINDINGS, coarse_labels, label_report
-    from pipeline.models.findings import macro_f1, per_label_f1
+    from pipeline.data.finding_metrics import macro_f1, per_label_f1
 
     if not train_reports:
         raise ValueError("the blind baseline needs training reports")
