@@ -58,6 +58,7 @@ def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, me
         # Findings absent from references and reports alike have no F1 (NaN): not logged.
         log_metrics({k: v for k, v in outcome.metrics.items() if math.isfinite(v)})
         log_param("score_definition", outcome.score_definition)
+        log_new_params(outcome.params)  # text cleaning, CE labeler and its uncertain mapping
         log_table(outcome.table, "reports.json")
         log_dict(outcome.metrics, "eval_scores.json")
         log_files([outcome.figure], "plots")

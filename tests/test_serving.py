@@ -114,17 +114,23 @@ def test_pyfunc_reads_a_224px_png_sent_as_base64(candidate, monkeypatch):
     assert isinstance(report, str)
 
 
-def test_pyfunc_refuses_paths_unless_allowed_and_outside_the_allowed_folder(
+def test_pyfunc_reads_paths_in_process_and_keeps_them_under_the_root_when_one_is_set(
         registry, candidate, monkeypatch, tmp_path):
     image = registry["image"]
     monkeypatch.delenv("REPORT_VLM_IMAGE_ROOT", raising=False)
-    with pytest.raises(ValueError, match="paths are not accepted.*REPORT_VLM_IMAGE_ROOT"):
-        candidate.predict([{"image": str(image)}])
+    assert len(candidate.predict([{"image": str(image)}])) == 1  # in-process: any file
     monkeypatch.setenv("REPORT_VLM_IMAGE_ROOT", str(tmp_path))  # the image lies outside it
     with pytest.raises(ValueError, match="only under REPORT_VLM_IMAGE_ROOT"):
         candidate.predict([{"image": str(image)}])
     monkeypatch.setenv("REPORT_VLM_IMAGE_ROOT", str(image.parent))
     assert len(candidate.predict([{"image": image.name}])) == 1  # relative to the root
+
+
+def test_pyfunc_in_process_takes_more_rows_than_a_served_request(candidate):
+    from pipeline.evaluate.serving import MAX_IMAGES
+
+    reports = candidate.predict([{"image": _png_b64()}] * (MAX_IMAGES + 3))
+    assert len(reports) == MAX_IMAGES + 3
 
 
 @pytest.mark.parametrize("request_body", [[{"picture": "x"}], [{"image": 7}], 42])
@@ -243,3 +249,11 @@ def test_served_champion_refuses_a_garbage_image_with_400(server):
     response = _post(server, {"inputs": [{"image": "not an image at all"}]})
     assert response.status_code == 400
     assert "base64 PNG/JPEG" in response.text
+
+
+def test_served_champion_refuses_an_oversized_request_with_400(server):
+    from pipeline.evaluate.serving import MAX_IMAGES
+
+    response = _post(server, {"inputs": [{"image": _png_b64()}] * (MAX_IMAGES + 1)})
+    assert response.status_code == 400, response.text
+    assert f"at most {MAX_IMAGES}" in response.text

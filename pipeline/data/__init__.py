@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "DataError": "dataset", "Record": "dataset", "load_records": "dataset",
     "load_dataset": "dataset", "ImageReportDataset": "dataset", "collate": "dataset",
-    "image_batch": "dataset",
+    "image_batch": "dataset", "image_batches": "dataset",
+    "decode_bytes": "images", "decode_file": "images", "ImageDecodeError": "images",
+    "model_input": "images",
     "FINDINGS": "labeler", "label_report": "labeler", "COARSE_FINDINGS": "labeler",
     "coarse_labels": "labeler", "to_coarse": "labeler",
     "dataset_profile": "profile", "dataset_digest": "profile", "records_frame": "profile",
@@ -21,7 +23,9 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from pipeline.data.dataset import (DataError, ImageReportDataset, Record, collate,
-                                       image_batch, load_dataset, load_records)
+                                       image_batch, image_batches, load_dataset,
+                                       load_records)
+    from pipeline.data.images import ImageDecodeError, decode_bytes, decode_file, model_input
     from pipeline.data.labeler import (COARSE_FINDINGS, FINDINGS, coarse_labels, label_report,
                                        to_coarse)
     from pipeline.data.profile import dataset_digest, dataset_profile, records_frame

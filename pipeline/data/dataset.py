@@ -25,16 +25,17 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from pipeline.config import DataConfig
+from pipeline.data.images import (ImageCache, ImageDecodeError, cache_dir_for, decode_file,
+                                  model_input, verify_file)
 from pipeline.data.labeler import FINDINGS
 from pipeline.data.synthetic import generate_synthetic
 
@@ -51,13 +52,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One study: its report, the absolute paths of its views, its split, optional labels."""
+    """One study: its report, the absolute paths of its views, its split, optional labels,
+    and the folder its data set's decoded films are cached in (None: not cached)."""
 
     id: str
     report: str
     image_paths: tuple[str, ...]
     split: str
     labels: dict[str, int] | None = None
+    image_cache: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -273,22 +276,6 @@ def _resolve_image(name: str, bases: list[str], root: str) -> tuple[str | None, 
     return None, f"image not found: {name!r} (looked in {', '.join(bases)})"
 
 
-def _check_image(path: str) -> str:
-    """'' if the image opens and verifies, else the reason."""
-    try:
-        with Image.open(path) as img:
-            fmt = img.format
-            img.verify()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return f"corrupt or unreadable image {path}: {exc}"
-    if fmt == "JPEG":  # verify() does not read JPEG data; a cut file lacks its end marker
-        with open(path, "rb") as handle:
-            handle.seek(max(0, os.path.getsize(path) - 1024))
-            if b"\xff\xd9" not in handle.read():
-                return f"corrupt image {path}: truncated JPEG (no end-of-image marker)"
-    return ""
-
-
 def _check_labels(labels: Any) -> tuple[dict[str, int] | None, str]:
     """Keep `labels` that speak of our findings (checked); ignore a foreign `labels` key."""
     if not isinstance(labels, dict) or not set(labels) & set(FINDINGS):
@@ -325,7 +312,7 @@ def _check_entry(raw: _Raw, bases: list[str], root: str, problems: _Problems):
         images = []
     for name in images:
         path, reason = _resolve_image(name.strip(), bases, root)
-        reason = reason or _check_image(path)
+        reason = reason or verify_file(path)
         if reason:
             fail(reason)
         paths.append(path)
@@ -337,6 +324,7 @@ def _check_entry(raw: _Raw, bases: list[str], root: str, problems: _Problems):
 
 def _build_records(raws: list[_Raw], bases: list[str], root: str,
                    problems: _Problems) -> dict[str, list[Record]]:
+    cache = cache_dir_for(root)
     out: dict[str, list[Record]] = {split: [] for split in SPLITS}
     first_seen: dict[str, _Raw] = {}
     image_owner: dict[str, _Raw] = {}
@@ -355,7 +343,7 @@ def _build_records(raws: list[_Raw], bases: list[str], root: str,
             if owner.split != raw.split:
                 problems.add(raw.where, f"image {path} is also used by {owner.where} "
                              f"id={str(owner.id)!r}: a study in more than one split", study_id)
-        out[raw.split].append(Record(study_id, report, paths, raw.split, labels))
+        out[raw.split].append(Record(study_id, report, paths, raw.split, labels, cache))
     return out
 
 
@@ -402,54 +390,59 @@ def load_dataset(cfg: DataConfig) -> dict[str, list[Record]]:
 
 
 # ----------------------------------------------------------------------------- torch
-def _decode(path: str, size: int) -> np.ndarray:
-    """One view as float32 (size, size) in [0, 1], grayscale."""
-    with Image.open(path) as img:
-        img.draft("L", (size, size))  # JPEG: decode at a reduced scale, much faster on big films
-        if img.mode.startswith("I") or img.mode == "F":  # 16-bit PNG / TIFF films
-            scale = 1 / 65535 if img.mode.startswith("I") else 1.0
-            img = Image.fromarray(np.asarray(img, dtype=np.float32) * scale)
-        else:
-            img = img.convert("L")
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    array = np.asarray(img, dtype=np.float32)
-    return array / 255.0 if img.mode == "L" else np.clip(array, 0.0, 1.0)
-
-
 class ImageReportDataset(Dataset):
     """Records as `{"id", "image": (1, S, S) float in about [-1, 1], "report"}`.
 
-    Images are grayscale, resized to `image_size` and normalised with mean 0.5 / std 0.5. A
-    study with several views gets the mean of its normalised views, so every study is one
-    image of the same shape.
+    Views are decoded by `pipeline.data.images` (the decoder serving uses too) and read from
+    the data set's film cache when the records name one. A study with several views gets the
+    mean of its normalised views (`model_input`), so every study is one image of one shape.
     """
 
     def __init__(self, records: list[Record], image_size: int):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.records, self.image_size = list(records), image_size
+        self._caches: dict[str, ImageCache] = {}
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _view(self, record: Record, path: str) -> np.ndarray:
+        if record.image_cache is None:
+            return decode_file(path, self.image_size)
+        cache = self._caches.get(record.image_cache)
+        if cache is None:
+            cache = self._caches[record.image_cache] = ImageCache(record.image_cache,
+                                                                  self.image_size)
+        return cache.load(path)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         try:
-            views = [_decode(p, self.image_size) for p in record.image_paths]
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{', '.join(record.image_paths)}: id={record.id!r}: "
-                            f"cannot decode: {exc}") from exc
-        image = (np.mean(views, axis=0) - 0.5) / 0.5
-        return {"id": record.id, "image": torch.from_numpy(image[None].astype(np.float32)),
-                "report": record.report}
+            views = [self._view(record, p) for p in record.image_paths]
+        except ImageDecodeError as exc:
+            raise DataError(f"id={record.id!r}: cannot decode {exc}") from exc
+        return {"id": record.id, "image": model_input(views), "report": record.report}
 
 
 def image_batch(records: list[Record], image_size: int) -> torch.Tensor:
-    """The images of `records` as one batch (B, 1, S, S); B may be 0."""
+    """The images of `records` as one batch (B, 1, S, S); B may be 0. For a few studies
+    (probes, samples): a pass over a whole split uses `image_batches`."""
     dataset = ImageReportDataset(list(records), image_size)
     if not len(dataset):  # torch.stack refuses an empty list
         return torch.empty(0, 1, image_size, image_size)
     return collate([dataset[i] for i in range(len(dataset))])["images"]
+
+
+def image_batches(records: list[Record], image_size: int, batch_size: int = 8):
+    """The images of `records` in file order, `batch_size` studies at a time, each batch
+    decoded when it is asked for: memory holds one batch, whatever the split's size."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    dataset = ImageReportDataset(list(records), image_size)
+    for start in range(0, len(dataset), batch_size):
+        stop = min(start + batch_size, len(dataset))
+        yield collate([dataset[i] for i in range(start, stop)])["images"]
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,5 +1,4 @@
-"""Report text: R2Gen's cleaning, and whether a text reads as a radiology report (report
-form, chat preambles, self-contradiction).
+"""Does a text read as a radiology report? Report form, chat preambles, self-contradiction.
 
 BLEU and CIDEr say how much a report shares with its own reference; they do not say whether
 the rest of it is report language. A report generator that wraps the right findings in an
@@ -19,9 +18,6 @@ report contains. Measured here, against the training reports (the references' st
   is normal in size." Denials are the labeler's negated mentions ("no pleural effusion", "the
   heart is not enlarged") and normal statements ("heart size is within normal limits", "the
   lungs are clear").
-
-`clean_report` is the R2Gen family's cleaning (see `pipeline.evaluate.scoring` for how the NLG
-metrics use it).
 """
 from __future__ import annotations
 
@@ -31,25 +27,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from pipeline.data.labeler import COARSE_FINDINGS, coarse_labels, label_report
-
-# R2Gen's sentence cleaner, verbatim: `:-\[` is a range, so it also strips ; < = > ? @ [.
-_SENT_PUNCT = re.compile(r"[.,?;*!%^&_+():-\[\]{}]")
-
-
-def clean_report(text: str) -> str:
-    """R2Gen's cleaning: "Heart enlarged. No effusion." -> "heart enlarged . no effusion ."."""
-    text = re.sub(r"\.{2,}", ".", " ".join(text.split())).replace("1. ", "")
-    for k in "2345":  # R2Gen drops list numbering "2. " .. "5. "
-        text = text.replace(f". {k}. ", ". ").replace(f" {k}. ", ". ")
-    sentences = []
-    for sentence in text.strip().lower().split(". "):
-        for char in "\"/\\'":
-            sentence = sentence.replace(char, "")
-        sentence = " ".join(_SENT_PUNCT.sub("", sentence).split())
-        if sentence:
-            sentences.append(f"{sentence} .")
-    return " ".join(sentences) or "."
-
+from pipeline.data.report_cleaning import clean_report_mimic_cxr as clean_report
 
 FORM_THRESHOLD = 0.6  # ROUGE-L to the closest training sentence for a sentence to be in form
 _BETA = 1.2  # pycocoevalcap's ROUGE-L beta

@@ -4,7 +4,13 @@ Beside the scores: the grounding gap (caption loss with the images shifted by on
 with their own, through the inference path) and a blind baseline, the same scores for the best
 constant report, the training report whose coarse finding F1 over the training reports is
 highest, written for every study of the split. A model that does not beat it has learned
-nothing about the images.
+nothing about the images. Clinical efficacy: CheXpert-14 precision, recall and F1 (micro and
+macro, uncertain counted as positive; `pipeline.evaluate.clinical`) of each decoding and of the
+blind baseline (`chexpert_*`, `blind_chexpert_*`). Text metrics are computed on reports cleaned
+as the R2Gen family cleans them (`text_cleaning` in `EvalOutcome.params`).
+
+Every pass over the split runs in batches that decode their films when they come, so memory
+does not grow with the split.
 
 With beams and a finding head, the report written is the candidate (the beams and
 `choose_samples` sampled reports) whose findings agree best with those its prompt was given
@@ -13,18 +19,21 @@ differ.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data import ImageReportDataset, collate, dataset_digest, image_batch, load_dataset
-from pipeline.device import resolve_device
+from pipeline.data import ImageReportDataset, collate, dataset_digest, load_dataset
 from pipeline.data.finding_metrics import label_f1
+from pipeline.device import resolve_device
+from pipeline.evaluate.clinical import PARAMS as CE_PARAMS, chexpert_labels, chexpert_scores
+from pipeline.data.report_cleaning import DEFAULT_CLEANING
 from pipeline.models.loading import load_report_model
-from pipeline.models.report_model import choose_reports
+from pipeline.models.report_model import choose_reports, uses_findings
+from pipeline.train.split_pass import split_findings, split_grounding_losses
 
 
 @dataclass
@@ -38,6 +47,7 @@ class EvalOutcome:
     decoding: str = "greedy"
     blind_report: str = ""
     data_digest: str = ""
+    params: dict = field(default_factory=dict)  # how the scores were computed, for the run
 
 
 def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_size: int = 8):
@@ -82,6 +92,7 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     references = [r.report for r in records]
     table = pd.DataFrame({"id": [r.id for r in records], "reference": references})
     metrics: dict[str, float] = {}
+    reference_labels = chexpert_labels(references)
     decodings = [("greedy", 1)] + ([("beam", num_beams)] if num_beams > 1 else [])
     best = None
     for name, beams in decodings:
@@ -90,6 +101,8 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
         scores = {**score_reports(references, generated, meteor=meteor),
                   **language_scores(generated, style)}
         metrics.update({f"{name}_{k}": float(v) for k, v in scores.items()})
+        metrics.update({f"{name}_{k}": v for k, v in
+                        chexpert_scores(reference_labels, chexpert_labels(generated)).items()})
         if top_beam != generated:  # the top beam alone, side by side with the chosen one
             top = score_reports(references, top_beam, meteor=False)
             metrics.update({f"{name}_top_{k}": float(top[k]) for k in TOP_BEAM_KEYS})
@@ -98,13 +111,15 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     definition = " + ".join(f"{w:g}*{k}" for k, w in weights.items()) + \
         f" ({decodings[-1][0]} decoding)"
     metrics["score"] = composite_score(best, weights)
-    images = image_batch(records, report_model.cfg.encoder.image_size)
-    own, metrics["grounding_gap"] = report_model.grounding_gap(images, references)
-    metrics["caption_loss"] = own
-    predicted = report_model.predicted_findings(images)
-    if predicted is not None:  # the classifier that writes the prompt, scored alone: the
-        # ceiling of classify-then-generate; the report's share of it says how well the LLM
-        # writes the findings it is given
+    size = report_model.cfg.encoder.image_size
+    own, shifted = split_grounding_losses(report_model.model, report_model.llm, records, size,
+                                          report_model.cfg)
+    metrics["caption_loss"], metrics["grounding_gap"] = own, shifted - own
+    if uses_findings(report_model.cfg, report_model.model):
+        # The classifier that writes the prompt, scored alone: the ceiling of
+        # classify-then-generate; the report's share of it says how well the LLM writes the
+        # findings it is given.
+        predicted = split_findings(report_model.model, records, size)
         metrics.update(label_f1(references, predicted, prefix="head_"))
         if metrics["head_finding_coarse_macro_f1"] > 0:
             metrics["report_over_head_coarse_f1"] = \
@@ -116,16 +131,20 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     metrics["blind_score"] = composite_score(blind_scores, weights)
     # How the references themselves read: the ceiling of report form on this data.
     metrics["reference_report_form"] = language_scores(references, style)["report_form"]
+    blind_ce = chexpert_scores(reference_labels, chexpert_labels([blind]) * len(references))
+    metrics.update({f"blind_{k}": blind_ce[k] for k in BLIND_CE_KEYS})
     for key in ("finding_coarse_macro_f1", "finding_macro_f1"):
         metrics[f"{key}_over_blind"] = best[key] - blind_scores[key]
     figure = per_finding_f1_figure(best, Path(out_dir) / "finding_f1.png")
     return EvalOutcome(metrics, table, figure, definition, decodings[-1][0], blind,
-                       dataset_digest(dataset))
+                       dataset_digest(dataset), {"text_cleaning": DEFAULT_CLEANING, **CE_PARAMS})
 
 
 TOP_BEAM_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider")
 BLIND_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider", "rouge_l",
               "report_form", "contradiction_share")
+BLIND_CE_KEYS = tuple(f"chexpert_{avg}_{k}" for avg in ("micro", "macro")
+                      for k in ("precision", "recall", "f1"))
 
 
 def best_constant_report(train_reports: list[str]) -> str:

@@ -1,12 +1,10 @@
 """Report scoring: COCO caption metrics, finding-level F1 from the labeler, diversity, composite.
 
-Text pre-processing. Both sides go through `clean_report`, a pure-python copy of R2Gen's
-`clean_report_mimic_cxr` (lower-case, punctuation stripped, sentences joined by " . "), instead
-of pycocoevalcap's PTBTokenizer: the same tokens R2Gen scores, no Java start-up, and idempotent,
-so reports the model already emits in cleaned form are unchanged. Two deviations from R2Gen:
-empty sentences are dropped and runs of whitespace collapsed (R2Gen keeps "a .  . b ."), and an
-empty report cleans to "." (R2Gen: " ."). So an empty hypothesis is scored as the one-token
-report "." (near-zero scores, no crash) rather than rejected.
+Text pre-processing. Both sides go through the R2Gen family's report cleaning
+(`pipeline.data.report_cleaning`; `cleaning` names the variant, default `r2gen_mimic_cxr`)
+instead of pycocoevalcap's PTBTokenizer: the tokens R2Gen scores, so BLEU and CIDEr compare
+with the papers' tables, no Java start-up, and idempotent. An empty hypothesis is scored as the
+one-token report "." (near-zero scores, no crash) rather than rejected.
 
 NLG metrics are pycocoevalcap's Bleu(4), Meteor(), Rouge() and Cider() over `{i: [text]}`,
 corpus-level as the COCO caption evaluation reports them. CIDEr's document frequencies come
@@ -28,13 +26,13 @@ import atexit
 import functools
 import logging
 import math
-import re
 import shutil
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
-from pipeline.data.report_text import clean_report  # noqa: F401 - part of this module's API
+from pipeline.data.report_cleaning import DEFAULT_CLEANING, cleaner
+from pipeline.data.report_cleaning import clean_report_mimic_cxr as clean_report  # noqa: F401
 from pipeline.train.curve import distinct_share  # noqa: F401 - part of this module's API
 
 log = logging.getLogger(__name__)
@@ -82,15 +80,17 @@ def _meteor(gts: dict, res: dict) -> float:
 
 
 def nlg_scores(references: Sequence[str], hypotheses: Sequence[str], *,
-               meteor: bool = True) -> dict[str, float]:
-    """Corpus BLEU-1..4, METEOR, ROUGE-L and CIDEr as pycocoevalcap computes them."""
+               meteor: bool = True, cleaning: str = DEFAULT_CLEANING) -> dict[str, float]:
+    """Corpus BLEU-1..4, METEOR, ROUGE-L and CIDEr as pycocoevalcap computes them, on reports
+    cleaned by `cleaning` (a name in `report_cleaning.CLEANERS`)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
     _check_pairs(references, hypotheses)
-    gts = {i: [clean_report(text)] for i, text in enumerate(references)}
-    res = {i: [clean_report(text)] for i, text in enumerate(hypotheses)}
+    clean = cleaner(cleaning)
+    gts = {i: [clean(text)] for i, text in enumerate(references)}
+    res = {i: [clean(text)] for i, text in enumerate(hypotheses)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=1 prints
     scores = {f"bleu{n}": float(b) for n, b in enumerate(bleu, start=1)}
     scores["meteor"] = _meteor(gts, res) if meteor else math.nan

@@ -1,32 +1,38 @@
 """MLflow pyfunc wrappers: registry versions hold our checkpoint, not a pickled model.
 
 Input for both: a DataFrame (or list of dicts) with a column `image` holding a base64-encoded
-PNG/JPEG, or a file path when the environment variable `REPORT_VLM_IMAGE_ROOT` names a folder
-(paths are then confined to it). `report-vlm` versions reference the LLM by name (`llm` in the
-checkpoint's config) rather than carrying a copy of its weights.
+PNG/JPEG/DICOM or a file path. Films are decoded by `pipeline.data.images`, the decoder training
+and evaluation use, so a file gives the model the same tensor everywhere. `report-vlm` versions
+reference the LLM by name (`llm` in the checkpoint's config) rather than carrying a copy of
+its weights.
 
-A request the model cannot answer raises `BadRequest` with the reason: in-process a ValueError,
-under `mlflow models serve` a 400 whose `message` says why (any other exception reaches the
-client as MLflow's generic "unexpected error", the reason buried in a stack trace). Limits keep
-one request from holding the server: at most `MAX_IMAGES` images and `MAX_REQUEST_MB` of image
-text per request, `MAX_PIXELS` per image, and bounded generation params.
+In-process (`mlflow.pyfunc.load_model(...).predict`) any number of rows is scored, `CHUNK_ROWS`
+at a time (memory holds one chunk of films), and file paths are read; when
+`REPORT_VLM_IMAGE_ROOT` names a folder, paths are confined to it.
+
+Under `mlflow models serve` (MLflow marks its scoring server's environment) limits keep one
+request from holding the server: at most `MAX_IMAGES` images and `MAX_REQUEST_MB` of image
+text per request, and file paths only under `REPORT_VLM_IMAGE_ROOT`. Everywhere: `MAX_PIXELS`
+per image and bounded generation params. A request the model cannot answer raises
+`BadRequest` with the reason: in-process a ValueError, served a 400 whose `message` says why
+(any other exception reaches the client as MLflow's generic "unexpected error", the reason
+buried in a stack trace).
 """
 from __future__ import annotations
 
 import base64
-import io
 import os
 from pathlib import Path
 
 import mlflow.pyfunc
-import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.device import resolve_device, to_device, to_storage
 
-MAX_IMAGES = 32
+MAX_IMAGES = 32  # per served request
+CHUNK_ROWS = 32  # rows decoded and generated at a time
 MAX_REQUEST_MB = 16  # base64 text of all images of one request; a 12 MB film still fits
 MAX_PIXELS = 50_000_000  # a 7000 x 7000 film; checked from the header, before decoding
 PARAM_RANGES = {"num_beams": (1, 8), "max_new_tokens": (0, 1024)}  # max_new_tokens 0 = default
@@ -39,7 +45,16 @@ class BadRequest(MlflowException, ValueError):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _to_frame(model_input):
+def in_scoring_server() -> bool:
+    """True inside `mlflow models serve` (and MLflow's simulated serving environment)."""
+    try:
+        from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+    except ImportError:  # fail closed: an MLflow without the marker gets the server's limits
+        return True
+    return bool(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.get())
+
+
+def _to_frame(model_input, served: bool):
     import pandas as pd
 
     try:
@@ -56,6 +71,8 @@ def _to_frame(model_input):
     if "image" not in frame.columns or frame.empty:
         raise BadRequest("input needs at least one record with an `image` (path or base64 "
                          "PNG/JPEG)")
+    if not served:
+        return frame
     if len(frame) > MAX_IMAGES:
         raise BadRequest(f"{len(frame)} images in one request; at most {MAX_IMAGES}")
     size = sum(len(v) for v in frame["image"] if isinstance(v, (str, bytes)))
@@ -84,55 +101,55 @@ def generation_params(params) -> dict[str, int]:
     return out
 
 
-IMAGE_ROOT_ENV = "REPORT_VLM_IMAGE_ROOT"  # set to a folder to accept file paths under it
-_NOT_AN_IMAGE = "`image` must be an existing file path or a base64 PNG/JPEG"
+IMAGE_ROOT_ENV = "REPORT_VLM_IMAGE_ROOT"  # a folder: file paths are accepted under it only
+_NOT_AN_IMAGE = "`image` must be an existing file path or a base64 PNG/JPEG/DICOM"
 
 
-def _open_bytes(data: bytes):
-    """The decoded image, None when the bytes are not an image; BadRequest when too large."""
-    from PIL import Image, UnidentifiedImageError
+def _decode(data: bytes, image_size: int, name: str):
+    """The decoded film, None when the bytes are not a film; BadRequest when too large."""
+    from pipeline.data.images import ImageDecodeError, ImageTooLarge, decode_bytes
 
     try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise BadRequest(f"image too large: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError):
+        return decode_bytes(data, image_size, name, max_pixels=MAX_PIXELS)
+    except ImageTooLarge as exc:
+        raise BadRequest(str(exc)) from None
+    except ImageDecodeError:
         return None
-    if image.width * image.height > MAX_PIXELS:
-        raise BadRequest(f"image too large: {image.width} x {image.height} pixels; at most "
-                         f"{MAX_PIXELS} pixels")
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError, EOFError):  # truncated or corrupt data
-        return None
-    return image
 
 
-def _allowed_path(text: str, image_root: str | None) -> Path:
-    """`text` as a file under `image_root`; refused when paths are off or it escapes the root."""
-    if not image_root:
+def _allowed_path(text: str, image_root: str | None, any_path: bool) -> Path:
+    """`text` as a file (under `image_root` when one is set); refused when paths are off or
+    it escapes the root."""
+    if not image_root and not any_path:
         raise BadRequest(f"{_NOT_AN_IMAGE}: it is not valid base64 of an image, and file paths "
                          f"are not accepted (set {IMAGE_ROOT_ENV} to a folder to allow them)")
-    root = Path(image_root).resolve()
+    root = Path(image_root).resolve() if image_root else Path.cwd()
     try:
         path = (root / text).resolve()
     except (OSError, ValueError) as exc:
         raise BadRequest(f"{_NOT_AN_IMAGE}: not a usable path") from exc
-    if not path.is_relative_to(root):
+    if image_root and not path.is_relative_to(root):
         raise BadRequest(f"{_NOT_AN_IMAGE}: paths are accepted only under {IMAGE_ROOT_ENV}")
-    if not path.is_file():
-        raise BadRequest(f"{_NOT_AN_IMAGE}: no such file under {IMAGE_ROOT_ENV}")
+    try:
+        exists = path.is_file()
+    except OSError:  # a name too long for the file system, ...
+        exists = False
+    if not exists:
+        where = f" under {IMAGE_ROOT_ENV}" if image_root else ""
+        raise BadRequest(f"{_NOT_AN_IMAGE}: no such file{where}")
     return path
 
 
-def decode_image(value: str, image_size: int, image_root: str | None = None) -> torch.Tensor:
-    """A base64 PNG/JPEG (or, under `image_root` only, a file path) -> tensor (1, S, S).
+def decode_image(value: str, image_size: int, image_root: str | None = None,
+                 any_path: bool = False) -> torch.Tensor:
+    """A base64 film (or a file path: under `image_root` when set, any path when `any_path`)
+    -> the model's input (1, S, S).
 
-    Base64 is tried first and a path is never touched unless `image_root` allows paths: a
-    224x224 PNG is ~67 KB of base64, far too long for a file name, and a server must not tell
-    clients which of its files exist.
+    Base64 is tried first and a path is never touched unless paths are allowed: a 224x224 PNG
+    is ~67 KB of base64, far too long for a file name, and a server must not tell clients
+    which of its files exist.
     """
-    from PIL import Image
+    from pipeline.data.images import model_input
 
     if not isinstance(value, (str, bytes)):
         raise BadRequest(f"{_NOT_AN_IMAGE}, got {type(value).__name__}")
@@ -142,18 +159,17 @@ def decode_image(value: str, image_size: int, image_root: str | None = None) -> 
         data = base64.b64decode(text, validate=True)
     except ValueError:  # binascii.Error
         data = None
-    image = _open_bytes(data) if data else None
-    if image is None:
-        if data and not image_root:
+    array = _decode(data, image_size, "request image") if data else None
+    if array is None:
+        paths_allowed = bool(image_root) or any_path
+        if data and not paths_allowed:
             raise BadRequest(f"{_NOT_AN_IMAGE}: the base64 decodes to {len(data)} bytes that "
-                             "are not a PNG/JPEG")
-        path = _allowed_path(text, image_root)
-        image = _open_bytes(path.read_bytes())
-        if image is None:
-            raise BadRequest(f"{_NOT_AN_IMAGE}: {text!r} is not a PNG/JPEG")
-    image = image.convert("L").resize((image_size, image_size), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy((array - 0.5) / 0.5).unsqueeze(0)
+                             "are not a PNG/JPEG/DICOM")
+        path = _allowed_path(text, image_root, any_path)
+        array = _decode(path.read_bytes(), image_size, str(path))
+        if array is None:
+            raise BadRequest(f"{_NOT_AN_IMAGE}: {text!r} is not a PNG/JPEG/DICOM")
+    return model_input([array])
 
 
 DEVICE_ENV = "REPORT_VLM_DEVICE"  # auto (default): the GPU when one is visible, else the CPU
@@ -164,9 +180,14 @@ def serving_device() -> torch.device:
     return resolve_device(os.environ.get(DEVICE_ENV) or "auto")
 
 
-def _images(frame, image_size: int) -> torch.Tensor:
+def _image_chunks(frame, image_size: int, served: bool):
+    """The frame's images as (n, 1, S, S) tensors, CHUNK_ROWS rows at a time."""
     root = os.environ.get(IMAGE_ROOT_ENV) or None
-    return torch.stack([decode_image(v, image_size, root) for v in frame["image"]])
+    values = list(frame["image"])
+    for start in range(0, len(values), CHUNK_ROWS):
+        chunk = values[start:start + CHUNK_ROWS]
+        yield torch.stack([decode_image(v, image_size, root, any_path=not served)
+                           for v in chunk])
 
 
 class VisionBridgePyfunc(mlflow.pyfunc.PythonModel):
@@ -181,12 +202,14 @@ class VisionBridgePyfunc(mlflow.pyfunc.PythonModel):
             context.artifacts["checkpoint"], C.Stage1Config(), self.device)
 
     def predict(self, context, model_input, params=None):
-        frame = _to_frame(model_input)
-        size = self.cfg.encoder.image_size
-        images = to_device(_images(frame, size), self.device)
+        served = in_scoring_server()
+        frame = _to_frame(model_input, served)
+        vectors = []
         with torch.no_grad():
-            tokens = self.model(images)
-        return to_storage(tokens.mean(dim=1)).numpy().tolist()
+            for images in _image_chunks(frame, self.cfg.encoder.image_size, served):
+                tokens = self.model(to_device(images, self.device))
+                vectors += to_storage(tokens.mean(dim=1)).numpy().tolist()
+        return vectors
 
 
 class ReportVLMPyfunc(mlflow.pyfunc.PythonModel):
@@ -200,8 +223,10 @@ class ReportVLMPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         chosen = generation_params(params)
-        frame = _to_frame(model_input)
-        size = self.report_model.cfg.encoder.image_size
-        images = _images(frame, size)
-        return self.report_model.generate(images, num_beams=chosen["num_beams"],
-                                          max_new_tokens=chosen["max_new_tokens"] or None)
+        served = in_scoring_server()
+        frame = _to_frame(model_input, served)
+        reports = []
+        for images in _image_chunks(frame, self.report_model.cfg.encoder.image_size, served):
+            reports += self.report_model.generate(images, num_beams=chosen["num_beams"],
+                                                  max_new_tokens=chosen["max_new_tokens"] or None)
+        return reports

@@ -24,8 +24,8 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Stage2Config, to_dict
 from pipeline.device import autocast, full_precision, to_device
 from pipeline.data.finding_metrics import label_f1
-from pipeline.models.findings import decode_findings, finding_loss, positive_weights
-from pipeline.models.report_model import caption_forward, generate_reports, grounding_losses, uses_findings
+from pipeline.models.findings import finding_loss, positive_weights
+from pipeline.models.report_model import caption_forward, generate_reports, uses_findings
 from pipeline.train.curve import degenerate, distinct_share, judge_epoch
 from pipeline.guards import (IGNORE_INDEX, GuardError, check_finite_loss,
                              check_label_mask, check_optimizer_excludes)
@@ -35,6 +35,7 @@ from pipeline.models.llm import ADAPTER_PREFIX, prepare_adapters
 from pipeline.stage2.resume import ResumeState, append_csv_row, optimizer_tensors, resume_extras
 from pipeline.train.common import build_optimizer, optimizer_step
 from pipeline.train.distributed import SINGLE, World
+from pipeline.train.split_pass import split_findings, split_grounding_losses
 
 STYLE_SENTENCES = 5000  # training sentences a checkpoint carries for candidate choice
 CSV_FIELDS = ("step", "epoch", "caption_loss", "finding_loss", "lr", "grad_norm", "seconds")
@@ -268,12 +269,13 @@ class Stage2Trainer:
     def _validate_fp32(self, epoch: int) -> dict[str, float]:
         self.model.eval()
         records = self.loaders.val_records
-        images = to_device(self.loaders.images(records), self.world.device)
         reports = [r.report for r in records]
-        own, shifted = grounding_losses(self.model, self.llm, images, reports, self.cfg)
+        # Batch by batch: the validation split is never one tensor in memory.
+        size = self.loaders.image_size
+        own, shifted = split_grounding_losses(self.model, self.llm, records, size, self.cfg)
         scores = {"val_loss": own, "val_loss_shifted": shifted, "val_grounding_gap": shifted - own}
         if self.findings:
-            predicted = decode_findings(self.model.forward_with_findings(images)[1])
+            predicted = split_findings(self.model, records, size)
             scores.update(label_f1(reports, predicted, prefix="val_"))
         shown = records[: self.cfg.n_val_reports]
         generated = self.generate(shown) if shown else []

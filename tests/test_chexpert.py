@@ -1,0 +1,176 @@
+"""The CheXpert-14 rule labeler on sentences written as reports are: every observation positive,
+negative and uncertain, the known rule-labeler traps, No Finding, and the CE scores."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.data.chexpert import OBSERVATIONS, binary, label_chexpert
+from pipeline.evaluate.clinical import chexpert_labels, chexpert_scores
+
+P, N, U = 1, 0, -1
+
+# (observation, sentence, expected status)
+CASES = [
+    ("Enlarged Cardiomediastinum", "The mediastinum is widened.", P),
+    ("Enlarged Cardiomediastinum", "Widened mediastinum, concerning for vascular injury.", P),
+    ("Enlarged Cardiomediastinum", "The cardiomediastinal silhouette is within normal limits.", N),
+    ("Enlarged Cardiomediastinum", "Mediastinal contours are normal.", N),
+    ("Enlarged Cardiomediastinum", "The mediastinum may be mildly widened.", U),
+    ("Cardiomegaly", "Mild cardiomegaly.", P),
+    ("Cardiomegaly", "The heart is moderately enlarged.", P),
+    ("Cardiomegaly", "Heart size within normal limits.", N),
+    ("Cardiomegaly", "Normal heart size.", N),
+    ("Cardiomegaly", "The heart is not enlarged.", N),
+    ("Cardiomegaly", "Heart size is at the upper limits of normal.", U),
+    ("Cardiomegaly", "Borderline cardiomegaly.", U),
+    ("Cardiomegaly", "Possible cardiomegaly.", U),
+    ("Lung Opacity", "Patchy opacity in the right lower lobe.", P),
+    ("Lung Opacity", "Bibasilar airspace disease.", P),
+    ("Lung Opacity", "Increased interstitial markings.", P),
+    ("Lung Opacity", "No focal airspace opacity.", N),
+    ("Lung Opacity", "Questionable left basilar opacity.", U),
+    ("Lung Lesion", "Calcified granuloma in the right upper lobe.", P),
+    ("Lung Lesion", "A 2 cm nodule in the left upper lobe.", P),
+    ("Lung Lesion", "No suspicious pulmonary nodules or masses.", N),
+    ("Lung Lesion", "Rounded density may represent a nodule.", U),
+    ("Edema", "Mild pulmonary edema.", P),
+    ("Edema", "Pulmonary vascular congestion.", P),
+    ("Edema", "No pulmonary edema.", N),
+    ("Edema", "Findings may reflect mild interstitial edema.", U),
+    ("Consolidation", "Dense consolidation of the left lower lobe.", P),
+    ("Consolidation", "The lungs are free of consolidation.", N),
+    ("Consolidation", "Consolidation cannot be excluded.", U),
+    ("Pneumonia", "Right lower lobe pneumonia.", P),
+    ("Pneumonia", "No evidence of pneumonia.", N),
+    ("Pneumonia", "Opacity may represent pneumonia.", U),
+    ("Pneumonia", "Cannot exclude early pneumonia.", U),
+    ("Atelectasis", "Bibasilar atelectasis.", P),
+    ("Atelectasis", "No atelectasis.", N),
+    ("Atelectasis", "Likely atelectasis at the left base.", U),
+    ("Pneumothorax", "Small right apical pneumothorax.", P),
+    ("Pneumothorax", "No pneumothorax.", N),
+    ("Pneumothorax", "Possible tiny left pneumothorax.", U),
+    ("Pleural Effusion", "Small bilateral pleural effusions.", P),
+    ("Pleural Effusion", "Blunting of the left costophrenic angle.", P),
+    ("Pleural Effusion", "No pleural effusion.", N),
+    ("Pleural Effusion", "The costophrenic angles are sharp.", N),
+    ("Pleural Effusion", "Interval resolution of the right pleural effusion.", N),
+    ("Pleural Effusion", "Trace left pleural effusion is not excluded.", U),
+    ("Pleural Other", "Right pleural thickening.", P),
+    ("Pleural Other", "Calcified pleural plaques.", P),
+    ("Pleural Other", "No pleural thickening.", N),
+    ("Pleural Other", "Possible apical pleural thickening.", U),
+    ("Fracture", "Healed left rib fractures.", P),
+    ("Fracture", "No displaced rib fracture.", N),
+    ("Fracture", "Questionable fracture of the right seventh rib.", U),
+    ("Support Devices", "Endotracheal tube terminates 4 cm above the carina.", P),
+    ("Support Devices", "Left-sided pacemaker with leads in the right atrium.", P),
+    ("Support Devices", "Right PICC line tip in the SVC.", P),
+    ("Support Devices", "Median sternotomy wires.", P),
+    ("Support Devices", "The endotracheal tube has been removed.", N),
+    ("Support Devices", "Possible nasogastric tube in the stomach.", U),
+]
+
+
+@pytest.mark.parametrize("observation,sentence,expected", CASES,
+                         ids=[f"{o}:{s}" for o, s, _ in CASES])
+def test_observation_status(observation, sentence, expected):
+    assert label_chexpert(sentence)[observation] == expected
+
+
+def test_every_observation_has_positive_negative_and_uncertain_examples():
+    for observation in OBSERVATIONS[1:]:
+        assert {e for o, _, e in CASES if o == observation} == {P, N, U}, observation
+
+
+# ---------------------------------------------------------------------------- traps
+def test_normal_heart_size_is_not_cardiomegaly():
+    labels = label_chexpert("Heart size within normal limits. The heart size and pulmonary "
+                            "vascularity appear within normal limits.")
+    assert labels["Cardiomegaly"] == N and labels["Enlarged Cardiomediastinum"] is None
+
+
+def test_b_lines_are_not_support_devices_but_lines_and_wires_are():
+    assert label_chexpert("Kerley B-lines at the bases.")["Support Devices"] is None
+    assert label_chexpert("Kerley B-lines at the bases.")["Edema"] == P
+    for device in ("Right IJ central line ends in the SVC.", "Sternotomy wires are intact.",
+                   "Swan-Ganz catheter in the right pulmonary artery.",
+                   "Dual-chamber pacemaker in place."):
+        assert label_chexpert(device)["Support Devices"] == P, device
+
+
+def test_a_negation_covers_every_finding_of_its_list():
+    labels = label_chexpert("No edema or pneumonia.")
+    assert labels["Edema"] == N and labels["Pneumonia"] == N
+    labels = label_chexpert("No large pleural effusion, pneumothorax, or focal airspace "
+                            "consolidation.")
+    assert labels["Pleural Effusion"] == labels["Pneumothorax"] == labels["Consolidation"] == N
+
+
+def test_granuloma_is_a_lung_lesion():
+    assert label_chexpert("Calcified granuloma.")["Lung Lesion"] == P
+    assert label_chexpert("Granulomas in the left lung.")["Lung Lesion"] == P
+
+
+def test_airspace_disease_is_opacity_not_consolidation():
+    labels = label_chexpert("Right basilar airspace disease.")
+    assert labels["Lung Opacity"] == P and labels["Consolidation"] is None
+    assert label_chexpert("Opacity with consolidation.")["Consolidation"] == P
+
+
+@pytest.mark.parametrize("sentence", [
+    "Opacity may represent pneumonia.", "Cannot exclude pneumonia.",
+    "Atelectasis versus pneumonia.", "Likely pneumonia.", "Possible pneumonia.",
+    "Findings could be due to pneumonia.", "Pneumonia is not excluded.",
+    "Suspicious for pneumonia."])
+def test_uncertainty_phrases(sentence):
+    assert label_chexpert(sentence)["Pneumonia"] == U
+
+
+@pytest.mark.parametrize("sentence", [
+    "No pneumonia.", "Without pneumonia.", "Lungs are free of pneumonia.",
+    "The pneumonia has resolved.", "Resolved pneumonia.", "Negative for pneumonia.",
+    "No focal opacity to suggest pneumonia."])
+def test_negation_phrases(sentence):
+    assert label_chexpert(sentence)["Pneumonia"] == N
+
+
+def test_versus_makes_both_sides_uncertain_and_a_clause_break_ends_a_scope():
+    labels = label_chexpert("Bibasilar atelectasis versus consolidation.")
+    assert labels["Atelectasis"] == labels["Consolidation"] == U
+    labels = label_chexpert("No pneumothorax, but there is a small left effusion.")
+    assert labels["Pneumothorax"] == N and labels["Pleural Effusion"] == P
+
+
+def test_no_change_is_not_a_negation():
+    assert label_chexpert("No change in the moderate right effusion.")["Pleural Effusion"] == P
+
+
+# ---------------------------------------------------------------------------- No Finding
+def test_no_finding_only_when_nothing_but_devices_is_positive_or_uncertain():
+    assert label_chexpert("No acute cardiopulmonary abnormality.")["No Finding"] == P
+    assert label_chexpert("Pacemaker in place. Lungs are clear.")["No Finding"] == P
+    assert label_chexpert("Possible small effusion.")["No Finding"] is None
+    assert label_chexpert("Healed rib fracture.")["No Finding"] is None
+    assert label_chexpert("No pneumothorax or effusion.")["No Finding"] == P
+
+
+def test_binary_counts_uncertain_as_positive_unless_asked():
+    labels = label_chexpert("Possible small effusion. No pneumothorax.")
+    assert binary(labels)["Pleural Effusion"] == 1 and binary(labels)["Pneumothorax"] == 0
+    assert binary(labels, uncertain=0)["Pleural Effusion"] == 0
+
+
+# ---------------------------------------------------------------------------- CE scores
+def test_chexpert_scores_micro_macro_and_unscored_observations():
+    references = chexpert_labels(["Cardiomegaly. Small left effusion.", "No acute disease."])
+    perfect = chexpert_scores(references, references)
+    assert perfect["chexpert_micro_f1"] == perfect["chexpert_macro_f1"] == 1.0
+    assert perfect["chexpert_n_scored"] == 3  # cardiomegaly, effusion, no finding
+    assert math.isnan(perfect["chexpert_f1/pneumonia"])
+    constant = chexpert_scores(references, chexpert_labels(["No acute disease."] * 2))
+    assert constant["chexpert_f1/no_finding"] == pytest.approx(2 / 3)
+    assert constant["chexpert_micro_recall"] == pytest.approx(1 / 3)
+    assert constant["chexpert_micro_precision"] == pytest.approx(1 / 2)
