@@ -8,10 +8,16 @@ test split):
   + classify-then-gen  same init, findings prompt + auxiliary finding loss
   chosen, promoted S1  findings Stage 1 -> the default Stage 2 recipe
   chosen, scratch      the default Stage 2 recipe from fresh weights
+  frozen LLM           the recipe without LoRA adapters (the LLM purely frozen)
+  + system turn        frozen LLM, the report writer's system turn instead of the assistant's
+  + LoRA               adapters (rank 8) on q/k/v/o at adapter lr 5e-4 (then 1e-3)
+  + decoding           repetition penalty 1.2 on top of the adapters
+  + 2 epochs           the adapter recipe trained twice as long
   blind baseline       the best constant training report
   classifier ceiling   the chosen model's finding head, scored directly (no LLM)
 Columns: steps, minutes, val loss, grounding gap (test), coarse and fine finding F1, BLEU-4,
-CIDEr, distinct share. No MLflow: the trainers report into a throwaway sink.
+CIDEr, ROUGE-L, report form, self-contradicting and chat-preamble shares, distinct share. No
+MLflow: the trainers report into a throwaway sink.
 
     .venv/bin/python benchmarks/bench_learning.py --profile demo [--steps 254] [--out bench.md]
     .venv/bin/python benchmarks/bench_learning.py --rows promoted,scratch --steps 64  # two rows
@@ -27,8 +33,13 @@ from pathlib import Path
 import click
 import torch
 
+REPORT_WRITER = "You are a radiologist. You write chest X-ray reports."
 COLUMNS = ("steps", "minutes", "val_loss", "grounding_gap", "coarse_f1", "fine_f1", "bleu4",
-           "cider", "distinct")
+           "cider", "rouge_l", "form", "contradict", "preamble", "distinct")
+_FROM_METRICS = {"coarse_f1": "finding_coarse_macro_f1", "fine_f1": "finding_macro_f1",
+                 "bleu4": "bleu4", "cider": "cider", "rouge_l": "rouge_l", "form": "report_form",
+                 "contradict": "contradiction_share", "preamble": "preamble_share",
+                 "distinct": "distinct_share"}
 
 
 def _stage1(cfg, out: Path):
@@ -74,12 +85,10 @@ def _row(report_model, records, out: Path) -> dict:
     outcome = evaluate_model(None, report_model=report_model, num_beams=1, meteor=False,
                              out_dir=out)
     m = outcome.metrics
-    return {"grounding_gap": m["grounding_gap"], "coarse_f1": m["greedy_finding_coarse_macro_f1"],
-            "fine_f1": m["greedy_finding_macro_f1"], "bleu4": m["greedy_bleu4"],
-            "cider": m["greedy_cider"], "distinct": m["greedy_distinct_share"],
-            "_blind": {"coarse_f1": m["blind_finding_coarse_macro_f1"],
-                       "fine_f1": m["blind_finding_macro_f1"], "bleu4": m["blind_bleu4"],
-                       "cider": m["blind_cider"], "distinct": 1 / len(records["test"])}}
+    row = {col: m[f"greedy_{key}"] for col, key in _FROM_METRICS.items()}
+    blind = {col: m[f"blind_{key}"] for col, key in _FROM_METRICS.items() if f"blind_{key}" in m}
+    blind.update(distinct=1 / len(records["test"]), preamble=0.0)
+    return {"grounding_gap": m["grounding_gap"], **row, "_blind": blind}
 
 
 def _ceiling(model, records, image_size: int) -> dict:
@@ -128,7 +137,18 @@ def main(profile: str, steps: int, llm_name: str, out: str | None, rows: str) ->
     records = load_dataset(s2_base.data)
 
     plain = dict(findings=False, aux_finding_weight=0.0)
+    frozen = {"llm": replace(s2_base.llm, adapter_rank=0), "system_prompt": None,
+              "repetition_penalty": 1.0}
+    lora = {"llm": replace(s2_base.llm, adapter_rank=8), "system_prompt": REPORT_WRITER,
+            "repetition_penalty": 1.0}
     variants = {  # name: (Stage 1 it starts from, Stage 2 changes)
+        "frozen LLM (no adapters, assistant turn)": ("findings", frozen),
+        "+ system turn (frozen LLM)": ("findings", dict(frozen, system_prompt=REPORT_WRITER)),
+        "+ LoRA r8, adapter lr 5e-4": ("findings", dict(lora, adapter_lr=5e-4)),
+        "+ LoRA r8, adapter lr 1e-3": ("findings", dict(lora, adapter_lr=1e-3)),
+        "+ LoRA 1e-3, repetition penalty 1.2": ("findings", dict(lora, adapter_lr=1e-3,
+                                                                 repetition_penalty=1.2)),
+        "+ LoRA 5e-4, 2 epochs": ("findings", dict(lora, adapter_lr=5e-4, epochs_factor=2)),
         "original recipe (vicreg S1, lr 2e-5)": ("vicreg", dict(plain, lr=2e-5, encoder_lr=None)),
         "higher lr only (1e-3)": ("vicreg", dict(plain, lr=1e-3, encoder_lr=None)),
         "+ lr per module (1e-3 / 1e-4)": ("vicreg", dict(plain)),
@@ -151,9 +171,11 @@ def main(profile: str, steps: int, llm_name: str, out: str | None, rows: str) ->
     chosen = None
     for name, (init_name, changes) in variants.items():
         init = stage1[init_name][0] if init_name else None
+        changes = dict(changes)
+        factor = changes.pop("epochs_factor", 1)
         cfg = replace(s2_base, **changes)
-        report_model, minutes, val_loss, steps_run = _stage2(cfg, init, llm, records,
-                                                             tmp / name.replace(" ", "_"), steps)
+        report_model, minutes, val_loss, steps_run = _stage2(
+            cfg, init, llm, records, tmp / name.replace(" ", "_"), steps * factor)
         row = _row(report_model, records, tmp / "eval")
         blind = row.pop("_blind")
         table_rows[name] = {"steps": steps_run, "minutes": minutes, "val_loss": val_loss, **row}

@@ -226,6 +226,12 @@ class ChampionConfig:
 
     min_margin_over_blind: float = 0.1  # coarse finding macro F1 above the blind baseline's
     min_grounding_gap: float = 0.05  # nats
+    # The text must read as a report: BLEU-4 and CIDEr at least the constant report's, report
+    # form (share of sentences close to a training sentence) at least this share of what the
+    # references themselves score, few self-contradicting reports and chat preambles.
+    min_report_form: float = 0.85
+    max_contradiction_share: float = 0.02
+    max_preamble_share: float = 0.02
 
 
 # Profile overrides, as nested dicts over the dataclass fields. `tiny` runs a whole step on a

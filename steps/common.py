@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from datetime import timedelta
 import os
 import signal
 import subprocess
@@ -14,13 +15,17 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import PROFILES, ConfigError
 from pipeline.data import DataError
 from pipeline.guards import GuardError
+from pipeline.models.bridge import VisualTokenError
 from pipeline.models.llm import LLMLoadError, TrainableLLMError
+from pipeline.tracking.outage import patience
 from pipeline.tracking.runs import TRACKING_ERRORS
 from pipeline.train.distributed import join_world, leave_world
 
-# Errors that end a step with a one-line reason on stderr and a non-zero exit code.
-EXPECTED_ERRORS = (ConfigError, DataError, GuardError, CheckpointError, TrainableLLMError,
-                   LLMLoadError, ValueError, FileNotFoundError, *TRACKING_ERRORS)
+# Errors that end a step with a one-line reason on stderr and a non-zero exit code: the
+# project's own (bad input, a guard, a refusal) and a missing file or model reference. Any
+# other error (a bug) keeps its traceback and exits 1.
+EXPECTED_ERRORS = (ConfigError, DataError, GuardError, CheckpointError, VisualTokenError,
+                   TrainableLLMError, LLMLoadError, FileNotFoundError, *TRACKING_ERRORS)
 EXIT_REFUSED = 2
 EXIT_INTERRUPTED = 130
 
@@ -116,8 +121,13 @@ def _torchrun(module: str, nproc: int, params: dict) -> int:
 @contextlib.contextmanager
 def distributed_world(device: str = "auto"):
     """This process's data-parallel world (torchrun's, or a single process) on the device
-    `device` resolves to; closed after."""
-    world = join_world(device)
+    `device` resolves to; closed after.
+
+    Its collectives wait longer than rank 0 may spend retrying uploads at the end (each call
+    up to `patience()` plus MLflow's own ~4 min of retries, for a few calls), so the other
+    ranks at the final barrier do not time out while rank 0 rides out a tracking outage.
+    """
+    world = join_world(device, timedelta(seconds=max(30 * 60, 3 * (patience() + 300))))
     try:
         yield world
         # Every rank leaves together: a rank that tore its group down while rank 0 still

@@ -1,6 +1,6 @@
 """Stage 2: train vision + bridge against the frozen LLM with caption cross-entropy.
 
-Reads: the data; initial weights (`init`: scratch / auto / path / `runs:/` / `models:/`).
+Reads: the data; initial weights (`init`: scratch / auto / latest / path / `runs:/` / `models:/`).
 Writes: `stage2_train_log.csv`, `stage2_loss.png`, `stage2_config.json`, `stage2.log`,
 `checkpoints/vision_bridge_vlm_{best_val,final,step<N>}.safetensors`, `val_reports/`; a
 `report-vlm` version with alias `candidate`. Resumes a killed run with `--resume`;
@@ -29,12 +29,17 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
 @click.option("--findings", default=None, type=click.Choice(["true", "false"]),
               help="classify-then-generate + auxiliary finding loss (default true; false = "
                    "the original plain visual-prefix recipe)")
+@click.option("--adapter_rank", "--adapter-rank", default=None,
+              help="LoRA rank of the LLM's adapters (the profile's: 8; tiny: 2); 0 = no "
+                   "adapters, the LLM purely frozen")
+@click.option("--adapter_lr", "--adapter-lr", default=None, help="the adapters' learning rate")
 @click.option("--batch_size", "--batch-size", default=None, help="default 2")
 @click.option("--max_visual_tokens", "--max-visual-tokens", default=None, help="default 96")
 @click.option("--llm", default=None, help="smollm2 (offline default), tiny-random, HF folder, .gguf")
 @click.option("--seed", default=None)
 @click.option("--init", default="auto", show_default=True,
-              help="auto | scratch | a checkpoint path | runs:/... | models:/...")
+              help="auto (vision-bridge@stage2-ready) | latest (the newest fitting finished "
+                   "Stage 2 run) | scratch | a checkpoint path | runs:/... | models:/...")
 @click.option("--from_scratch", "--from-scratch", is_flag=True, help="same as --init scratch")
 @click.option("--vision_checkpoint", "--vision-checkpoint", default=None,
               help="same as --init PATH_OR_URI")
@@ -46,14 +51,15 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
 @device_option
 @nproc_option("steps.stage2")
 @one_line_errors
-def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings, batch_size,
-         max_visual_tokens, llm, seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir,
+def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings, adapter_rank,
+         adapter_lr, batch_size, max_visual_tokens, llm, seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir,
          device):
     """Train vision + bridge against the frozen LLM and register the result."""
     config_file = auto(config_file, str)
     cfg = C.build(C.Stage2Config, profile, {
         "data.source": data, "data.image_dir": image_dir, "epochs": auto(epochs, int),
         "lr": auto(lr, float), "batch_size": auto(batch_size, int),
+        "llm.adapter_rank": auto(adapter_rank, int), "adapter_lr": auto(adapter_lr, float),
         "findings": None if findings is None else findings == "true",
         "bridge.max_visual_tokens": auto(max_visual_tokens, int), "llm.name": auto(llm, str),
         "seed": auto(seed, int), "output_dir": output_dir}, config_file=config_file)

@@ -37,7 +37,7 @@ def main(stage1_run, checkpoint, min_final_loss, max_lr, data, profile):
     if checkpoint is None and auto(stage1_run, str) in (None, "latest"):
         run = latest_run("stage1")
         if run is None:
-            raise ValueError("no finished Stage 1 run found; pass --stage1_run or --checkpoint")
+            raise C.ConfigError("no finished Stage 1 run found; pass --stage1_run or --checkpoint")
         stage1_run = run.info.run_id
     # The floors of the profile the weights were trained with; --profile only when none recorded.
     judged_by = (recorded_profile(checkpoint=checkpoint) if checkpoint is not None
@@ -59,14 +59,10 @@ def main(stage1_run, checkpoint, min_final_loss, max_lr, data, profile):
         log_metrics({f"gate.{r.name}.passed": float(r.passed) for r in verdict.rules} |
                            {f"gate.{r.name}.value": float(r.value) for r in verdict.rules
                             if isinstance(r.value, (int, float))})
-        name_run(f"validate -> {'approved' if verdict.approved else 'rejected'}")
-        set_run_tags({"gate.verdict": "approved" if verdict.approved else "rejected",
-                         "gate.reasons": "; ".join(verdict.reasons)[:4900],
-                         "gate.source_run": source_run or "", "gate.checkpoint_sha256": sha or ""})
+        # The registry first: when it does not answer, this run fails with no verdict tagged.
+        version = None
         if not verdict.approved:
             reject_stage1(source_run, verdict.reasons, None if source_run else sha)
-            click.echo(f"error: gate rejected {source_run or checkpoint}: "
-                       f"{'; '.join(verdict.reasons)}", err=True)
         else:
             tags = {"objective": str(evidence.objective), "lr": str(evidence.lr),
                     "final_train_loss": str(evidence.final_train_loss),
@@ -75,8 +71,16 @@ def main(stage1_run, checkpoint, min_final_loss, max_lr, data, profile):
             version = promote_vision_bridge(path, source_run, tags)
             if source_run:
                 mark_approved(source_run)
-            set_run_tags({"gate.version": version})
+        name_run(f"validate -> {'approved' if verdict.approved else 'rejected'}")
+        set_run_tags({"gate.verdict": "approved" if verdict.approved else "rejected",
+                      "gate.reasons": "; ".join(verdict.reasons)[:4900],
+                      "gate.source_run": source_run or "", "gate.checkpoint_sha256": sha or "",
+                      **({"gate.version": version} if version else {})})
+        if verdict.approved:
             click.echo(f"approved: models:/vision-bridge@stage2-ready -> version {version}")
+        else:
+            click.echo(f"error: gate rejected {source_run or checkpoint}: "
+                       f"{'; '.join(verdict.reasons)}", err=True)
     if not verdict.approved:
         sys.exit(EXIT_REFUSED)
 

@@ -92,3 +92,13 @@ def test_choice_prefers_a_report_that_does_not_contradict_itself_then_form(style
     assert choose_reports([beams], [given], style=style) == [clean]
     assert choose_reports([beams[:2]], [given], style=style) == [foreign]
     assert choose_reports([beams], None, by_findings=False, style=style) == [contradicting]
+
+
+def test_generation_is_bounded_by_the_longest_training_report():
+    from pipeline.models.report_model import report_token_limit
+    from pipeline.models.tiny_lm import build_tiny_llm
+
+    tokenizer = build_tiny_llm().tokenizer
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in TRAIN)
+    limit = report_token_limit(tokenizer, TRAIN)
+    assert longest < limit <= int(longest * 1.1) + 2

@@ -205,12 +205,13 @@ def mlflow_run_of(stage):
                               filter_string=f"tags.`pipeline.stage` = '{stage}'")[0]
 
 
-def test_auto_init_continues_from_the_previous_stage2_final(mlflow_store):
+def test_latest_init_continues_from_the_previous_stage2_final(mlflow_store):
     from steps import stage2 as step
 
     first = CliRunner().invoke(step.main, ["--profile", "tiny", "--epochs", "1"])
     assert first.exit_code == 0, first.output
-    second = CliRunner().invoke(step.main, ["--profile", "tiny", "--epochs", "1"])
+    second = CliRunner().invoke(step.main, ["--profile", "tiny", "--epochs", "1",
+                                            "--init", "latest"])
     assert second.exit_code == 0, second.output
     assert "init: previous-stage2" in second.output
     assert mlflow_run_of("stage2").data.tags["init.source"] == "previous-stage2"
@@ -275,20 +276,20 @@ def test_resume_of_a_folder_without_step_checkpoint_is_one_error_line(mlflow_sto
     assert len(errors) == 1 and "no step checkpoint" in errors[0], result.output
 
 
-def test_auto_init_skips_the_final_checkpoint_of_a_failed_run(mlflow_store):
+def test_latest_init_skips_the_final_checkpoint_of_a_failed_run(mlflow_store):
     import mlflow
 
     first = _stage2_cli("--init", "scratch")
     assert first.exit_code == 0, first.output
     failed = mlflow_run_of("stage2").info.run_id
     mlflow.tracking.MlflowClient().set_terminated(failed, "FAILED")  # e.g. the checksum check
-    second = _stage2_cli()
+    second = _stage2_cli("--init", "latest")
     assert second.exit_code == 0, second.output
     assert "init: scratch" in second.output and f"run {failed}: its run is FAILED" \
         in second.output, second.output
 
 
-def test_auto_init_takes_only_weights_of_the_requested_architecture(mlflow_store, tmp_path):
+def test_latest_init_takes_only_weights_of_the_requested_architecture(mlflow_store, tmp_path):
     import json
 
     first = _stage2_cli("--init", "scratch")
@@ -296,13 +297,13 @@ def test_auto_init_takes_only_weights_of_the_requested_architecture(mlflow_store
     earlier = mlflow_run_of("stage2").info.run_id
     deeper = tmp_path / "deeper.json"
     deeper.write_text(json.dumps({"encoder": {"depth": 2}}))
-    second = _stage2_cli("--config", str(deeper))
+    second = _stage2_cli("--config", str(deeper), "--init", "latest")
     assert second.exit_code == 0, second.output
     assert "init: scratch" in second.output and f"run {earlier}: its encoder differ" \
         in second.output, second.output
     run = mlflow_run_of("stage2")
     assert run.data.params["encoder.depth"] == "2"  # trained what the run says it trained
-    third = _stage2_cli()  # the same architecture as the first: that run is taken, by name
+    third = _stage2_cli("--init", "latest")  # the first's architecture: taken, by name
     assert third.exit_code == 0, third.output
     assert "init: previous-stage2" in third.output and earlier in third.output
 

@@ -264,7 +264,7 @@ def test_model_pages_show_the_champion_verdict_grounding_gap_and_a_sample_report
     url = f"{main_server}/#/models/report-vlm{page.format(version=version.version)}"
     text = _text(_page(chromium, tmp_path / "profile", url, screenshot))
     assert "report-vlm" in text, text[:2000]
-    # What record_champion_verdict wrote: the verdict, the grounding gap, a generated report.
+    # What decide_champion wrote: the verdict, the grounding gap, a generated report.
     verdict = tags["champion.verdict"]
     assert f"champion gate: {verdict}" in text, text[:3000]
     if verdict == "rejected":

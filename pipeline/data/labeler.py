@@ -13,10 +13,12 @@ How it reads:
 - Side and lung zone come from the mention's own noun phrase ("small left pleural
   effusion"), else from a locative after it ("nodule in the right upper zone"), else from the
   nearest side/zone word in its part of the clause. "Left" and "right" are the patient's.
-  A finding whose side (or, for nodules and consolidation, zone) cannot be read is not
-  counted among the 18 fine labels, because it cannot be matched to a side-specific label;
-  it does count in the coarse labels.
-- `no_finding` is 1 exactly when no other finding is.
+  A finding whose side (or, for nodules and consolidation, zone) cannot be read gets the
+  unlocalised fine label of its kind (`effusion_unlocalised`, ...; `UNLOCALISED`), which
+  `label_report` returns beside the 18 localised ones and `no_finding`: it is a finding,
+  never "no finding", though no side-specific label can be matched to it (unless the report
+  places that finding in another mention: "lingula consolidation, likely pneumonia").
+- `no_finding` is 1 exactly when no other finding (unlocalised ones included) is.
 
 `coarse_labels(text)` reads the same report into `COARSE_FINDINGS`, six groups that ignore
 side and zone ("There is a large pleural effusion." -> effusion): the unit that small models
@@ -37,6 +39,10 @@ FINDINGS: tuple[str, ...] = (
     *(f"consolidation_{side}_{zone}" for side in SIDES for zone in ZONES),
     "no_finding",
 )
+# An affirmed finding whose place cannot be read (read by `label_report`, not predicted by
+# the finding head: it has nothing to localise).
+UNLOCALISED: tuple[str, ...] = tuple(f"{kind}_unlocalised" for kind in
+                                     ("effusion", "pneumothorax", "nodule", "consolidation"))
 # Coarse groups: any side or zone, unlocalised mentions counted. Fine label -> group by prefix.
 COARSE_FINDINGS: tuple[str, ...] = ("cardiomegaly", "effusion", "pneumothorax", "nodule",
                                     "consolidation", "no_finding")
@@ -255,11 +261,9 @@ def _clause_findings(tokens: list[str]) -> set[str]:
             continue
         sides, zones = _locate(m, tokens, region)
         out.add(f"group:{m.kind}")  # the coarse group, whether or not its place can be read
-        for side in sides:
-            if m.kind in ("effusion", "pneumothorax"):
-                out.add(f"{m.kind}_{side}")
-            else:
-                out.update(f"{m.kind}_{side}_{zone}" for zone in zones)
+        placed = {f"{m.kind}_{side}" for side in sides} if m.kind in ("effusion", "pneumothorax") \
+            else {f"{m.kind}_{side}_{zone}" for side in sides for zone in zones}
+        out |= placed or {f"{m.kind}_unlocalised"}
     return out
 
 
@@ -271,9 +275,12 @@ def _read(text: str) -> set[str]:
 
 
 def label_report(text: str) -> dict[str, int]:
-    """Read a report's findings as `{finding: 0/1}` over `FINDINGS` (see module docstring)."""
+    """Read a report's findings as `{finding: 0/1}` over `FINDINGS` and `UNLOCALISED` (see
+    module docstring)."""
     found = {name for name in _read(text) if not name.startswith("group:")}
-    labels = {name: int(name in found) for name in FINDINGS}
+    # "Lingula consolidation, likely pneumonia": a placed mention says where the other one is.
+    found -= {f"{coarse_group(name)}_unlocalised" for name in found if name not in UNLOCALISED}
+    labels = {name: int(name in found) for name in (*FINDINGS[:-1], *UNLOCALISED, "no_finding")}
     labels["no_finding"] = int(not found)
     return labels
 

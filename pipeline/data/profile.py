@@ -45,7 +45,8 @@ def dataset_profile(records_by_split: RecordsBySplit) -> dict:
         profile["finding_counts"][split] = {f: sum(labels[f] for labels in read) for f in FINDINGS}
         stored = [(r.labels, labels) for r, labels in zip(records, read) if r.labels is not None]
         profile["label_agreement"][split] = (
-            round(sum(a == b for a, b in stored) / len(stored), 4) if stored else None)
+            round(sum(a == {k: b[k] for k in a} for a, b in stored) / len(stored), 4)
+            if stored else None)  # over the stored names (the labeler also reads unlocalised)
     all_reports = [r.report for records in records_by_split.values() for r in records]
     profile["report_words"]["all"] = _word_stats(all_reports)
     return profile

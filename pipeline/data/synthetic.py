@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import click
 import numpy as np
 from PIL import Image
 
+from pipeline.config import ConfigError
 from pipeline.data.labeler import FINDINGS, SIDES, ZONES
 
 VERSION = 1
@@ -357,14 +361,55 @@ def _is_complete(out: Path, meta: dict) -> bool:
 
 def generate_synthetic(out_dir: str | Path, seed: int = 0, n_train: int = 254, n_val: int = 32,
                        n_test: int = 64, image_size: int = 224) -> Path:
-    """Write the benchmark under `out_dir` (skipped if already there); return annotation.json."""
+    """Write the benchmark under `out_dir` (skipped if already there); return annotation.json.
+
+    Written into a temporary folder beside `out_dir` and renamed into place once complete, so
+    two first runs never write into one folder and a stopped run leaves nothing half-written.
+    """
     out = Path(out_dir)
     meta = _meta(seed, n_train, n_val, n_test, image_size)
     if _is_complete(out, meta):
         return out / "annotation.json"
     if min(n_train, n_val, n_test) < 0 or image_size < 16:
-        raise ValueError(f"need split sizes >= 0 and image_size >= 16, got {meta}")
-    (out / META_NAME).unlink(missing_ok=True)  # an interrupted run must not look complete
+        raise ConfigError(f"need split sizes >= 0 and image_size >= 16, got {meta}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        _write(staging, meta, seed, n_train, n_val, n_test, image_size)
+        _install(staging, out, meta)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "annotation.json"
+
+
+def _install(staging: Path, out: Path, meta: dict) -> None:
+    """Rename the finished `staging` folder to `out`; an earlier incomplete `out` (ours: only
+    our files in it) is moved aside first; one that another run completed meanwhile is kept."""
+    for _ in range(10):  # each try loses only to another run that moved `out` meanwhile
+        try:
+            os.rename(staging, out)  # atomic; fails while `out` exists and is not empty
+            return
+        except OSError:
+            if _is_complete(out, meta):
+                return
+            if not out.is_dir():
+                if out.exists():
+                    raise
+                continue
+            if set(os.listdir(out)) - {"annotation.json", "images", META_NAME}:
+                raise ConfigError(f"{out} holds files other than a synthetic set; choose an "
+                                  "empty or new folder")
+            stale = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.stale-"))
+            try:
+                os.rename(out, stale / "set")
+            except FileNotFoundError:  # another run moved it first
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+    raise ConfigError(f"could not put the synthetic set in place at {out}")
+
+
+def _write(out: Path, meta: dict, seed: int, n_train: int, n_val: int, n_test: int,
+           image_size: int) -> None:
     counts = {"train": n_train, "val": n_val, "test": n_test}
     annotation: dict[str, list] = {split: [] for split in counts}
     index = 0
@@ -384,10 +429,9 @@ def generate_synthetic(out_dir: str | Path, seed: int = 0, n_train: int = 254, n
             index += 1
     text = json.dumps(annotation, indent=1) + "\n"
     (out / "annotation.json").write_text(text, encoding="utf-8")
-    meta["annotation_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    meta = {**meta, "annotation_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
     meta_text = json.dumps(meta, indent=1, sort_keys=True) + "\n"
     (out / META_NAME).write_text(meta_text, encoding="utf-8")
-    return out / "annotation.json"
 
 
 @click.command(help=__doc__.split("\n\n")[0])

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data import ImageReportDataset, collate, dataset_digest, load_dataset
+from pipeline.data import DataError, ImageReportDataset, collate, dataset_digest, load_dataset
 from pipeline.data.finding_metrics import label_f1
 from pipeline.device import resolve_device
 from pipeline.evaluate.clinical import PARAMS as CE_PARAMS, chexpert_labels, chexpert_scores
@@ -47,11 +47,15 @@ class EvalOutcome:
     decoding: str = "greedy"
     blind_report: str = ""
     data_digest: str = ""
+    num_beams: int = 1  # of the last decoding
+    n_candidates: int = 1  # reports it chose among per study (beams and samples)
     params: dict = field(default_factory=dict)  # how the scores were computed, for the run
+    data_source: str = ""  # the data evaluated: `synthetic` means the model's own training data
 
 
 def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_size: int = 8):
-    """(the reports the model writes, the top beam's) for every record."""
+    """(the reports the model writes, the top beam's) for every record, and how many
+    candidates it chose among."""
     dataset = ImageReportDataset(records, report_model.cfg.encoder.image_size)
     candidates, given = [], []
     label = "greedy" if num_beams == 1 else f"beam{num_beams}"
@@ -63,7 +67,7 @@ def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_s
         given = None if labels is None else given + labels
     chosen = choose_reports(candidates, given, report_model.cfg.choose_by_findings,
                             report_model.style)
-    return chosen, [options[0] for options in candidates]
+    return chosen, [options[0] for options in candidates], max(map(len, candidates), default=1)
 
 
 def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: str = "test",
@@ -88,7 +92,7 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
         report_model = replace(report_model, style=style)
     records = dataset[split][:limit]
     if not records:
-        raise ValueError(f"split {split!r} of {data!r} is empty")
+        raise DataError(f"split {split!r} of {data_cfg.source!r} is empty")
     references = [r.report for r in records]
     table = pd.DataFrame({"id": [r.id for r in records], "reference": references})
     metrics: dict[str, float] = {}
@@ -96,7 +100,8 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     decodings = [("greedy", 1)] + ([("beam", num_beams)] if num_beams > 1 else [])
     best = None
     for name, beams in decodings:
-        generated, top_beam = _generate_all(report_model, records, beams, max_new_tokens)
+        generated, top_beam, n_candidates = _generate_all(report_model, records, beams,
+                                                          max_new_tokens)
         table[f"generated_{name}"] = generated
         scores = {**score_reports(references, generated, meteor=meteor),
                   **language_scores(generated, style)}
@@ -137,7 +142,8 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
         metrics[f"{key}_over_blind"] = best[key] - blind_scores[key]
     figure = per_finding_f1_figure(best, Path(out_dir) / "finding_f1.png")
     return EvalOutcome(metrics, table, figure, definition, decodings[-1][0], blind,
-                       dataset_digest(dataset), {"text_cleaning": DEFAULT_CLEANING, **CE_PARAMS})
+                       dataset_digest(dataset), decodings[-1][1], n_candidates,
+                       {"text_cleaning": DEFAULT_CLEANING, **CE_PARAMS}, data_cfg.source)
 
 
 TOP_BEAM_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider")
@@ -161,7 +167,7 @@ def best_constant_report(train_reports: list[str]) -> str:
     for i, report in enumerate(train_reports):
         key = tuple(sorted(k for k, v in coarse[i].items() if v)), \
             tuple(sorted(k for k, v in fine[i].items() if v))
-        if key in scored:  # reports with the same findings score the same
+        if key in scored and len(scored[key][3]) <= len(report):  # same findings, same score
             continue
         scored[key] = (macro_f1(per_label_f1(coarse, [coarse[i]] * len(coarse), COARSE_FINDINGS)),
                        macro_f1(per_label_f1(fine, [fine[i]] * len(fine), FINDINGS)),

@@ -13,7 +13,7 @@ at a time (memory holds one chunk of films), and file paths are read; when
 Under `mlflow models serve` (MLflow marks its scoring server's environment) limits keep one
 request from holding the server: at most `MAX_IMAGES` images and `MAX_REQUEST_MB` of image
 text per request, and file paths only under `REPORT_VLM_IMAGE_ROOT`. Everywhere: `MAX_PIXELS`
-per image and bounded generation params. A request the model cannot answer raises
+per image, `MAX_FILE_MB` per file named by path, and bounded generation params. A request the model cannot answer raises
 `BadRequest` with the reason: in-process a ValueError, served a 400 whose `message` says why
 (any other exception reaches the client as MLflow's generic "unexpected error", the reason
 buried in a stack trace).
@@ -35,6 +35,7 @@ MAX_IMAGES = 32  # per served request
 CHUNK_ROWS = 32  # rows decoded and generated at a time
 MAX_REQUEST_MB = 16  # base64 text of all images of one request; a 12 MB film still fits
 MAX_PIXELS = 50_000_000  # a 7000 x 7000 film; checked from the header, before decoding
+MAX_FILE_MB = 64  # an image file named by path; read no further than this
 PARAM_RANGES = {"num_beams": (1, 8), "max_new_tokens": (0, 1024)}  # max_new_tokens 0 = default
 
 
@@ -140,6 +141,16 @@ def _allowed_path(text: str, image_root: str | None, any_path: bool) -> Path:
     return path
 
 
+def _read_capped(path: Path) -> bytes:
+    """A file's bytes; BadRequest when it holds more than MAX_FILE_MB (never read whole)."""
+    cap = MAX_FILE_MB * 2**20
+    with open(path, "rb") as handle:
+        data = handle.read(cap + 1)
+    if len(data) > cap:
+        raise BadRequest(f"image file too large: over {MAX_FILE_MB} MB; at most {MAX_FILE_MB} MB")
+    return data
+
+
 def decode_image(value: str, image_size: int, image_root: str | None = None,
                  any_path: bool = False) -> torch.Tensor:
     """A base64 film (or a file path: under `image_root` when set, any path when `any_path`)
@@ -166,7 +177,7 @@ def decode_image(value: str, image_size: int, image_root: str | None = None,
             raise BadRequest(f"{_NOT_AN_IMAGE}: the base64 decodes to {len(data)} bytes that "
                              "are not a PNG/JPEG/DICOM")
         path = _allowed_path(text, image_root, any_path)
-        array = _decode(path.read_bytes(), image_size, str(path))
+        array = _decode(_read_capped(path), image_size, str(path))
         if array is None:
             raise BadRequest(f"{_NOT_AN_IMAGE}: {text!r} is not a PNG/JPEG/DICOM")
     return model_input([array])

@@ -2,7 +2,7 @@
 
 Every rule is evaluated and reported (value, threshold, pass/fail), not just the first
 failure; the verdict is their conjunction. No MLflow here: `steps/validate.py` gathers the
-evidence and `pipeline/registry.py` acts on the verdict.
+evidence and `pipeline/tracking/registry.py` acts on the verdict.
 """
 from __future__ import annotations
 

@@ -145,7 +145,9 @@ def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = 
         place(model, device)
         place(llm, device)
     load_into(model, tensors, checkpoint)
-    return ReportModel(model.eval(), llm, cfg, style_of(metadata))
+    limit = metadata.get("report_token_limit")
+    return ReportModel(model.eval(), llm, cfg, style_of(metadata),
+                       int(limit) if limit not in (None, "") else None)
 
 
 def style_of(metadata: dict):

@@ -9,6 +9,7 @@ writes report text.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -93,14 +94,34 @@ def grounding_losses(model, llm, images: torch.Tensor, reports: Sequence[str],
     return own_sum, shifted_sum
 
 
+def image_seed(seed: int, image: torch.Tensor) -> int:
+    """A sampling seed from `seed` and the image's own bytes: an image draws the same samples
+    alone or anywhere in any batch."""
+    data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    digest = hashlib.sha256(str(int(seed)).encode() + b":" + data).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes < 2**63
+
+
+def _samples(llm, visual: torch.Tensor, prompt_ids, seed: int, samples: int,
+             max_new_tokens: int, temperature: float, generate_kwargs: dict) -> list[str]:
+    """`samples` sampled reports for one image, laid out as if it were alone (no padding)."""
+    embeds, mask = captioning.prompt_only(visual, [prompt_ids], llm.pad_token_id, llm.embed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the caller's random state stays as it was
+        return llm.generate(embeds, mask, max_new_tokens=max_new_tokens, do_sample=True,
+                            temperature=temperature, num_return_sequences=samples,
+                            **generate_kwargs)
+
+
 @torch.no_grad()
 def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
                         num_beams: int = 1, batch_size: int = 8, findings: bool = False,
                         samples: int = 0, seed: int = 0, temperature: float = 0.7,
                         system: str | None = None, **generate_kwargs) -> tuple[list[list[str]], list[dict] | None]:
     """Candidate reports per image: `num_beams` beams, best first (one, greedy, when num_beams
-    == 1), then `samples` sampled ones (seeded: the same images give the same candidates), and
-    the findings each image's prompt was given (None without findings)."""
+    == 1), then `samples` sampled ones (seeded per image by `image_seed`: an image gets the
+    same candidates alone or anywhere in any batch), and the findings each image's prompt was
+    given (None without findings)."""
     model.eval()
     generate_kwargs.setdefault("no_repeat_ngram_size", 4)  # greedy loops on a small LM
     candidates: list[list[str]] = []
@@ -119,14 +140,19 @@ def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_t
                              num_return_sequences=num_beams, **generate_kwargs)
         rows = [texts[i:i + num_beams] for i in range(0, len(texts), num_beams)]
         if samples:
-            with torch.random.fork_rng():  # the caller's random state stays as it was
-                torch.manual_seed(seed + start)
-                drawn = llm.generate(embeds, mask, max_new_tokens=max_new_tokens,
-                                     do_sample=True, temperature=temperature,
-                                     num_return_sequences=samples, **generate_kwargs)
-            rows = [row + drawn[i * samples:(i + 1) * samples] for i, row in enumerate(rows)]
+            rows = [row + _samples(llm, visual[i:i + 1], prompt_ids[i], image_seed(seed, image),
+                                   samples, max_new_tokens, temperature, generate_kwargs)
+                    for i, (row, image) in enumerate(zip(rows, chunk))]
         candidates += [[text.strip() for text in row] for row in rows]
     return candidates, (given if findings else None)
+
+
+def report_token_limit(tokenizer, reports: Sequence[str], room: float = 1.1) -> int:
+    """New tokens enough for the longest of `reports` (and EOS), with 10% room: generation
+    that runs past every reference has stopped writing a report."""
+    longest = max((len(tokenizer(r.strip(), add_special_tokens=False)["input_ids"])
+                   for r in reports), default=0)
+    return int(longest * room) + 2
 
 
 def choice_key(report: str, labels: dict | None, style=None) -> tuple:
@@ -173,6 +199,7 @@ class ReportModel:
     llm: object
     cfg: C.Stage2Config
     style: object = None  # the training reports' ReportStyle, for candidate choice
+    token_limit: int | None = None  # new tokens enough for the longest training report
 
     @property
     def device(self) -> torch.device:
@@ -195,8 +222,9 @@ class ReportModel:
             kwargs.setdefault("samples", self.cfg.choose_samples)
             kwargs.setdefault("seed", self.cfg.seed)
         kwargs.setdefault("repetition_penalty", self.cfg.repetition_penalty)
+        limit = min(self.cfg.max_new_tokens, self.token_limit or self.cfg.max_new_tokens)
         return generate_candidates(self.model, self.llm, to_device(images, self.device),
-                                   self.cfg.prompt, max_new_tokens or self.cfg.max_new_tokens,
+                                   self.cfg.prompt, max_new_tokens or limit,
                                    num_beams, findings=findings, system=self.cfg.system_prompt,
                                    **kwargs)
 

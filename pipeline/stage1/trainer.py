@@ -20,6 +20,7 @@ from pipeline import interrupts
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import COLLAPSE_TAG, Stage1Config, to_dict
 from pipeline.device import autocast, full_precision, to_device
+from pipeline.data import DataError
 from pipeline.guards import GuardError, check_finite_loss, low_loss_warning
 from pipeline.models.loading import load_into, model_tensors
 from pipeline.stage1.augment import per_sample, radiograph_views
@@ -327,7 +328,7 @@ def build_stage1_inputs(cfg: Stage1Config, world: World = SINGLE) -> Stage1Input
     seed_everything(cfg.seed)
     records = world.main_first(lambda: load_dataset(cfg.data))
     if not records["val"]:
-        raise ValueError(f"data {cfg.data.source!r} has an empty val split; Stage 1 needs it "
+        raise DataError(f"data {cfg.data.source!r} has an empty val split; Stage 1 needs it "
                          "for val_loss and the feature-health probe")
     model = place(VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim),
                   world.device)

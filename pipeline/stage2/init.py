@@ -3,9 +3,12 @@
 1. `scratch` (or `--from_scratch`): fresh weights.
 2. an explicit path, `runs:/` or `models:/` URI: that checkpoint, refused when its Stage 1
    run was rejected by the gate or its features are collapsed (unless forced).
-3. `auto`: the newest `vision_bridge_vlm_final` of an earlier FINISHED Stage 2 run trained
-   with the same encoder, bridge and LLM (output folder, then experiment); else
-   `models:/vision-bridge@stage2-ready`; else fresh.
+3. `latest` (asked for, never implied): the newest `vision_bridge_vlm_final` of an earlier
+   FINISHED Stage 2 run trained with the same encoder, bridge and LLM (output folder, then
+   experiment); else as `auto`.
+4. `auto`: `models:/vision-bridge@stage2-ready`; else fresh. Each run starts from the same
+   gate-approved Stage 1, so runs of a sweep differ only in what the sweep varies.
+(`auto` and `latest` first continue an interrupted run of the same config: `Stage2Job`.)
 """
 from __future__ import annotations
 
@@ -78,18 +81,18 @@ def _previous_stage2(output_dir: str, cfg: C.Stage2Config | None) -> tuple[Path 
 
 
 def choose_init(init: str, output_dir: str, cfg: C.Stage2Config | None = None) -> InitChoice:
-    """Resolve `init` (scratch / auto / path / URI) to a concrete choice.
+    """Resolve `init` (scratch / auto / latest / path / URI) to a concrete choice.
 
-    `auto` takes only weights that fit `cfg` (encoder, bridge, LLM) and names their run.
+    `latest` takes only weights that fit `cfg` (encoder, bridge, LLM) and names their run.
     """
     from pipeline.tracking import registry
 
     if init == "scratch":
         return InitChoice("scratch", note="fresh weights (init=scratch)")
-    if init != "auto":
+    if init not in ("auto", "latest"):
         return InitChoice("checkpoint", registry.download_checkpoint(init), init,
                           note=f"explicit checkpoint {init}")
-    previous, skipped = _previous_stage2(output_dir, cfg)
+    previous, skipped = _previous_stage2(output_dir, cfg) if init == "latest" else (None, [])
     passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
     if previous is not None:
         run_id = read_metadata(previous).get("run_id")
@@ -100,8 +103,8 @@ def choose_init(init: str, output_dir: str, cfg: C.Stage2Config | None = None) -
     try:
         path = registry.download_checkpoint(uri)
     except FileNotFoundError:
-        return InitChoice("scratch", note=f"fresh weights: no fitting earlier Stage 2 run and "
-                                          f"no {uri}{passed_over}")
+        earlier = "no fitting earlier Stage 2 run and " if init == "latest" else ""
+        return InitChoice("scratch", note=f"fresh weights: {earlier}no {uri}{passed_over}")
     return InitChoice("registry", path, uri, note=f"gate-approved Stage 1 weights {uri} "
                                                   f"(run {read_metadata(path).get('run_id')})"
                                                   f"{passed_over}")

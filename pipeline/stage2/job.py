@@ -4,6 +4,7 @@ MLflow is reached only through `pipeline.tracking.runs` and `pipeline.tracking.r
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -13,9 +14,9 @@ from pipeline.checkpoint import (STAGE2_FINAL, load_checkpoint, read_metadata, s
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
 from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
-from pipeline.stage2.resume import (find_interrupted, latest_step_checkpoint,
+from pipeline.stage2.resume import (find_interrupted, find_resumable, latest_step_checkpoint,
                                    restore_optimizer, restore_result, resume_block,
-                                   same_config, state_from_metadata, truncate_csv)
+                                   state_from_metadata, truncate_csv)
 from pipeline.stage2.trainer import Stage2Result, Stage2Trainer, step_metrics
 from pipeline.models.loading import load_into, model_tensors, output_width, weights_of
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
@@ -41,22 +42,27 @@ class Stage2Job:
         self.resume, self.echo, self.label_fn, self.llm = resume, echo, label_fn, llm
         self.run_id: str | None = None
         self.out_dir: Path | None = None
+        self.not_resumed = ""  # the interrupted runs init auto/latest passed over, and why
 
     def _resume_point(self):
-        if self.resume is None and self.init != "auto":
-            return None
-        folder = find_interrupted(self.cfg.output_dir) if self.resume in (None, "auto") \
-            else Path(self.resume)
-        if folder is None:
-            return None
-        ckpt = latest_step_checkpoint(folder, required=True)
-        meta = read_metadata(ckpt)  # the tensors are loaded once, by _restore
-        resume_block(ckpt, meta, self.world.size)
-        saved = C.from_dict(C.Stage2Config, meta["config"])
-        if self.resume is None and not same_config(meta["config"], self.cfg):
-            self.echo(f"not resuming {folder}: its config differs from this run's")
-            return None
-        self.cfg = saved
+        if self.resume is None:  # init auto/latest: an interrupted run of this very config
+            if self.init not in ("auto", "latest"):
+                return None
+            found, skipped = find_resumable(self.cfg.output_dir, self.cfg, self.world.size)
+            self.not_resumed = f" (interrupted runs not resumed: {'; '.join(skipped)})" \
+                if skipped else ""
+            if found is None:
+                return None
+            ckpt, meta = found
+        else:
+            folder = find_interrupted(self.cfg.output_dir) if self.resume == "auto" \
+                else Path(self.resume)
+            if folder is None:
+                return None
+            ckpt = latest_step_checkpoint(folder, required=True)
+            meta = read_metadata(ckpt)  # the tensors are loaded once, by _restore
+            resume_block(ckpt, meta, self.world.size)
+        self.cfg = C.from_dict(C.Stage2Config, meta["config"])
         return ckpt, meta
 
     def _initialise(self, model, choice: InitChoice, tensors, meta):
@@ -78,9 +84,12 @@ class Stage2Job:
         from pipeline.models.vision_bridge import VisionBridge
 
         if resume_point is not None:
-            choice, tensors, meta = InitChoice("resume", note="resuming"), None, resume_point[1]
+            ckpt, meta = resume_point
+            choice, tensors = InitChoice("resume", note=f"continuing the interrupted run "
+                                                        f"{meta.get('run_id')} from {ckpt}"), None
         else:
             choice = choose_init(self.init, self.cfg.output_dir, self.cfg)
+            choice = replace(choice, note=choice.note + self.not_resumed)
             tensors, meta = weights_of(choice.path) if choice.path else (None, {})
             if tensors is not None:
                 self.cfg = adopt_architecture(self.cfg, meta, tensors)

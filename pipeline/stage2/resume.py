@@ -23,6 +23,13 @@ def find_interrupted(output_dir: str | Path) -> Path | None:
     return shared.find_interrupted(output_dir, STEP_STEM, STAGE2_FINAL)
 
 
+def find_resumable(output_dir: str | Path, cfg, world_size: int
+                   ) -> tuple[tuple[Path, dict] | None, list[str]]:
+    """The newest interrupted Stage 2 run trained with `cfg` on `world_size` ranks (its step
+    checkpoint and metadata), or None; and why the other interrupted runs were passed over."""
+    return shared.find_resumable(output_dir, STEP_STEM, STAGE2_FINAL, cfg, world_size)
+
+
 def resume_extras(result, epoch_history, world_size: int) -> dict:
     """What Stage 2 keeps beside the counters: what the finished epochs concluded, the LLM
     checksum, the history, and the number of ranks (the global batch depends on it)."""

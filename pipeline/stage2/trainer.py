@@ -25,7 +25,8 @@ from pipeline.config import Stage2Config, to_dict
 from pipeline.device import autocast, full_precision, to_device
 from pipeline.data.finding_metrics import label_f1
 from pipeline.models.findings import finding_loss, positive_weights
-from pipeline.models.report_model import caption_forward, generate_reports, uses_findings
+from pipeline.models.report_model import (caption_forward, generate_reports,
+                                          report_token_limit, uses_findings)
 from pipeline.train.curve import degenerate, distinct_share, judge_epoch
 from pipeline.guards import (IGNORE_INDEX, GuardError, check_finite_loss,
                              check_label_mask, check_optimizer_excludes)
@@ -109,6 +110,10 @@ class Stage2Trainer:
         # The training reports' style: report form of the validation reports, candidate choice
         # after training (saved with every checkpoint, the most frequent sentences first).
         self.style = ReportStyle.from_reports(r.report for r in loaders.train.records)
+        # Generation stops within the references' lengths: the longest of (up to 2,000)
+        # training reports in tokens, plus EOS and a little room.
+        self.report_token_limit = report_token_limit(llm.tokenizer, [
+            r.report for r in loaders.train.records[:2000]])
         # Fresh adapters (or none: the LLM as it was loaded) for every new run; a resumed run
         # then loads the saved ones over them.
         prepare_adapters(llm, cfg.llm)
@@ -226,7 +231,8 @@ class Stage2Trainer:
                 "final_loss": final_loss, "step": self.state.step, "epoch": self.state.epoch,
                 "llm": self.cfg.llm.name, "hidden_size": self.llm.hidden_size,
                 "config": json.dumps(to_dict(self.cfg), sort_keys=True), "format_version": 1,
-                "report_style": json.dumps(self.style.to_sentences()[:STYLE_SENTENCES])}
+                "report_style": json.dumps(self.style.to_sentences()[:STYLE_SENTENCES]),
+                "report_token_limit": self.report_token_limit}
 
     def save(self, kind: str, final_loss=None, interrupted: bool = False) -> Path | None:
         """Write a checkpoint (rank 0 only); step checkpoints carry optimizer/scheduler state
@@ -290,7 +296,9 @@ class Stage2Trainer:
         """Greedy reports for records."""
         return generate_reports(self.model, self.llm,
                                 to_device(self.loaders.images(records), self.world.device),
-                                self.cfg.prompt, self.cfg.max_new_tokens, findings=self.findings,
+                                self.cfg.prompt,
+                                min(self.cfg.max_new_tokens, self.report_token_limit),
+                                findings=self.findings,
                                 system=self.cfg.system_prompt,
                                 repetition_penalty=self.cfg.repetition_penalty)
 

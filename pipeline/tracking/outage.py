@@ -75,3 +75,17 @@ def call_patiently(fn: Callable[..., T], *args, what: str = "tracking call", **k
         if warned:
             _log.warning("tracking server reachable again (%s)", what)
         return result
+
+
+def call_or_none(fn: Callable[..., T], *args, what: str = "tracking call", **kwargs) -> T | None:
+    """`call_patiently(fn, ...)`, or None when MLflow answers that the thing does not exist.
+
+    Only RESOURCE_DOES_NOT_EXIST is an absence: an unreachable server or any other error is
+    raised, never read as "nothing there".
+    """
+    try:
+        return call_patiently(fn, *args, what=what, **kwargs)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise

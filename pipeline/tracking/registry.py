@@ -1,31 +1,60 @@
-"""The MLflow Model Registry side of the pipeline: promote, reject, resolve.
+"""The MLflow Model Registry side of the pipeline: register, tag, alias, resolve.
 
 Registered models and aliases (the README's "MLflow" section):
 - `vision-bridge`, alias `stage2-ready`: Stage 1 weights the gate approved.
-- `report-vlm`, aliases `candidate` (latest Stage 2) and `champion` (best evaluated).
-Versions are pyfunc models whose artifacts hold our safetensors checkpoint.
+- `report-vlm`, aliases `candidate` (latest Stage 2) and `champion` (best evaluated; the
+  decision is `pipeline.gate.champion`'s, this module only carries it out).
+Versions are models-from-code pyfuncs whose artifact is our safetensors checkpoint (no pickled
+objects); each carries its code (the `pipeline` package) and pinned requirements, so a copy
+loads where this checkout is not importable.
+
+Every call waits for an unreachable server (`outage.call_patiently`) and then raises: only
+MLflow's RESOURCE_DOES_NOT_EXIST reads as "nothing there".
 """
 from __future__ import annotations
 
 import glob
+import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import STAGE2_FINAL, final_checkpoint_path, read_metadata
+from pipeline.checkpoint import STAGE2_FINAL, final_checkpoint_path, read_metadata, sha256_file
+from pipeline.tracking.outage import call_or_none, call_patiently
 from pipeline.tracking.runs import download_run_artifact, latest_run
 
 VISION_MODEL = "vision-bridge"
 VISION_ALIAS = "stage2-ready"
 REPORT_MODEL = "report-vlm"
+CANDIDATE_ALIAS = "candidate"
+CHAMPION_ALIAS = "champion"
 VERDICT_TAG = "gate.verdict"
 REASONS_TAG = "gate.reasons"
-PIP_REQUIREMENTS = ["torch", "safetensors", "transformers", "mlflow", "pillow", "numpy"]
+SHA_TAG = "checkpoint_sha256"  # a version's artifact: the file it was registered from
+# What a served model imports, pinned to the versions installed when it is logged.
+SERVED_PACKAGES = ("torch", "safetensors", "transformers", "accelerate", "gguf", "mlflow",
+                   "pillow", "numpy", "pandas", "tqdm")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # `pipeline`, logged with every version
+
+
+def pinned_requirements(packages=SERVED_PACKAGES) -> list[str]:
+    """`name==version` for each installed package (a local label such as `+cpu` dropped: the
+    same release installs from PyPI)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in packages:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
 
 
 def _log_pyfunc(name: str, checkpoint, metadata=None, params=None):
@@ -37,7 +66,7 @@ def _log_pyfunc(name: str, checkpoint, metadata=None, params=None):
     import pandas as pd
     from mlflow.models import infer_signature
 
-    code = Path(__file__).parents[1] / "pyfunc_models" / f"{name}.py"
+    code = PACKAGE_DIR / "pyfunc_models" / f"{name}.py"
     signature = infer_signature(pd.DataFrame({"image": ["path-or-base64"]}), None, params=params)
     with warnings.catch_warnings():
         # MLflow suggests type hints on predict; the signature above serves that purpose.
@@ -45,25 +74,51 @@ def _log_pyfunc(name: str, checkpoint, metadata=None, params=None):
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         return mlflow.pyfunc.log_model(name=name, python_model=str(code),
                                        artifacts={"checkpoint": str(checkpoint)},
-                                       pip_requirements=PIP_REQUIREMENTS, metadata=metadata,
-                                       signature=signature)
+                                       code_paths=[str(PACKAGE_DIR)],
+                                       pip_requirements=pinned_requirements(),
+                                       metadata=metadata, signature=signature)
+
+
+def _versions(filter_string: str) -> list:
+    client = MlflowClient()
+    found = call_patiently(client.search_model_versions, filter_string,
+                           what="searching model versions")
+    return sorted(found, key=lambda v: int(v.version))
 
 
 def _versions_from_run(name: str, source_run: str) -> list:
-    client = MlflowClient()
-    try:
-        versions = client.search_model_versions(f"name='{name}' and tag.source_run='{source_run}'")
-    except MlflowException:
-        return []
-    return sorted(versions, key=lambda v: int(v.version))
+    return _versions(f"name='{name}' and tag.source_run='{source_run}'")
+
+
+def _register_once(name: str, source_run: str, log: Callable, tags: Mapping[str, str],
+                   keeps: Callable = lambda version: True, prune: bool = True) -> str:
+    """The version of `source_run` that `keeps` accepts, registered from `log()` when none is.
+
+    Under a race two may be registered; the lowest wins, so every caller ends on the same
+    version, and with `prune` the others are deleted.
+    """
+    existing = [v for v in _versions_from_run(name, source_run) if keeps(v)]
+    if not existing:
+        mlflow.register_model(log().model_uri, name, tags={**tags, "source_run": source_run})
+        existing = [v for v in _versions_from_run(name, source_run) if keeps(v)]
+    keep, *extra = existing
+    for version in extra if prune else ():  # deleted by the other caller: nothing there
+        call_or_none(MlflowClient().delete_model_version, name, version.version,
+                     what="deleting a duplicate version")
+    return keep.version
 
 
 def alias_version(name: str, alias: str) -> str | None:
     """The version number an alias points at, or None."""
-    try:
-        return MlflowClient().get_model_version_by_alias(name, alias).version
-    except MlflowException:
-        return None
+    model = call_or_none(MlflowClient().get_registered_model, name, what="reading aliases")
+    return None if model is None else model.aliases.get(alias)
+
+
+def _set_version_tags(name: str, version: str, tags: Mapping[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        call_patiently(client.set_model_version_tag, name, version, key, str(value),
+                       what="tagging a model version")
 
 
 def vision_version_of_run(source_run: str) -> str | None:
@@ -77,25 +132,15 @@ def promote_vision_bridge(checkpoint: str | Path, source_run: str | None,
                           tags: Mapping[str, str]) -> str:
     """Register the checkpoint (once per source run) and point `stage2-ready` at it.
 
-    Idempotent: a run validated again reuses its version. Under a race two versions may be
-    created; the lowest wins, the others are deleted, so the alias converges on one.
+    Idempotent: a run validated again reuses its version.
     """
-    client = MlflowClient()
     key = source_run or f"file:{tags.get('checkpoint_sha256', '')}"
-    existing = _versions_from_run(VISION_MODEL, key)
-    if not existing:
-        info = _log_pyfunc("vision_bridge", checkpoint)
-        mlflow.register_model(info.model_uri, VISION_MODEL,
-                              tags={**tags, "source_run": key, VERDICT_TAG: "approved"})
-        existing = _versions_from_run(VISION_MODEL, key)
-    keep, *extra = existing
-    for version in extra:
-        client.delete_model_version(VISION_MODEL, version.version)
-    for k, v in tags.items():
-        client.set_model_version_tag(VISION_MODEL, keep.version, k, str(v))
-    client.set_model_version_tag(VISION_MODEL, keep.version, VERDICT_TAG, "approved")
-    client.set_registered_model_alias(VISION_MODEL, VISION_ALIAS, keep.version)
-    return keep.version
+    version = _register_once(VISION_MODEL, key, lambda: _log_pyfunc("vision_bridge", checkpoint),
+                             {**tags, VERDICT_TAG: "approved"})
+    _set_version_tags(VISION_MODEL, version, {**tags, VERDICT_TAG: "approved"})
+    call_patiently(MlflowClient().set_registered_model_alias, VISION_MODEL, VISION_ALIAS, version,
+                   what="moving stage2-ready")
+    return version
 
 
 def reject_stage1(source_run: str | None, reasons: list[str],
@@ -104,25 +149,29 @@ def reject_stage1(source_run: str | None, reasons: list[str],
 
     A bare checkpoint (no run) is known by its sha256: versions registered from the same file
     (`source_run` = `file:<sha256>`, as `promote_vision_bridge` keys them) are un-aliased.
+    Everything is read before anything is written: a registry that does not answer leaves
+    nothing half-tagged.
     """
     client = MlflowClient()
-    text = "; ".join(reasons)[:4900]
-    if source_run:
-        client.set_tag(source_run, VERDICT_TAG, "rejected")
-        client.set_tag(source_run, REASONS_TAG, text)
     key = source_run or (f"file:{checkpoint_sha256}" if checkpoint_sha256 else None)
-    if key:
-        for version in _versions_from_run(VISION_MODEL, key):
-            client.set_model_version_tag(VISION_MODEL, version.version, VERDICT_TAG, "rejected")
-            if alias_version(VISION_MODEL, VISION_ALIAS) == version.version:
-                client.delete_registered_model_alias(VISION_MODEL, VISION_ALIAS)
+    versions = _versions_from_run(VISION_MODEL, key) if key else []
+    aliased = alias_version(VISION_MODEL, VISION_ALIAS) if versions else None
+    if source_run:
+        call_patiently(client.set_tag, source_run, VERDICT_TAG, "rejected", what="tagging the run")
+        call_patiently(client.set_tag, source_run, REASONS_TAG, "; ".join(reasons)[:4900],
+                       what="tagging the run")
+    for version in versions:
+        _set_version_tags(VISION_MODEL, version.version, {VERDICT_TAG: "rejected"})
+        if aliased == version.version:
+            call_or_none(client.delete_registered_model_alias, VISION_MODEL, VISION_ALIAS,
+                         what="removing stage2-ready")
 
 
 def mark_approved(source_run: str) -> None:
     """Tag a Stage 1 run approved."""
     client = MlflowClient()
-    client.set_tag(source_run, VERDICT_TAG, "approved")
-    client.set_tag(source_run, REASONS_TAG, "")
+    call_patiently(client.set_tag, source_run, VERDICT_TAG, "approved", what="tagging the run")
+    call_patiently(client.set_tag, source_run, REASONS_TAG, "", what="tagging the run")
 
 
 def download_checkpoint(uri: str, name_hint: str = "") -> Path:
@@ -156,10 +205,12 @@ def model_version_run(uri: str) -> str | None:
     client = MlflowClient()
     if "@" in ref:
         name, alias = ref.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
+        version = call_patiently(client.get_model_version_by_alias, name, alias,
+                                 what="resolving an alias")
     else:
         name, number = ref.split("/", 1)
-        version = client.get_model_version(name, number)
+        version = call_patiently(client.get_model_version, name, number,
+                                 what="reading a model version")
     return version.tags.get("source_run")
 
 
@@ -172,24 +223,54 @@ def latest_stage2_final() -> Path | None:
 
 
 def run_verdict(run_id: str | None) -> str | None:
-    """The `gate.verdict` tag of a run (None when the run or tag is unknown)."""
+    """The `gate.verdict` tag of a run (None when the run or tag does not exist)."""
     if not run_id:
         return None
-    try:
-        return MlflowClient().get_run(run_id).data.tags.get(VERDICT_TAG)
-    except MlflowException:
-        return None
+    run = call_or_none(MlflowClient().get_run, run_id, what="reading the run")
+    return None if run is None else run.data.tags.get(VERDICT_TAG)
 
 
 def register_report_model(checkpoint: str | Path, run_id: str, llm_name: str,
-                          tags: Mapping[str, str]) -> str:
-    """Log the Stage 2 weights as a pyfunc model (LLM by reference) and alias it `candidate`."""
+                          tags: Mapping[str, str], alias: str | None = CANDIDATE_ALIAS) -> str:
+    """Log Stage 2 weights as a pyfunc model (LLM by reference), register them as a
+    `report-vlm` version of `run_id` (tagged with the file's sha256) and point `alias` at it."""
     info = _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm_name},
                        params={"num_beams": 1, "max_new_tokens": 0})
-    version = mlflow.register_model(info.model_uri, REPORT_MODEL,
-                                    tags={**tags, "source_run": run_id, "llm": llm_name})
-    MlflowClient().set_registered_model_alias(REPORT_MODEL, "candidate", version.version)
+    version = mlflow.register_model(info.model_uri, REPORT_MODEL, tags={
+        **tags, "source_run": run_id, "llm": llm_name, SHA_TAG: sha256_file(checkpoint)})
+    if alias:
+        call_patiently(MlflowClient().set_registered_model_alias, REPORT_MODEL, alias,
+                       version.version, what=f"moving {alias}")
     return version.version
+
+
+def report_version_holding(checkpoint: str | Path, source_run: str) -> str:
+    """The `report-vlm` version of `source_run` whose artifact is this very file (same sha256).
+
+    Stage 2 registers its final weights; a `best_val` or step checkpoint of the same run is
+    other weights, registered here as a version of its own (no alias) the first time.
+    """
+    sha = sha256_file(checkpoint)
+    config = read_metadata(checkpoint).get("config")
+    llm = (config.get("llm") or {}).get("name", "") if isinstance(config, dict) else ""
+    return _register_once(
+        REPORT_MODEL, source_run,
+        lambda: _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm},
+                            params={"num_beams": 1, "max_new_tokens": 0}),
+        {"llm": llm, SHA_TAG: sha, "checkpoint": Path(checkpoint).stem},
+        keeps=lambda version: _artifact_sha256(version) == sha,
+        prune=False)  # a duplicate may be `candidate` (a Stage 2 run that registered twice)
+
+
+def _artifact_sha256(version) -> str:
+    """A `report-vlm` version's artifact sha256: its tag, or (registered before versions were
+    tagged with it) hashed from the downloaded artifact and tagged."""
+    sha = version.tags.get(SHA_TAG)
+    if not sha:
+        sha = sha256_file(download_checkpoint(f"models:/{REPORT_MODEL}/{version.version}",
+                                              "vision_bridge_vlm"))
+        _set_version_tags(REPORT_MODEL, version.version, {SHA_TAG: sha})
+    return sha
 
 
 def resolve_stage2_checkpoint(ref: str) -> tuple[Path, str | None]:
@@ -197,66 +278,62 @@ def resolve_stage2_checkpoint(ref: str) -> tuple[Path, str | None]:
     if ref.startswith(("runs:/", "models:/")) or "/" in ref or ref.endswith(".safetensors"):
         path = download_checkpoint(ref, "vision_bridge_vlm")
     else:  # a bare run id
-        try:
-            path = Path(mlflow.artifacts.download_artifacts(
-                run_id=ref, artifact_path=final_checkpoint_path(STAGE2_FINAL)))
-        except MlflowException as exc:
-            raise FileNotFoundError(f"run {ref} has no Stage 2 final checkpoint: "
-                                    f"{exc.message}") from exc
+        path = download_run_artifact(ref, final_checkpoint_path(STAGE2_FINAL))
+        if path is None:
+            raise FileNotFoundError(f"run {ref} has no Stage 2 final checkpoint")
     return path, read_metadata(path).get("run_id")
 
 
-def champion_state() -> tuple[str | None, float | None, str | None]:
-    """(version, score, comparison key) of the current `report-vlm@champion`, or Nones."""
-    current = alias_version(REPORT_MODEL, "champion")
-    if current is None:
-        return None, None, None
-    tags = MlflowClient().get_model_version(REPORT_MODEL, current).tags
-    score = tags.get("eval.score")
-    return current, float(score) if score is not None else None, tags.get("eval.key")
+@dataclass(frozen=True)
+class EvaluatedVersion:
+    """A `report-vlm` version's recorded evaluation (its `eval.*` / `champion.*` tags)."""
+
+    version: str
+    score: float | None
+    key: str | None  # what the score was measured with (`pipeline.gate.champion.comparison_key`)
+    verdict: str | None  # champion gate: "approved", "rejected" or None (never judged)
 
 
-def record_champion_verdict(source_run: str | None, verdict, score: float, definition: str,
-                            key: str, summary: dict[str, str], description: str = "",
-                            sample_report: str = "") -> str:
-    """Tag the evaluated `report-vlm` version with its scores and the champion verdict; move
-    `champion` to it when the verdict approves; say both on the registered model's page.
-    Returns one line saying what happened."""
-    client = MlflowClient()
-    versions = _versions_from_run(REPORT_MODEL, source_run) if source_run else []
-    if not versions:
-        return "no report-vlm version registered for this model; champion unchanged"
-    version = versions[-1].version
-    tags = {"eval.score": repr(float(score)), "eval.score_definition": definition,
-            "eval.key": key, "champion.verdict": "approved" if verdict.approved else "rejected",
-            "champion.reasons": "; ".join(verdict.reasons)[:4000], **summary}
-    for name, value in tags.items():
-        client.set_model_version_tag(REPORT_MODEL, version, name, value)
-    if description:  # shown on the model version's page in the UI
-        client.update_model_version(REPORT_MODEL, version, description=description[:5000])
-    if verdict.approved:
-        client.set_registered_model_alias(REPORT_MODEL, "champion", version)
-    client.update_registered_model(REPORT_MODEL, description=_model_description(
-        version, verdict, tags, sample_report))
-    if not verdict.approved:
-        return (f"champion unchanged: report-vlm version {version} rejected: "
-                + "; ".join(verdict.reasons))
-    return f"champion -> report-vlm version {version} (score {score:.4f})"
+def _evaluated(version) -> EvaluatedVersion:
+    try:
+        score = float(version.tags["eval.score"])
+    except (KeyError, ValueError):
+        score = None
+    return EvaluatedVersion(version.version, score if score is None or math.isfinite(score)
+                            else None, version.tags.get("eval.key"),
+                            version.tags.get("champion.verdict"))
 
 
-def _model_description(version: str, verdict, tags: Mapping[str, str], sample: str) -> str:
-    """The registered model's page: the champion, and the latest evaluation's verdict,
-    grounding gap and a sample report (its version's page has every score)."""
-    champion = alias_version(REPORT_MODEL, "champion")
-    lines = [f"**champion: version {champion}**" if champion else
-             "**champion: none yet** (no evaluated version has passed the champion gate)", "",
-             f"Latest evaluation: version {version}, champion gate: "
-             f"**{tags['champion.verdict']}**"
-             + (f" ({tags['champion.reasons']})" if not verdict.approved else ""), "",
-             f"- grounding gap: {tags.get('eval.grounding_gap', '?')} nats (caption loss with "
-             "another study's image minus with its own)",
-             f"- coarse finding F1: {tags.get('eval.coarse_f1', '?')} (blind baseline "
-             f"{tags.get('eval.blind_coarse_f1', '?')})"]
-    if sample:
-        lines += [f"- sample report: {sample[:1000]}"]
-    return "\n".join(lines)[:5000]
+def champion_state() -> EvaluatedVersion | None:
+    """The current `report-vlm@champion` and its recorded evaluation; None when there is none."""
+    number = alias_version(REPORT_MODEL, CHAMPION_ALIAS)
+    if number is None:
+        return None
+    version = call_or_none(MlflowClient().get_model_version, REPORT_MODEL, number,
+                           what="reading the champion")
+    return None if version is None else _evaluated(version)
+
+
+def evaluated_versions(key: str) -> list[EvaluatedVersion]:
+    """Every `report-vlm` version whose last evaluation was measured with `key`."""
+    return [_evaluated(v) for v in _versions(f"name='{REPORT_MODEL}' and tag.`eval.key` = '{key}'")]
+
+
+def record_evaluation(version: str, tags: Mapping[str, str], description: str = "") -> None:
+    """Tag a `report-vlm` version with its evaluation; `description` is its page in the UI."""
+    _set_version_tags(REPORT_MODEL, version, tags)
+    if description:
+        call_patiently(MlflowClient().update_model_version, REPORT_MODEL, version,
+                       description=description[:5000], what="describing a model version")
+
+
+def set_champion(version: str) -> None:
+    """Point `report-vlm@champion` at a version."""
+    call_patiently(MlflowClient().set_registered_model_alias, REPORT_MODEL, CHAMPION_ALIAS,
+                   version, what="moving champion")
+
+
+def describe_report_model(text: str) -> None:
+    """The registered model's page in the UI."""
+    call_patiently(MlflowClient().update_registered_model, REPORT_MODEL,
+                   description=text[:5000], what="describing report-vlm")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -15,10 +17,9 @@ from typing import Any, Callable, Iterator, Mapping
 import mlflow
 from mlflow.exceptions import ExecutionException, MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from pipeline import interrupts
-from pipeline.tracking.outage import call_patiently
+from pipeline.tracking.outage import call_or_none, call_patiently
 
 EXPERIMENT_NAME = "radiology-report-vlm"
 STAGE_TAG = "pipeline.stage"
@@ -82,14 +83,27 @@ def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None
         try:
             yield run
         except KeyboardInterrupt:
-            mlflow.set_tag(INTERRUPTED_TAG, "true")  # survives a status overwritten by `mlflow run`
-            mlflow.end_run("KILLED")
+            with _unless_unreachable("marking the run KILLED"):
+                mlflow.set_tag(INTERRUPTED_TAG, "true")  # survives `mlflow run`'s status
+                mlflow.end_run("KILLED")
             raise
         except BaseException:
-            mlflow.end_run("FAILED")
+            with _unless_unreachable("marking the run FAILED"):
+                mlflow.end_run("FAILED")
             raise
         else:
             call_patiently(mlflow.end_run, "FINISHED", what="ending the run")
+
+
+@contextlib.contextmanager
+def _unless_unreachable(what: str) -> Iterator[None]:
+    """While an error unwinds: a tracking failure is reported in one line, never raised, so
+    the error that ended the run stays the one raised and printed."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - any tracking failure; the real error follows
+        print(f"warning: {what} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})",
+              file=sys.stderr)
 
 
 def name_run(name: str) -> None:
@@ -299,20 +313,53 @@ def view_hint() -> str:
     """How to look at the runs: open the server's URL, or `mlflow ui` over a local store."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"open {shown_uri(uri)}"
     return f"mlflow ui --backend-store-uri {shown_uri(uri)}"
 
 
+DOWNLOADS_DIR = "report-vlm-downloads"  # under the system temp folder; one file per artifact
+
+
 def download_run_artifact(run_id: str, artifact_path: str) -> Path | None:
-    """A run's artifact as a local file, or None when it cannot be fetched."""
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path))
-    except (MlflowException, OSError):
+    """A run's artifact as a local file, or None when the run does not exist or lists no such
+    artifact. A server that does not answer is waited for, then raised: never an absence.
+
+    Absence is read from the listing: a `runs:/` download reports every failure, an
+    unreachable artifact store included, as a missing path. The file is downloaded into a folder
+    of our own (`<tmp>/report-vlm-downloads/<run_id>/`) through a temporary folder removed after
+    each call: MLflow, told nowhere, makes a new temporary folder per call on a remote store and
+    never removes it.
+    """
+    import shutil
+    import tempfile
+
+    client = MlflowClient()
+    folder = posixpath.dirname(artifact_path) or None
+    listed = call_or_none(client.list_artifacts, run_id, folder, what="listing artifacts")
+    if listed is None or artifact_path not in {f.path for f in listed}:
         return None
+    home = Path(tempfile.gettempdir()) / DOWNLOADS_DIR / run_id
+    home.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=home, prefix=".download-"))
+    try:
+        fetched = Path(call_patiently(mlflow.artifacts.download_artifacts, run_id=run_id,
+                                      artifact_path=artifact_path, dst_path=str(staging),
+                                      what=f"downloading {artifact_path}"))
+        target = home / artifact_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(fetched, target)  # a reader of an earlier download sees a whole file
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def find_reusable_run(entry_point: str, params: Mapping[str, str], git_commit: str | None):
-    """A FINISHED run of `entry_point` with the same params (as strings) and code version."""
+REUSE_TAGS = ("main.source_digest", "main.data_digest")  # main's reuse key, on each child run
+
+
+def find_reusable_run(entry_point: str, params: Mapping[str, str], key: Mapping[str, str]):
+    """A FINISHED run of `entry_point` with the same params (as strings) and reuse key (tags
+    `REUSE_TAGS`: the source tree's and the data's content digests). A run without the key
+    (from before it, or whose parent stopped before tagging it) is never reused."""
     client = MlflowClient()
     experiment_ids = all_experiment_ids(client)
     runs = client.search_runs(
@@ -320,20 +367,28 @@ def find_reusable_run(entry_point: str, params: Mapping[str, str], git_commit: s
                                       "attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=200)
     for run in runs:
-        if git_commit and run.data.tags.get(MLFLOW_GIT_COMMIT) != git_commit:
+        if any(run.data.tags.get(k) != str(v) for k, v in key.items()):
             continue
         if all(run.data.params.get(k) == str(v) for k, v in params.items()):
             return run
     return None
 
 
-def git_commit() -> str | None:
-    """The working tree's HEAD commit, if this is a git checkout."""
-    import subprocess
+def tag_run(run_id: str, tags: Mapping[str, str]) -> None:
+    """Set tags on a run by id (finished or not)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        call_patiently(client.set_tag, run_id, key, str(value), what="tagging a run")
 
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+
+def source_digest(root: str | Path | None = None) -> str:
+    """Short sha256 over the `.py` files of `pipeline/` and `steps/` (paths and contents): the
+    code version, with or without `.git`, uncommitted edits included."""
+    import hashlib
+
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for path in sorted(p for name in ("pipeline", "steps") for p in (root / name).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

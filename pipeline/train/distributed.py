@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -134,9 +135,12 @@ class World:
 SINGLE = World()
 
 
-def join_world(device: str = "auto") -> World:
-    """The world torchrun started this process in (opens the process group), or a single
-    process; either computes on the device `device` resolves to for this LOCAL_RANK.
+def join_world(device: str = "auto", timeout: timedelta | None = None) -> World:
+    """The world torchrun started this process in (opens the process group, its collectives
+    waiting up to `timeout`), or a single process; either computes on the device `device`
+    resolves to for this LOCAL_RANK.
+
+    `timeout` bounds every collective, the final barrier included (gloo's default: 30 min).
 
     On ranks other than 0 (which open no run, so get no stop handler from it), SIGINT and
     SIGTERM wait for the current step too: a rank that stopped mid-step would fail rank 0's
@@ -148,7 +152,8 @@ def join_world(device: str = "auto") -> World:
     if size <= 1:
         return World(device=resolved)
     if not dist.is_initialized():
-        dist.init_process_group(process_group_backend(resolved, size))
+        dist.init_process_group(process_group_backend(resolved, size),
+                                **({"timeout": timeout} if timeout else {}))
     world = World(rank=dist.get_rank(), size=dist.get_world_size(), device=resolved)
     if not world.is_main:
         for signum in interrupts.STOP_SIGNALS:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import CheckpointError, final_checkpoint_path
+from pipeline.checkpoint import CheckpointError, final_checkpoint_path, read_metadata
 from pipeline.config import to_dict
 
 OPTIM_PREFIX = "optim."
@@ -139,10 +139,44 @@ def resume_block(ckpt: Path, meta: dict, world_size: int) -> dict:
     return resume
 
 
-def find_interrupted(output_dir: str | Path, stem: str, final_name: str) -> Path | None:
-    """The newest run folder with step checkpoints `<stem><N>` but no `final_name` checkpoint."""
+def interrupted_runs(output_dir: str | Path, stem: str, final_name: str) -> list[Path]:
+    """Run folders with step checkpoints `<stem><N>` but no `final_name` checkpoint, newest
+    first."""
     candidates = [d for d in Path(output_dir).glob("*") if d.is_dir()
                   and latest_step_checkpoint(d, stem) is not None
                   and not (d / final_checkpoint_path(final_name)).exists()]
-    return max(candidates, key=lambda d: latest_step_checkpoint(d, stem).stat().st_mtime,
-               default=None)
+    return sorted(candidates, key=lambda d: latest_step_checkpoint(d, stem).stat().st_mtime,
+                  reverse=True)
+
+
+def find_interrupted(output_dir: str | Path, stem: str, final_name: str) -> Path | None:
+    """The newest run folder with step checkpoints `<stem><N>` but no `final_name` checkpoint."""
+    return next(iter(interrupted_runs(output_dir, stem, final_name)), None)
+
+
+def find_resumable(output_dir: str | Path, stem: str, final_name: str, cfg, world_size: int
+                   ) -> tuple[tuple[Path, dict] | None, list[str]]:
+    """The newest interrupted run trained with `cfg` on `world_size` ranks: (its latest step
+    checkpoint, its metadata), or None; and why each other interrupted run was passed over.
+
+    Every interrupted folder is considered, and the config is compared before the number of
+    ranks: an unrelated run (another config, another `nproc`) is passed over, never refused.
+    """
+    skipped = []
+    for folder in interrupted_runs(output_dir, stem, final_name):
+        ckpt = latest_step_checkpoint(folder, stem)
+        try:
+            meta = read_metadata(ckpt)
+        except CheckpointError as exc:
+            skipped.append(f"{folder.name}: {exc}")
+            continue
+        resume = meta.get("resume")
+        if not isinstance(meta.get("config"), dict) or not same_config(meta["config"], cfg):
+            skipped.append(f"{folder.name}: another config")
+        elif not isinstance(resume, dict):
+            skipped.append(f"{folder.name}: no resume state")
+        elif resume.get("world_size", 1) != world_size:
+            skipped.append(f"{folder.name}: trained on {resume.get('world_size', 1)} process(es)")
+        else:
+            return (ckpt, meta), skipped
+    return None, skipped
