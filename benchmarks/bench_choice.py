@@ -25,7 +25,7 @@ def main(checkpoint, split, beams, samples):
     """Print the top beam beside choices by findings among more and more candidates."""
     from pipeline.data import image_batch, load_dataset
     from pipeline.evaluate.scoring import score_reports
-    from pipeline.models.findings import label_f1
+    from pipeline.data.finding_metrics import label_f1
     from pipeline.models.loading import load_report_model
     from pipeline.models.report_model import choose_reports
 

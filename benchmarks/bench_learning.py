@@ -2,7 +2,7 @@
 
 Rows, each a Stage 2 run of the same number of steps, whole epochs (then greedy reports on the
 test split):
-  seed recipe          vicreg Stage 1 (lr 1e-5) -> plain visual prefix, lr 2e-5 everywhere
+  original recipe      vicreg Stage 1 (lr 1e-5) -> plain visual prefix, lr 2e-5 everywhere
   higher lr only       same init, plain prefix, lr 1e-3 everywhere
   + lr per module      same init, plain prefix, bridge 1e-3 / encoder 1e-4
   + classify-then-gen  same init, findings prompt + auxiliary finding loss
@@ -93,7 +93,8 @@ def _row(report_model, records, out: Path) -> dict:
 
 def _ceiling(model, records, image_size: int) -> dict:
     from pipeline.data import image_batch
-    from pipeline.models.findings import decode_findings, label_f1
+    from pipeline.data.finding_metrics import label_f1
+    from pipeline.models.findings import decode_findings
 
     with torch.no_grad():
         logits = model.eval().forward_with_findings(image_batch(records["test"], image_size))[1]
@@ -148,7 +149,7 @@ def main(profile: str, steps: int, llm_name: str, out: str | None, rows: str) ->
         "+ LoRA 1e-3, repetition penalty 1.2": ("findings", dict(lora, adapter_lr=1e-3,
                                                                  repetition_penalty=1.2)),
         "+ LoRA 5e-4, 2 epochs": ("findings", dict(lora, adapter_lr=5e-4, epochs_factor=2)),
-        "seed recipe (vicreg S1, lr 2e-5)": ("vicreg", dict(plain, lr=2e-5, encoder_lr=None)),
+        "original recipe (vicreg S1, lr 2e-5)": ("vicreg", dict(plain, lr=2e-5, encoder_lr=None)),
         "higher lr only (1e-3)": ("vicreg", dict(plain, lr=1e-3, encoder_lr=None)),
         "+ lr per module (1e-3 / 1e-4)": ("vicreg", dict(plain)),
         "+ classify-then-generate": ("vicreg", {}),

@@ -133,7 +133,7 @@ class Stage1Config:
     data: DataConfig = field(default_factory=DataConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     # `findings` (default): classify the findings the labeler reads from each training report
-    # (cannot collapse: its targets differ across images). The seed's recipe: vicreg, lr 1e-5.
+    # (cannot collapse: its targets differ across images). The original recipe: vicreg, lr 1e-5.
     objective: str = "findings"
     embed_dim: int = 576  # target width of the visual tokens (the LLM's hidden size)
     lr: float = 1e-3
@@ -158,7 +158,7 @@ class Stage2Config:
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    lr: float = 1e-3  # the bridge's (LLaVA's projector lr); the seed's recipe: 2e-5 everywhere
+    lr: float = 1e-3  # the bridge's (LLaVA's projector lr); the original recipe: 2e-5 everywhere
     encoder_lr: float | None = 1e-4  # encoder + finding head; None = lr
     adapter_lr: float = 5e-4  # the LLM's LoRA adapters (when llm.adapter_rank > 0)
     batch_size: int = 2

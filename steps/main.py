@@ -46,9 +46,9 @@ def _step(name: str, params: dict, key: dict, allow_fail: bool = False):
 @click.option("--objective", type=click.Choice(["auto", "findings", "vicreg", "l2_proxy"]),
               default="auto", show_default=True, help="Stage 1's; auto = findings")
 @click.option("--stage1_lr", "--stage1-lr", default="auto", show_default=True,
-              help="auto = 1e-3 (the seed's recipe: vicreg at 1e-5)")
+              help="auto = 1e-3 (the original recipe: vicreg at 1e-5)")
 @click.option("--stage2_lr", "--stage2-lr", default="auto", show_default=True,
-              help="the bridge's; auto = 1e-3 (the seed's recipe: 2e-5)")
+              help="the bridge's; auto = 1e-3 (the original recipe: 2e-5)")
 @click.option("--llm", default="auto", show_default=True,
               help="auto = the profile's LLM (tiny: tiny-random; demo, default: smollm2)")
 @click.option("--nproc", default="1", show_default=True,

@@ -23,7 +23,7 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
 @click.option("--image_dir", "--image-dir", default=None)
 @click.option("--epochs", default="auto", help="default: the profile's")
 @click.option("--lr", default="auto", show_default=True,
-              help="default 1e-3 (the seed's vicreg recipe: 1e-5)")
+              help="default 1e-3 (the original vicreg recipe: 1e-5)")
 @click.option("--batch_size", "--batch-size", default="auto", show_default=True,
               help="per process; default: the profile's (16; tiny: 2)")
 @click.option("--objective", type=click.Choice(["auto", "findings", "vicreg", "l2_proxy"]),

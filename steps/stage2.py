@@ -23,12 +23,12 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
 @click.option("--data", default=None, help="synthetic (default) or an annotation/CSV/JSONL path")
 @click.option("--image_dir", "--image-dir", default=None)
 @click.option("--epochs", default=None, help="default: the profile's")
-@click.option("--lr", default=None, help="the bridge's; default 1e-3 (the seed's recipe: 2e-5)")
+@click.option("--lr", default=None, help="the bridge's; default 1e-3 (the original recipe: 2e-5)")
 @click.option("--encoder_lr", "--encoder-lr", default=None,
               help="encoder + finding head; default 1e-4; 'same' = lr")
 @click.option("--findings", default=None, type=click.Choice(["true", "false"]),
               help="classify-then-generate + auxiliary finding loss (default true; false = "
-                   "the seed's plain visual-prefix recipe)")
+                   "the original plain visual-prefix recipe)")
 @click.option("--adapter_rank", "--adapter-rank", default=None,
               help="LoRA rank of the LLM's adapters (the profile's: 8; tiny: 2); 0 = no "
                    "adapters, the LLM purely frozen")

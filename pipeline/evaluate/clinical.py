@@ -14,7 +14,7 @@ import math
 from typing import Mapping, Sequence
 
 from pipeline.data.chexpert import OBSERVATIONS, POSITIVE, binary, label_chexpert
-from pipeline.models.findings import counts_f1, per_label_f1
+from pipeline.data.finding_metrics import counts_f1, macro, micro_counts, per_label_f1
 
 UNCERTAIN_AS = POSITIVE
 PARAMS = {"ce_labeler": "chexpert14-rules", "ce_uncertain": "positive"}
@@ -39,11 +39,8 @@ def chexpert_scores(references: Sequence[Mapping[str, int]],
     table = per_label_f1(references, hypotheses, OBSERVATIONS)
     out = {f"chexpert_f1/{_key(name)}": values["f1"] for name, values in table.items()}
     for key in ("precision", "recall", "f1"):
-        scored = [v[key] for v in table.values() if not math.isnan(v[key])]
-        out[f"chexpert_macro_{key}"] = sum(scored) / len(scored) if scored else math.nan
-    pairs = [(r[n], h[n]) for r, h in zip(references, hypotheses) for n in OBSERVATIONS]
-    micro = counts_f1(sum(r and h for r, h in pairs), sum(h and not r for r, h in pairs),
-                      sum(r and not h for r, h in pairs))
+        out[f"chexpert_macro_{key}"] = macro(table, key)
+    micro = counts_f1(*micro_counts(references, hypotheses, OBSERVATIONS))
     out.update({f"chexpert_micro_{k}": (0.0 if math.isnan(v) else v) for k, v in micro.items()})
     out["chexpert_n_scored"] = float(sum(not math.isnan(v["f1"]) for v in table.values()))
     return out

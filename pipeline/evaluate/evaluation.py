@@ -23,14 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from pipeline.data import DataError, ImageReportDataset, collate, dataset_digest, load_dataset
+from pipeline.data.finding_metrics import label_f1
 from pipeline.device import resolve_device
 from pipeline.evaluate.clinical import PARAMS as CE_PARAMS, chexpert_labels, chexpert_scores
 from pipeline.data.report_cleaning import DEFAULT_CLEANING
-from pipeline.models.findings import label_f1
 from pipeline.models.loading import load_report_model
 from pipeline.models.report_model import choose_reports, uses_findings
 from pipeline.train.split_pass import split_findings, split_grounding_losses
@@ -157,7 +156,7 @@ def best_constant_report(train_reports: list[str]) -> str:
     """The training report that, written for every training study, scores the highest coarse
     finding macro F1 (ties: fine macro F1, then the shorter report)."""
     from pipeline.data.labeler import COARSE_FINDINGS, FINDINGS, coarse_labels, label_report
-    from pipeline.models.findings import macro_f1, per_label_f1
+    from pipeline.data.finding_metrics import macro_f1, per_label_f1
 
     if not train_reports:
         raise ValueError("the blind baseline needs training reports")

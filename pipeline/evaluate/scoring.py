@@ -99,38 +99,18 @@ def nlg_scores(references: Sequence[str], hypotheses: Sequence[str], *,
     return scores
 
 
-def _label_scores(references: Sequence[dict], hypotheses: Sequence[dict], names: Sequence[str],
-                  prefix: str) -> dict[str, float]:
-    """Per-label precision/recall/F1, macro averages and pooled micro scores, under `prefix`."""
-    from pipeline.models.findings import counts_f1, per_label_f1
-
-    table = per_label_f1(references, hypotheses, names)
-    out: dict[str, float] = {}
-    for name, values in table.items():
-        out.update({f"{prefix}_{key}/{name}": value for key, value in values.items()})
-    for key in ("precision", "recall", "f1"):
-        scored = [v[key] for v in table.values() if not math.isnan(v[key])]
-        out[f"{prefix}_macro_{key}"] = sum(scored) / len(scored) if scored else math.nan
-    pooled = [sum(bool(r[n]) and bool(h[n]) for r, h in zip(references, hypotheses) for n in names),
-              sum(bool(h[n]) and not r[n] for r, h in zip(references, hypotheses) for n in names),
-              sum(bool(r[n]) and not h[n] for r, h in zip(references, hypotheses) for n in names)]
-    micro = counts_f1(*pooled)
-    out.update({f"{prefix}_micro_{key}": (0.0 if math.isnan(v) else v) for key, v in micro.items()})
-    out[f"{prefix}_n_scored"] = float(sum(not math.isnan(v["f1"]) for v in table.values()))
-    return out
-
-
 def finding_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
     """Finding scores of the 18 fine labels (`finding_*`) and the 6 coarse groups
     (`finding_coarse_*`: any side or zone, unlocalised mentions counted)."""
+    from pipeline.data.finding_metrics import label_scores
     from pipeline.data.labeler import COARSE_FINDINGS, FINDINGS, coarse_labels, label_report
 
     _check_pairs(references, hypotheses)
-    out = _label_scores([label_report(r) for r in references],
-                        [label_report(h) for h in hypotheses], FINDINGS, "finding")
-    out.update(_label_scores([coarse_labels(r) for r in references],
-                             [coarse_labels(h) for h in hypotheses], COARSE_FINDINGS,
-                             "finding_coarse"))
+    out = label_scores([label_report(r) for r in references],
+                       [label_report(h) for h in hypotheses], FINDINGS, "finding")
+    out.update(label_scores([coarse_labels(r) for r in references],
+                            [coarse_labels(h) for h in hypotheses], COARSE_FINDINGS,
+                            "finding_coarse"))
     return out
 
 

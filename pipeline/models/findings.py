@@ -4,7 +4,8 @@ Labels come from the rule-based labeler applied to each training report, so any 
 reports works with no extra annotation. The head predicts the 18 fine labels and the 6
 coarse groups (any side or zone) from the encoder tokens pooled to a few cells; the coarse logits
 decide which groups are present, the fine ones where (classify-then-generate: the predicted
-findings become plain words in the frozen LLM's prompt).
+findings become plain words in the frozen LLM's prompt). How findings are scored lives in
+`pipeline.data.finding_metrics`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.data.labeler import (COARSE_FINDINGS, FINDINGS, coarse_group, coarse_labels,
-                                   label_report, to_coarse)
+                                   label_report)
 
 FINE = tuple(name for name in FINDINGS if name != "no_finding")  # no_finding is derived
 COARSE = tuple(name for name in COARSE_FINDINGS if name != "no_finding")
@@ -135,39 +136,3 @@ def findings_text(labels: dict[str, int], absent: bool = False) -> str:
         missing = [words for group, words in _GROUP_WORDS.items() if group not in found]
         text += " Absent: " + (", ".join(missing) if missing else "none") + "."
     return text
-
-
-def counts_f1(tp: int, fp: int, fn: int) -> dict[str, float]:
-    """Precision, recall, F1 from counts; NaN when the label appears on neither side."""
-    if tp + fp + fn == 0:
-        return dict.fromkeys(("precision", "recall", "f1"), math.nan)
-    return {"precision": tp / (tp + fp) if tp + fp else 0.0,
-            "recall": tp / (tp + fn) if tp + fn else 0.0, "f1": 2 * tp / (2 * tp + fp + fn)}
-
-
-def per_label_f1(references: Sequence[dict], predictions: Sequence[dict],
-                 names: Sequence[str]) -> dict[str, dict[str, float]]:
-    """{name: {precision, recall, f1}} over paired label dicts."""
-    out = {}
-    for name in names:
-        pairs = [(bool(r[name]), bool(h[name])) for r, h in zip(references, predictions)]
-        out[name] = counts_f1(sum(r and h for r, h in pairs), sum(h and not r for r, h in pairs),
-                              sum(r and not h for r, h in pairs))
-    return out
-
-
-def macro_f1(table: dict[str, dict[str, float]]) -> float:
-    """Mean F1 over the labels that have one (NaN when none has)."""
-    values = [v["f1"] for v in table.values() if not math.isnan(v["f1"])]
-    return sum(values) / len(values) if values else math.nan
-
-
-def label_f1(reports: Sequence[str], predicted: Sequence[dict[str, int]],
-             prefix: str = "") -> dict[str, float]:
-    """Coarse and fine macro F1 of predicted fine labels against the reports' own labels."""
-    references = [label_report(r) for r in reports]
-    coarse_ref = [coarse_labels(r) for r in reports]
-    coarse_hyp = [to_coarse(p) for p in predicted]
-    return {f"{prefix}finding_coarse_macro_f1": macro_f1(
-                per_label_f1(coarse_ref, coarse_hyp, COARSE_FINDINGS)),
-            f"{prefix}finding_macro_f1": macro_f1(per_label_f1(references, predicted, FINDINGS))}

@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 import torch
 
 from pipeline import config as C
+from pipeline.data.finding_metrics import disagreement
 from pipeline.device import to_device
 from pipeline.models import captioning
-from pipeline.data.labeler import COARSE_FINDINGS, FINDINGS, coarse_labels, label_report, to_coarse
 from pipeline.models.findings import decode_findings, findings_text
 
 
@@ -146,14 +146,6 @@ def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_t
                     for i, (row, image) in enumerate(zip(rows, chunk))]
         candidates += [[text.strip() for text in row] for row in rows]
     return candidates, (given if findings else None)
-
-
-def disagreement(report: str, labels: dict[str, int]) -> tuple[int, int]:
-    """How far a report's findings, as the labeler reads them, are from `labels`: (coarse
-    groups that differ, fine labels that differ)."""
-    coarse, fine, wanted = coarse_labels(report), label_report(report), to_coarse(labels)
-    return (sum(coarse[k] != wanted[k] for k in COARSE_FINDINGS),
-            sum(fine[k] != int(labels.get(k, 0)) for k in FINDINGS))
 
 
 def report_token_limit(tokenizer, reports: Sequence[str], room: float = 1.1) -> int:

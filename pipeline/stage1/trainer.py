@@ -223,7 +223,8 @@ class Stage1Trainer:
 
     def _finding_scores(self) -> dict[str, float]:
         """Validation finding F1 of the head's decoded predictions (coarse and fine)."""
-        from pipeline.models.findings import decode_findings, label_f1
+        from pipeline.data.finding_metrics import label_f1
+        from pipeline.models.findings import decode_findings
 
         predicted, reports = [], []
         for batch in self.loaders.val():

@@ -23,7 +23,8 @@ from pipeline.models import captioning
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import Stage2Config, to_dict
 from pipeline.device import autocast, full_precision, to_device
-from pipeline.models.findings import finding_loss, label_f1, positive_weights
+from pipeline.data.finding_metrics import label_f1
+from pipeline.models.findings import finding_loss, positive_weights
 from pipeline.models.report_model import (caption_forward, generate_reports,
                                           report_token_limit, uses_findings)
 from pipeline.train.curve import degenerate, distinct_share, judge_epoch

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -69,33 +68,21 @@ def _experiment() -> None:
                 mlflow.set_experiment(EXPERIMENT_NAME)
 
 
-_STOP_SIGNALS = interrupts.STOP_SIGNALS
-
-
 @contextlib.contextmanager
 def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None,
               nested: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Open (or, under `mlflow run` / on resume, re-attach to) a run tagged with `stage`.
 
-    SIGINT and SIGTERM become KeyboardInterrupt so callers can save and end the run KILLED;
-    an interrupted run is never left RUNNING. After the first one, further SIGINT/SIGTERM are
-    ignored: under `mlflow run`, Ctrl-C reaches the whole process group and `mlflow run` then
-    sends SIGTERM to cancel its child at once; a second interrupt must not cut the save or the
-    KILLED status short, nor turn exit code 130 into death by signal.
+    SIGINT and SIGTERM become KeyboardInterrupt (`interrupts.stop_signals_raise`) so callers
+    can save and end the run KILLED; an interrupted run is never left RUNNING.
     """
     _experiment()
-    interrupts.reset()
-    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, _raise_interrupt)
-    interrupted = False
-    try:
+    with interrupts.stop_signals_raise():
         run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested)
         mlflow.set_tag(STAGE_TAG, stage)
         try:
             yield run
         except KeyboardInterrupt:
-            interrupted = True
             with _unless_unreachable("marking the run KILLED"):
                 mlflow.set_tag(INTERRUPTED_TAG, "true")  # survives `mlflow run`'s status
                 mlflow.end_run("KILLED")
@@ -106,10 +93,6 @@ def stage_run(stage: str, run_id: str | None = None, run_name: str | None = None
             raise
         else:
             call_patiently(mlflow.end_run, "FINISHED", what="ending the run")
-    finally:
-        if not interrupted:  # interrupted: the program is on its way out; keep the shield
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -121,12 +104,6 @@ def _unless_unreachable(what: str) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - any tracking failure; the real error follows
         print(f"warning: {what} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})",
               file=sys.stderr)
-
-
-def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
-    for stop in _STOP_SIGNALS:  # shield the save and end_run from a second interrupt
-        signal.signal(stop, signal.SIG_IGN)
-    interrupts.request_stop(signum)  # raises now, or when the current training step ends
 
 
 def name_run(name: str) -> None:
