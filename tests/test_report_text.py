@@ -102,3 +102,22 @@ def test_generation_is_bounded_by_the_longest_training_report():
     longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in TRAIN)
     limit = report_token_limit(tokenizer, TRAIN)
     assert longest < limit <= int(longest * 1.1) + 2
+
+
+def test_contradicting_sentences_are_dropped_by_the_findings_given():
+    from pipeline.data.report_text import resolve_contradictions
+
+    report = ("No focal consolidation. The heart is normal in size. Right middle zone nodule. "
+              "Right lower zone consolidation, likely pneumonia.")
+    # The findings say consolidation: its denial goes, every other sentence stays as written.
+    fixed = resolve_contradictions(report, {"consolidation", "nodule"})
+    assert fixed == ("The heart is normal in size. Right middle zone nodule. "
+                     "Right lower zone consolidation, likely pneumonia.")
+    assert contradictions(fixed) == []
+    # The findings say no consolidation: the assertion goes instead.
+    assert resolve_contradictions(report, {"nodule"}) == \
+        "No focal consolidation. The heart is normal in size. Right middle zone nodule."
+    # No findings known: a finding is never dropped, its denial is.
+    assert "pneumonia" in resolve_contradictions(report)
+    clean = "The heart is enlarged. No pneumothorax."
+    assert resolve_contradictions(clean, set()) == clean

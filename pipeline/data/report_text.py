@@ -176,6 +176,30 @@ def contradictions(report: str) -> list[str]:
     return [g for g in COARSE_FINDINGS if g in clash]
 
 
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+
+
+def resolve_contradictions(report: str, present: set[str] | None = None) -> str:
+    """The report without the sentences that make it contradict itself: for each finding group
+    both asserted and denied, the denials go when the group is `present` (the findings the
+    report was written from; None: keep every assertion, a finding is never dropped), else
+    the assertions. Nothing is added or reworded: what stays is the writer's own text."""
+    clash = set(contradictions(report))
+    if not clash:
+        return report
+    kept = []
+    for sentence in _SENTENCE_BREAK.split(report.strip()):
+        text = " ".join(sentences(sentence))
+        asserted = {g for g, v in coarse_labels(text).items() if v}
+        groups, sided = _denied(text)
+        denied = groups | {name.split("_", 1)[0] for name in sided}
+        drop = any(g in denied if present is None or g in present else g in asserted
+                   for g in clash)
+        if not drop:
+            kept.append(sentence)
+    return " ".join(kept) or report
+
+
 @dataclass(frozen=True)
 class ReportReading:
     """How one report reads as a report."""

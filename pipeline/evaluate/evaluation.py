@@ -66,7 +66,11 @@ def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_s
         given = None if labels is None else given + labels
     chosen = choose_reports(candidates, given, report_model.cfg.choose_by_findings,
                             report_model.style)
-    return chosen, [options[0] for options in candidates], max(map(len, candidates), default=1)
+    written = choose_reports([[c] for c in chosen], given, False,
+                             repair=report_model.cfg.resolve_contradictions)
+    repaired = sum(w != c for w, c in zip(written, chosen)) / max(1, len(chosen))
+    return written, [options[0] for options in candidates], \
+        max(map(len, candidates), default=1), repaired
 
 
 def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: str = "test",
@@ -99,7 +103,7 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     decodings = [("greedy", 1)] + ([("beam", num_beams)] if num_beams > 1 else [])
     best = None
     for name, beams in decodings:
-        generated, top_beam, n_candidates = _generate_all(report_model, records, beams,
+        generated, top_beam, n_candidates, repaired = _generate_all(report_model, records, beams,
                                                           max_new_tokens)
         table[f"generated_{name}"] = generated
         scores = {**score_reports(references, generated, meteor=meteor),
@@ -107,9 +111,11 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
         metrics.update({f"{name}_{k}": float(v) for k, v in scores.items()})
         metrics.update({f"{name}_{k}": v for k, v in
                         chexpert_scores(reference_labels, chexpert_labels(generated)).items()})
-        if top_beam != generated:  # the top beam alone, side by side with the chosen one
-            top = score_reports(references, top_beam, meteor=False)
+        if top_beam != generated:  # the first candidate as written, beside the one scored
+            top = {**score_reports(references, top_beam, meteor=False),
+                   **language_scores(top_beam, style)}
             metrics.update({f"{name}_top_{k}": float(top[k]) for k in TOP_BEAM_KEYS})
+        metrics[f"{name}_repaired_share"] = repaired  # reports with contradicting sentences dropped
         best = scores  # the last decoding (beam when run) picks the champion
     weights = DEFAULT_SCORE_WEIGHTS
     definition = " + ".join(f"{w:g}*{k}" for k, w in weights.items()) + \
@@ -145,7 +151,8 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
                        {"text_cleaning": DEFAULT_CLEANING, **CE_PARAMS}, data_cfg.source)
 
 
-TOP_BEAM_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider")
+TOP_BEAM_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider", "report_form",
+                 "contradiction_share")
 BLIND_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider", "rouge_l",
               "report_form", "contradiction_share")
 BLIND_CE_KEYS = tuple(f"chexpert_{avg}_{k}" for avg in ("micro", "macro")

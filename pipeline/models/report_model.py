@@ -17,6 +17,8 @@ import torch
 
 from pipeline import config as C
 from pipeline.data.finding_metrics import disagreement
+from pipeline.data.labeler import to_coarse
+from pipeline.data.report_text import resolve_contradictions
 from pipeline.device import to_device
 from pipeline.models import captioning
 from pipeline.models.findings import decode_findings, findings_text
@@ -171,25 +173,35 @@ def choice_key(report: str, labels: dict | None, style=None) -> tuple:
 
 
 def choose_reports(candidates: Sequence[Sequence[str]], given: Sequence[dict] | None,
-                   by_findings: bool = True, style=None) -> list[str]:
+                   by_findings: bool = True, style=None, repair: bool = False) -> list[str]:
     """One report per image among the LLM's own candidates: the best by `choice_key` (no
     self-contradiction, the findings its prompt was given, report form; ties: the better
-    beam); the top beam when not choosing."""
+    beam); the top beam when not choosing. With `repair`, the sentences by which the chosen
+    report still contradicts itself are dropped (`resolve_contradictions`, deciding by the
+    findings it was given)."""
     if not by_findings or (given is None and style is None):
-        return [options[0] for options in candidates]
-    given = given if given is not None else [None] * len(candidates)
-    return [min(enumerate(options), key=lambda io: (choice_key(io[1], labels, style), io[0]))[1]
-            for options, labels in zip(candidates, given)]
+        chosen = [options[0] for options in candidates]
+    else:
+        labels_of = given if given is not None else [None] * len(candidates)
+        chosen = [min(enumerate(options),
+                      key=lambda io: (choice_key(io[1], labels, style), io[0]))[1]
+                  for options, labels in zip(candidates, labels_of)]
+    if not repair:
+        return chosen
+    present = [None] * len(chosen) if given is None else \
+        [{g for g, v in to_coarse(labels).items() if v} for labels in given]
+    return [resolve_contradictions(report, groups) for report, groups in zip(chosen, present)]
 
 
 def generate_reports(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
                      num_beams: int = 1, batch_size: int = 8, findings: bool = False,
-                     by_findings: bool = True, **generate_kwargs) -> list[str]:
+                     by_findings: bool = True, repair: bool = False,
+                     **generate_kwargs) -> list[str]:
     """One report per image (greedy when num_beams == 1; with findings, the candidate that
     writes the given findings best)."""
     candidates, given = generate_candidates(model, llm, images, prompt, max_new_tokens,
                                             num_beams, batch_size, findings, **generate_kwargs)
-    return choose_reports(candidates, given, by_findings)
+    return choose_reports(candidates, given, by_findings, repair=repair)
 
 
 @dataclass
@@ -211,7 +223,8 @@ class ReportModel:
                  **kwargs) -> list[str]:
         """Reports for a batch of images (B, 1, S, S)."""
         return choose_reports(*self.candidates(images, num_beams, max_new_tokens, **kwargs),
-                              by_findings=self.cfg.choose_by_findings, style=self.style)
+                              by_findings=self.cfg.choose_by_findings, style=self.style,
+                              repair=self.cfg.resolve_contradictions)
 
     def candidates(self, images: torch.Tensor, num_beams: int = 1,
                    max_new_tokens: int | None = None, **kwargs

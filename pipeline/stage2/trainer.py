@@ -300,6 +300,7 @@ class Stage2Trainer:
                                 min(self.cfg.max_new_tokens, self.report_token_limit),
                                 findings=self.findings,
                                 system=self.cfg.system_prompt, absent=self.cfg.prompt_absent,
+                                repair=self.cfg.resolve_contradictions,
                                 repetition_penalty=self.cfg.repetition_penalty)
 
     def _image_ignored(self) -> bool:
