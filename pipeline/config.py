@@ -268,7 +268,8 @@ _BRIDGE_PROFILES = {
 # labels still give well under 0.1).
 _REPORT_RECIPE = {
     "llm": {"adapter_rank": 8, "adapter_alpha": 16.0}, "adapter_lr": 5e-4,
-    "system_prompt": "You are a radiologist. You write chest X-ray reports.",
+    # The system turn says what to write, so the user turn is the findings alone.
+    "system_prompt": "You are a radiologist. You write chest X-ray reports.", "prompt": "",
     "resolve_contradictions": True,
     "bands": ((1, 0.6, 3.5), (2, 0.4, 2.5), (5, 0.25, 1.8), (20, 0.1, 1.2), (50, 0.05, 1.0)),
 }
@@ -278,7 +279,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                  "data": _DATA_PROFILES["tiny"], "embed_dim": 64, "epochs": 2,
                  "batch_size": 2, "checkpoint_every": 4, "health": _TINY_HEALTH},
         "demo": {"encoder": _ENCODER_PROFILES["demo"], "bridge": _BRIDGE_PROFILES["demo"],
-                 "data": _DATA_PROFILES["demo"], "epochs": 60, "checkpoint_every": 200},
+                 "data": _DATA_PROFILES["demo"], "epochs": 45, "checkpoint_every": 200},
         "default": {},
     },
     "Stage2Config": {

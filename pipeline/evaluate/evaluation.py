@@ -52,7 +52,7 @@ class EvalOutcome:
     data_source: str = ""  # the data evaluated: `synthetic` means the model's own training data
 
 
-def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_size: int = 8):
+def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_size: int = 16):
     """(the reports the model writes, the top beam's) for every record, and how many
     candidates it chose among."""
     dataset = ImageReportDataset(records, report_model.cfg.encoder.image_size)

@@ -117,7 +117,7 @@ def _samples(llm, visual: torch.Tensor, prompt_ids, seed: int, samples: int,
 
 @torch.no_grad()
 def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
-                        num_beams: int = 1, batch_size: int = 8, findings: bool = False,
+                        num_beams: int = 1, batch_size: int = 16, findings: bool = False,
                         samples: int = 0, seed: int = 0, temperature: float = 0.7,
                         system: str | None = None, absent: bool = False, **generate_kwargs
                         ) -> tuple[list[list[str]], list[dict] | None]:
@@ -194,7 +194,7 @@ def choose_reports(candidates: Sequence[Sequence[str]], given: Sequence[dict] | 
 
 
 def generate_reports(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
-                     num_beams: int = 1, batch_size: int = 8, findings: bool = False,
+                     num_beams: int = 1, batch_size: int = 16, findings: bool = False,
                      by_findings: bool = True, repair: bool = False,
                      **generate_kwargs) -> list[str]:
     """One report per image (greedy when num_beams == 1; with findings, the candidate that

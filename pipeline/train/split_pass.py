@@ -14,7 +14,7 @@ from pipeline.models.report_model import caption_forward
 
 @torch.no_grad()
 def split_grounding_losses(model, llm, records: Sequence, image_size: int, cfg,
-                           batch_size: int = 8) -> tuple[float, float]:
+                           batch_size: int = 16) -> tuple[float, float]:
     """`grounding_losses` over `records`, decoding one batch at a time.
 
     The same batches and pairs as `grounding_losses(images of all records, ...)`: report i is
@@ -44,7 +44,7 @@ def split_grounding_losses(model, llm, records: Sequence, image_size: int, cfg,
 
 @torch.no_grad()
 def split_findings(model, records: Sequence, image_size: int,
-                   batch_size: int = 8) -> list[dict[str, int]]:
+                   batch_size: int = 16) -> list[dict[str, int]]:
     """The finding head's decoded labels for every record, one batch of films at a time."""
     was_training = model.training
     model.eval()
