@@ -44,7 +44,7 @@ def test_split_pass_gives_the_whole_split_numbers(tiny_model, records):
     whole = grounding_losses(tiny_model.model, tiny_model.llm, images, [r.report for r in records],
                              tiny_model.cfg)
     batched = split_grounding_losses(tiny_model.model, tiny_model.llm, records, size,
-                                     tiny_model.cfg)  # the same batches of 8
+                                     tiny_model.cfg)  # the same batches (16 by default on both sides)
     assert batched == pytest.approx(whole, rel=1e-5)
     if tiny_model.model.has_findings:
         assert split_findings(tiny_model.model, records, size, batch_size=4) == \

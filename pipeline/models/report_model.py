@@ -74,7 +74,7 @@ def caption_forward(model, llm, images: torch.Tensor, reports: Sequence[str], cf
 
 @torch.no_grad()
 def grounding_losses(model, llm, images: torch.Tensor, reports: Sequence[str],
-                     cfg: C.Stage2Config, batch_size: int = 8) -> tuple[float, float]:
+                     cfg: C.Stage2Config, batch_size: int = 16) -> tuple[float, float]:
     """(mean caption loss with each report's own image, with the images shifted by one study).
 
     Same batches and reports on both sides; only the images move, and with them everything
