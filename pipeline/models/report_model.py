@@ -19,7 +19,7 @@ from pipeline import config as C
 from pipeline.data.finding_metrics import disagreement
 from pipeline.data.labeler import to_coarse
 from pipeline.data.report_text import resolve_contradictions
-from pipeline.device import to_device
+from pipeline.device import to_device, to_storage
 from pipeline.models import captioning
 from pipeline.models.findings import decode_findings, findings_text
 
@@ -99,7 +99,7 @@ def grounding_losses(model, llm, images: torch.Tensor, reports: Sequence[str],
 def image_seed(seed: int, image: torch.Tensor) -> int:
     """A sampling seed from `seed` and the image's own bytes: an image draws the same samples
     alone or anywhere in any batch."""
-    data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    data = to_storage(image).float().contiguous().numpy().tobytes()
     digest = hashlib.sha256(str(int(seed)).encode() + b":" + data).digest()
     return int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes < 2**63
 
