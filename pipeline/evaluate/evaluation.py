@@ -31,7 +31,7 @@ from pipeline.device import resolve_device
 from pipeline.evaluate.clinical import PARAMS as CE_PARAMS, chexpert_labels, chexpert_scores
 from pipeline.data.report_cleaning import DEFAULT_CLEANING
 from pipeline.models.loading import load_report_model
-from pipeline.models.report_model import choose_reports, uses_findings
+from pipeline.models.report_model import choose_reports, repair_reports, uses_findings
 from pipeline.train.split_pass import split_findings, split_grounding_losses
 
 
@@ -66,8 +66,7 @@ def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_s
         given = None if labels is None else given + labels
     chosen = choose_reports(candidates, given, report_model.cfg.choose_by_findings,
                             report_model.style)
-    written = choose_reports([[c] for c in chosen], given, False,
-                             repair=report_model.cfg.resolve_contradictions)
+    written = repair_reports(chosen, given) if report_model.cfg.resolve_contradictions else chosen
     repaired = sum(w != c for w, c in zip(written, chosen)) / max(1, len(chosen))
     return written, [options[0] for options in candidates], \
         max(map(len, candidates), default=1), repaired

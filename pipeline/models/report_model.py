@@ -18,7 +18,7 @@ import torch
 from pipeline import config as C
 from pipeline.data.finding_metrics import disagreement
 from pipeline.data.labeler import to_coarse
-from pipeline.data.report_text import resolve_contradictions
+from pipeline.data.report_text import contradictions, resolve_contradictions
 from pipeline.device import to_device, to_storage
 from pipeline.models import captioning
 from pipeline.models.findings import decode_findings, findings_text
@@ -162,8 +162,6 @@ def choice_key(report: str, labels: dict | None, style=None) -> tuple:
     """How a candidate ranks (lower is better): self-contradiction first, then the findings'
     disagreement with `labels` (coarse, fine), then the share of its sentences out of the
     training reports' form (with a `style`)."""
-    from pipeline.data.report_text import contradictions
-
     form = 0.0
     if style is not None:
         in_form, n = style.form(report)
@@ -186,11 +184,15 @@ def choose_reports(candidates: Sequence[Sequence[str]], given: Sequence[dict] | 
         chosen = [min(enumerate(options),
                       key=lambda io: (choice_key(io[1], labels, style), io[0]))[1]
                   for options, labels in zip(candidates, labels_of)]
-    if not repair:
-        return chosen
-    present = [None] * len(chosen) if given is None else \
+    return repair_reports(chosen, given) if repair else chosen
+
+
+def repair_reports(reports: Sequence[str], given: Sequence[dict] | None) -> list[str]:
+    """Each report without the sentences by which it contradicts itself
+    (`resolve_contradictions`, deciding by the findings its prompt was given, if any)."""
+    present = [None] * len(reports) if given is None else \
         [{g for g, v in to_coarse(labels).items() if v} for labels in given]
-    return [resolve_contradictions(report, groups) for report, groups in zip(chosen, present)]
+    return [resolve_contradictions(report, groups) for report, groups in zip(reports, present)]
 
 
 def generate_reports(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
