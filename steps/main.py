@@ -96,12 +96,16 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, nproc, stop_on_rej
         _summary(parent.info.run_id, s1, s2, ev)
 
 
+SUMMARY_KEYS = ("bleu4", "cider", "rouge_l", "finding_macro_f1", "finding_coarse_macro_f1",
+                "chexpert_micro_f1", "chexpert_macro_f1", "report_form", "contradiction_share",
+                "preamble_share", "distinct_share")
+
+
 def _summary(parent_id: str, s1: str, s2: str, ev: str) -> None:
     metrics = run_metrics(ev)
     shown = {k: round(v, 4) for k, v in sorted(metrics.items())
              if (k.startswith(("beam_", "greedy_", "blind_"))
-                 and k.split("_", 1)[1] in ("bleu4", "cider", "finding_macro_f1",
-                                            "finding_coarse_macro_f1", "distinct_share"))
+                 and k.split("_", 1)[1] in SUMMARY_KEYS)
              or k == "grounding_gap"}
     log_metrics({f"eval_{k}": v for k, v in shown.items()})
     click.echo("\n== pipeline finished ==")

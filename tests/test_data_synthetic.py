@@ -90,6 +90,51 @@ def test_each_finding_is_visible_where_the_report_puts_it(study, sign, rows, col
         assert (np.mean(xs) > size / 2) == (cols == "right"), (study, seed, np.mean(xs))
 
 
+def _change(study: Study, seed: int, size: int = 64) -> np.ndarray:
+    normal = Study(False, (), None, None, None)
+    return (draw_study(study, size, np.random.default_rng(seed)).astype(np.int16)
+            - draw_study(normal, size, np.random.default_rng(seed)))
+
+
+@pytest.mark.parametrize("study, cols", [
+    (Study(False, (), None, None, None, atelectasis="left"), "right"),
+    (Study(False, (), None, None, None, atelectasis="right"), "left"),
+    (Study(False, (), None, None, None, opacity="left"), "right"),
+    (Study(False, (), None, None, None, opacity="right"), "left"),
+    (Study(False, (), None, None, None, fracture="left"), "right"),
+    (Study(False, (), None, None, None, fracture="right"), "left"),
+    (Study(False, (), None, None, None, devices=("pacemaker",)), "right"),  # left chest wall
+    (Study(False, (), None, None, None, devices=("line",)), "left"),  # right jugular
+])
+def test_v2_sided_findings_brighten_the_stated_side(study, cols):
+    for seed in range(4):
+        ys, xs = np.nonzero(_change(study, seed) > 12)
+        assert len(ys) > 3, f"{study} not visible (seed {seed})"
+        assert (np.mean(xs) > 32) == (cols == "right"), (study, seed, np.mean(xs))
+
+
+@pytest.mark.parametrize("study", [
+    Study(False, (), None, None, None, mediastinum=True),
+    Study(False, (), None, None, None, edema=True),
+    Study(False, (), None, None, None, devices=("tube",)),
+])
+def test_v2_midline_and_bilateral_findings_are_visible_near_the_middle(study):
+    for seed in range(4):
+        ys, xs = np.nonzero(_change(study, seed) > 12)
+        assert len(ys) > 5, f"{study} not visible (seed {seed})"
+        assert abs(np.mean(xs) - 32) < 10, (study, seed, np.mean(xs))
+
+
+def test_v2_reports_hedge_some_findings_and_chexpert_reads_them_as_uncertain():
+    from pipeline.data.chexpert import UNCERTAIN, label_chexpert
+    uncertain = 0
+    for i in range(400):
+        rng = np.random.default_rng([0, i])
+        report = write_report(sample_study(rng), rng)
+        uncertain += UNCERTAIN in label_chexpert(report).values()
+    assert 0.1 < uncertain / 400 < 0.5, uncertain
+
+
 def test_cached_set_is_not_regenerated(tmp_path):
     path = generate_synthetic(tmp_path, seed=0, **TINY)
     png = tmp_path / "images" / "SYN-00000" / "0.png"
@@ -124,3 +169,25 @@ def test_load_dataset_synthetic_with_subsets(tmp_path):
     assert (tmp_path / "synthetic_s0_12_4_4_32" / "annotation.json").is_file()
     with pytest.raises(DataError, match="train split is empty"):
         load_dataset(DataConfig(root=str(tmp_path), max_train=0, **TINY))
+
+
+def test_v2_reports_read_the_same_by_both_labelers():
+    """Each coarse group of a study is what the CheXpert-14 labeler reads for its observation
+    (positive or uncertain): the benchmark exercises the label space papers report on. Lung
+    Opacity is CheXpert's parent of every opacity (edema's haziness, consolidation), so only
+    the hazy-opacity group implies it; a hedged "cannot exclude pneumonia" is Pneumonia."""
+    from pipeline.data.chexpert import POSITIVE, UNCERTAIN, label_chexpert
+    from pipeline.data.labeler import CHEXPERT_OF, COARSE_FINDINGS, to_coarse
+    disagree = []
+    for i in range(300):
+        rng = np.random.default_rng([0, i])
+        study = sample_study(rng)
+        report = write_report(study, rng)
+        read = label_chexpert(report)
+        coarse = to_coarse(study.labels())
+        for group in COARSE_FINDINGS[:-1]:
+            observations = [CHEXPERT_OF[group]] + ["Pneumonia"] * (group == "consolidation")
+            found = any(read[name] in (POSITIVE, UNCERTAIN) for name in observations)
+            if coarse[group] != found and not (group == "opacity" and found):
+                disagree.append((group, report))
+    assert not disagree, disagree[:5]

@@ -319,7 +319,8 @@ def _passing_metrics() -> dict[str, float]:
     return {"finding_coarse_macro_f1": 0.9, "blind_finding_coarse_macro_f1": 0.2,
             "grounding_gap": 1.0, "score": 0.5, "bleu4": 0.4, "blind_bleu4": 0.1,
             "cider": 1.0, "blind_cider": 0.2, "report_form": 0.95, "reference_report_form": 1.0,
-            "contradiction_share": 0.0, "preamble_share": 0.0}
+            "contradiction_share": 0.0, "preamble_share": 0.0, "chexpert_micro_f1": 0.6,
+            "blind_chexpert_micro_f1": 0.3}
 
 
 def test_champion_rules_are_conditions_over_a_metrics_dict_and_extend_by_appending():

@@ -79,7 +79,8 @@ _DIRECT: dict[str, list[tuple[re.Pattern, int]]] = {
 
 _MENTIONS: dict[str, re.Pattern] = {
     "Enlarged Cardiomediastinum": _rx(
-        rf"\b(?:enlarged|enlargement of the|widened|widening of the|prominent) {_MEDIASTINUM}",
+        rf"\b(?:enlarged|enlargement of the|widened|widening of the|prominent) (?:superior )?"
+        rf"{_MEDIASTINUM}",
         rf"\b{_MEDIASTINUM}\s+(?:(?:is|are|appears?|remains?)\s+)*(?:\w+\s+){{0,3}}?"
         r"(?:enlarged|widened|widening|prominent)",
         r"\bmediastinal (?:widening|enlargement|mass|shift)"),

@@ -15,14 +15,15 @@ How it reads:
   nearest side/zone word in its part of the clause. "Left" and "right" are the patient's.
   A finding whose side (or, for nodules and consolidation, zone) cannot be read gets the
   unlocalised fine label of its kind (`effusion_unlocalised`, ...; `UNLOCALISED`), which
-  `label_report` returns beside the 18 localised ones and `no_finding`: it is a finding,
+  `label_report` returns beside the placed ones and `no_finding`: it is a finding,
   never "no finding", though no side-specific label can be matched to it (unless the report
   places that finding in another mention: "lingula consolidation, likely pneumonia").
 - `no_finding` is 1 exactly when no other finding (unlocalised ones included) is.
 
-`coarse_labels(text)` reads the same report into `COARSE_FINDINGS`, six groups that ignore
-side and zone ("There is a large pleural effusion." -> effusion): the unit that small models
-and small datasets can be judged on.
+`coarse_labels(text)` reads the same report into `COARSE_FINDINGS`: eleven groups that ignore
+side and zone ("There is a large pleural effusion." -> effusion), and `no_finding`; the unit
+that small models and small datasets can be judged on. Each group is one of CheXpert's 14
+observations (`CHEXPERT_OF`); Pneumonia and Pleural Other have no group of their own.
 """
 from __future__ import annotations
 
@@ -31,21 +32,36 @@ from dataclasses import dataclass
 
 SIDES = ("left", "right")
 ZONES = ("upper", "middle", "lower")
+# Kinds by how they are placed: side and zone, side only, or not at all.
+ZONED = ("nodule", "consolidation")
+SIDED = ("effusion", "pneumothorax", "atelectasis", "opacity", "fracture")
+UNPLACED = ("cardiomegaly", "enlarged_cardiomediastinum", "edema", "devices")
 FINDINGS: tuple[str, ...] = (
     "cardiomegaly",
     "effusion_left", "effusion_right",
     "pneumothorax_left", "pneumothorax_right",
     *(f"nodule_{side}_{zone}" for side in SIDES for zone in ZONES),
     *(f"consolidation_{side}_{zone}" for side in SIDES for zone in ZONES),
+    "enlarged_cardiomediastinum",
+    *(f"{kind}_{side}" for kind in ("atelectasis", "opacity", "fracture") for side in SIDES),
+    "edema", "devices",
     "no_finding",
 )
 # An affirmed finding whose place cannot be read (read by `label_report`, not predicted by
 # the finding head: it has nothing to localise).
-UNLOCALISED: tuple[str, ...] = tuple(f"{kind}_unlocalised" for kind in
-                                     ("effusion", "pneumothorax", "nodule", "consolidation"))
+UNLOCALISED: tuple[str, ...] = tuple(f"{kind}_unlocalised" for kind in (*ZONED, *SIDED))
 # Coarse groups: any side or zone, unlocalised mentions counted. Fine label -> group by prefix.
 COARSE_FINDINGS: tuple[str, ...] = ("cardiomegaly", "effusion", "pneumothorax", "nodule",
-                                    "consolidation", "no_finding")
+                                    "consolidation", "enlarged_cardiomediastinum",
+                                    "atelectasis", "opacity", "fracture", "edema", "devices",
+                                    "no_finding")
+# Each coarse group as the CheXpert observation it reports (`pipeline.data.chexpert`).
+CHEXPERT_OF = {"cardiomegaly": "Cardiomegaly", "effusion": "Pleural Effusion",
+               "pneumothorax": "Pneumothorax", "nodule": "Lung Lesion",
+               "consolidation": "Consolidation",
+               "enlarged_cardiomediastinum": "Enlarged Cardiomediastinum",
+               "atelectasis": "Atelectasis", "opacity": "Lung Opacity", "fracture": "Fracture",
+               "edema": "Edema", "devices": "Support Devices", "no_finding": "No Finding"}
 
 # (kind, pattern, predicative). A predicative mention carries its own verb ("the heart is
 # enlarged"), so a negation cue after it belongs to some other subject.
@@ -69,6 +85,20 @@ _MENTIONS = [
     ("consolidation", r"consolidat\w*(?: (?:opacity|opacities|changes?))?"
                       r"|airspace (?:disease|opacity|opacities|opacification|process)"
                       r"|pneumonias?|infiltrates?|infiltration", False),
+    ("enlarged_cardiomediastinum",
+     r"(?:widened|widening of(?: the)?|wide|prominent|enlarged) (?:superior )?"
+     r"(?:mediastinum|mediastinal(?: silhouette| contours?| width)?)", False),
+    ("enlarged_cardiomediastinum",
+     r"(?:superior )?(?:mediastinum|mediastinal(?: silhouette| contours?| width)?)"
+     r" (?:is|are|appears|remains|seems)(?: (?:mildly|moderately|markedly|slightly|again"
+     r"|still|now))* (?:widened|wide|prominent|enlarged)", True),
+    ("atelectasis", r"atelecta(?:sis|ses|tic(?: changes?)?)", False),
+    ("opacity", r"(?:hazy|ground[- ]glass|ill[- ]defined|veil[- ]like)"
+                r" (?:opacity|opacities|opacification)", False),
+    ("fracture", r"fractures?", False),
+    ("edema", r"edema", False),
+    ("devices", r"endotracheal tube|(?:central venous|central|picc) (?:line|catheter)"
+                r"|pacemaker|pacer|(?:enteric|nasogastric|feeding) tube", False),
 ]
 _MENTION_RES = [(kind, re.compile(rf"\b(?:{pat})\b"), pred) for kind, pat, pred in _MENTIONS]
 
@@ -256,12 +286,12 @@ def _clause_findings(tokens: list[str]) -> set[str]:
     for index, (m, region) in enumerate(zip(mentions, _regions(mentions, tokens))):
         if _pre_negated(m, tokens, pre, breaks) or _post_negated(index, mentions, tokens, post):
             continue
-        if m.kind == "cardiomegaly":
-            out.add("cardiomegaly")
+        if m.kind in UNPLACED:
+            out.add(m.kind)
             continue
         sides, zones = _locate(m, tokens, region)
         out.add(f"group:{m.kind}")  # the coarse group, whether or not its place can be read
-        placed = {f"{m.kind}_{side}" for side in sides} if m.kind in ("effusion", "pneumothorax") \
+        placed = {f"{m.kind}_{side}" for side in sides} if m.kind in SIDED \
             else {f"{m.kind}_{side}_{zone}" for side in sides for zone in zones}
         out |= placed or {f"{m.kind}_unlocalised"}
     return out

@@ -48,6 +48,9 @@ _NORMAL = {
         r"(?: is| are| appears| remains)?(?: normal| within normal limits| unremarkable)"
         r"|\bnormal (?:heart|cardiac|cardiomediastinal)(?: size| silhouette| contours?)?"),
     "consolidation": re.compile(r"\blungs? (?:are |is )?(?:\w+ )?(?:and )?clear\b"),
+    "enlarged_cardiomediastinum": re.compile(
+        r"\b(?:cardio)?mediastin(?:um|al)(?: silhouette| contours?)?(?: is| are| appears)?"
+        r"(?: normal| within normal limits| unremarkable)|\bnormal (?:cardio)?mediastinal"),
 }
 
 

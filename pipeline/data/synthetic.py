@@ -1,11 +1,14 @@
 """Synthetic chest-radiograph benchmark: drawn grayscale images with known findings and reports.
 
-Each study samples a set of findings (cardiomegaly, left/right pleural effusion, left/right
-pneumothorax, a nodule or mass in one lung zone, consolidation in one lung zone, or none),
+Each study samples a set of findings from eleven of CheXpert's observations (cardiomegaly,
+a widened mediastinum, left/right pleural effusion, left/right pneumothorax, a nodule or mass
+in one lung zone, consolidation in one lung zone, basal atelectasis, a hazy lung opacity, a
+rib fracture, pulmonary edema, support devices: tube, central line, pacemaker; or none),
 draws a PA radiograph that shows them, and writes an IU X-Ray style report (findings then
-impression) with paraphrases, negated statements for absent findings and varied sentence
+impression) with paraphrases, hedged wording for about one finding in five ("may represent
+atelectasis", "cannot exclude"), negated statements for absent findings and varied sentence
 order. Ground-truth labels over `FINDINGS` are stored with each entry. Patient left is on
-the image's right, as on a real PA film.
+the image's right, as on a real PA film. Version 2; version 1 drew the first five kinds.
 
 Output is the R2Gen layout, so one loader serves this and the real datasets:
 `<out>/annotation.json` (`train`/`val`/`test` -> `{id, report, image_path, labels}`) and
@@ -33,11 +36,16 @@ from PIL import Image
 from pipeline.config import ConfigError
 from pipeline.data.labeler import FINDINGS, SIDES, ZONES
 
-VERSION = 1
+VERSION = 2
 META_NAME = "synthetic_meta.json"
 # severity -> (effusion height, pneumothorax lung shrink) ranges in body coordinates
 _SEVERITY = {"small": ((0.1, 0.18), (0.8, 0.88)), "moderate": ((0.18, 0.28), (0.7, 0.8)),
              "large": ((0.28, 0.4), (0.55, 0.7))}
+
+
+DEVICES = ("tube", "line", "pacemaker")
+KINDS = ("cardio", "effusion", "ptx", "nodule", "consol", "mediastinum", "atelectasis",
+         "opacity", "fracture", "edema", "devices")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,12 @@ class Study:
     consolidation: tuple[str, str] | None  # (side, zone)
     effusion_size: str = "small"  # small / moderate / large, drawn as stated
     pneumothorax_size: str = "small"
+    mediastinum: bool = False  # widened
+    atelectasis: str | None = None  # side of basal plate-like atelectasis
+    opacity: str | None = None  # side of a hazy opacity
+    fracture: str | None = None  # side of a lateral rib fracture
+    edema: bool = False
+    devices: tuple[str, ...] = ()  # among DEVICES
 
     def labels(self) -> dict[str, int]:
         found = {"cardiomegaly"} if self.cardiomegaly else set()
@@ -61,17 +75,22 @@ class Study:
             found.add(f"nodule_{self.nodule[0]}_{self.nodule[1]}")
         if self.consolidation:
             found.add(f"consolidation_{self.consolidation[0]}_{self.consolidation[1]}")
+        found |= {f"{kind}_{side}" for kind, side in (
+            ("atelectasis", self.atelectasis), ("opacity", self.opacity),
+            ("fracture", self.fracture)) if side}
+        found |= {name for name, on in (("enlarged_cardiomediastinum", self.mediastinum),
+                                        ("edema", self.edema), ("devices", self.devices)) if on}
         labels = {name: int(name in found) for name in FINDINGS}
         labels["no_finding"] = int(not found)
         return labels
 
 
 def sample_study(rng: np.random.Generator) -> Study:
-    """Draw one study's findings: about 30% normal, otherwise one to three findings."""
-    if rng.random() < 0.3:
+    """Draw one study's findings: about 25% normal, otherwise one to three kinds."""
+    if rng.random() < 0.25:
         return Study(False, (), None, None, None)
-    k = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
-    kinds = set(rng.choice(["cardio", "effusion", "ptx", "nodule", "consol"], k, replace=False))
+    k = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
+    kinds = set(rng.choice(KINDS, k, replace=False))
     effusion: tuple[str, ...] = ()
     if "effusion" in kinds:
         effusion = SIDES if rng.random() < 0.2 else (str(rng.choice(SIDES)),)
@@ -86,7 +105,15 @@ def sample_study(rng: np.random.Generator) -> Study:
         choices = [(s, z) for s in SIDES for z in ZONES if not nodule or (s, z) != nodule[:2]]
         consolidation = choices[int(rng.integers(len(choices)))]
     sizes = [str(s) for s in rng.choice(list(_SEVERITY), 2)]
-    return Study("cardio" in kinds, effusion, ptx, nodule, consolidation, *sizes)
+    sided = {kind: str(rng.choice(SIDES)) if kind in kinds else None
+             for kind in ("atelectasis", "opacity", "fracture")}
+    devices: tuple[str, ...] = ()
+    if "devices" in kinds:
+        picked = rng.choice(len(DEVICES), int(rng.choice([1, 2], p=[0.7, 0.3])), replace=False)
+        devices = tuple(DEVICES[i] for i in sorted(picked))
+    return Study("cardio" in kinds, effusion, ptx, nodule, consolidation, *sizes,
+                 mediastinum="mediastinum" in kinds, edema="edema" in kinds, devices=devices,
+                 **sided)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -120,7 +147,7 @@ _NO_EFFUSION = ["No pleural effusion.", "There is no pleural effusion.",
 _EFFUSION = ["There is a {size} {side} pleural effusion.", "{Size} {side} pleural effusion.",
              "Blunting of the {side} costophrenic angle consistent with a {size} effusion.",
              "A {size} pleural effusion is present on the {side}.",
-             "{Side} basilar opacity with blunting of the costophrenic angle, consistent with "
+             "Blunting of the {side} costophrenic angle with a meniscus, consistent with "
              "pleural effusion."]
 _EFFUSION_BOTH = ["There are {size} bilateral pleural effusions.",
                   "{Size} bilateral pleural effusions.",
@@ -140,6 +167,49 @@ _CONSOL = ["There is focal consolidation in the {loc}.",
            "Airspace opacity in the {loc}, consistent with consolidation.",
            "{Loc} consolidation.",
            "Focal airspace disease in the {loc}, compatible with pneumonia."]
+_MEDIASTINUM_WIDE = ["The mediastinum is widened.", "Widened superior mediastinum.",
+                     "The mediastinal silhouette is widened.",
+                     "Widening of the superior mediastinum."]
+_ATELECTASIS = ["{Side} basilar atelectasis.", "Linear atelectasis at the {side} base.",
+                "Plate-like atelectasis in the {side} lower zone.",
+                "Subsegmental atelectasis at the {side} base."]
+_OPACITY = ["Hazy opacity over the {side} lung.", "There is ill-defined opacity in the {side} lung.",
+            "Ground-glass opacity in the {side} mid and lower lung."]
+_FRACTURE = ["Healing fracture of a {side} lateral rib.", "There is a healed {side} rib fracture.",
+             "{Side} lateral rib fracture with callus formation.",
+             "Old fracture of a {side} lateral rib."]
+_EDEMA = ["Mild pulmonary edema.", "There is mild interstitial pulmonary edema.",
+          "Perihilar haziness consistent with pulmonary edema.",
+          "Bilateral perihilar opacities consistent with mild pulmonary edema."]
+_NO_EDEMA = ["No pulmonary edema.", "There is no pulmonary edema."]
+_DEVICE = {"tube": ["Endotracheal tube with tip {cm} cm above the carina.",
+                    "An endotracheal tube is in place."],
+           "line": ["Right internal jugular central venous catheter with tip in the SVC.",
+                    "A right-sided central line terminates in the superior vena cava."],
+           "pacemaker": ["Left chest wall pacemaker with leads in the right heart.",
+                         "A dual-lead pacemaker projects over the left chest."]}
+# Hedged wording: the finding is drawn, the report is not sure of it (uncertain in CheXpert).
+_HEDGED = {
+    "cardio": ["The heart size is borderline enlarged.", "Possible mild cardiomegaly."],
+    "effusion": ["Possible {size} {side} pleural effusion.",
+                 "A {size} {side} pleural effusion cannot be excluded."],
+    "ptx": ["Possible {size} {side} apical pneumothorax.",
+            "A {size} {side} pneumothorax cannot be excluded."],
+    "nodule": ["Possible {mm} mm nodule in the {loc}.",
+               "Rounded density in the {loc} may represent a nodule."],
+    "consol": ["Patchy density in the {loc}, cannot exclude pneumonia.",
+               "Airspace opacity in the {loc} may represent pneumonia."],
+    "mediastinum": ["The mediastinum appears mildly widened, possibly due to projection."],
+    "atelectasis": ["Streaky {side} basilar density, likely atelectasis.",
+                    "{Side} basilar density may represent atelectasis."],
+    "opacity": ["Possible hazy opacity in the {side} lung.",
+                "Questionable ill-defined opacity in the {side} lung."],
+    "fracture": ["Possible nondisplaced fracture of a {side} lateral rib.",
+                 "Irregularity of a {side} lateral rib may represent a healing fracture."],
+    "edema": ["Perihilar haziness may represent mild pulmonary edema.",
+              "Findings may reflect mild pulmonary edema."],
+}
+HEDGE_SHARE = 0.2
 _IMPRESSION_NORMAL = ["No acute cardiopulmonary abnormality.", "No acute cardiopulmonary disease.",
                       "Normal chest radiograph.", "No active disease."]
 
@@ -164,29 +234,47 @@ def _location(rng: np.random.Generator, side: str, zone: str) -> str:
 def _positive_sentences(study: Study, rng: np.random.Generator) -> tuple[list[str], list[str]]:
     """(findings sentences, impression sentences) for the abnormal findings."""
     found, impression = [], []
+
+    def say(kind: str, options: list[str], summary: str | None, **values: str) -> None:
+        hedged = kind in _HEDGED and rng.random() < HEDGE_SHARE
+        found.append(_fill(_pick(rng, _HEDGED[kind] if hedged else options), **values))
+        if summary:
+            summary = _fill(summary, **values)
+            impression.append(f"Possible {summary[0].lower()}{summary[1:]}" if hedged
+                              else summary)
+
     if study.cardiomegaly:
-        found.append(_pick(rng, _HEART_POS))
-        impression.append(_pick(rng, ["Cardiomegaly.", "Enlarged heart."]))
+        say("cardio", _HEART_POS, _pick(rng, ["Cardiomegaly.", "Enlarged heart."]))
+    if study.mediastinum:
+        say("mediastinum", _MEDIASTINUM_WIDE, "Widened mediastinum.")
     if len(study.effusion) == 2:
         found.append(_fill(_pick(rng, _EFFUSION_BOTH), size=study.effusion_size))
         impression.append("Bilateral pleural effusions.")
     elif study.effusion:
-        found.append(_fill(_pick(rng, _EFFUSION), size=study.effusion_size, side=study.effusion[0]))
-        impression.append(_fill("{Side} pleural effusion.", side=study.effusion[0]))
+        say("effusion", _EFFUSION, "{Side} pleural effusion.", size=study.effusion_size,
+            side=study.effusion[0])
     if study.pneumothorax:
-        found.append(_fill(_pick(rng, _PTX), size=study.pneumothorax_size, side=study.pneumothorax))
-        impression.append(_fill("{Side} pneumothorax.", side=study.pneumothorax))
+        say("ptx", _PTX, "{Side} pneumothorax.", size=study.pneumothorax_size,
+            side=study.pneumothorax)
     if study.nodule:
         side, zone, mm = study.nodule
         loc = _location(rng, side, zone)
-        options = _MASS if mm >= 30 else _NODULE
-        found.append(_fill(_pick(rng, options), loc=loc, mm=str(mm), cm=f"{mm / 10:.1f}"))
         what = "mass" if mm >= 30 else "nodule"
-        impression.append(_fill(f"{{Loc}} {what}; CT is recommended.", loc=loc))
+        say("nodule" if what == "nodule" else "mass", _MASS if mm >= 30 else _NODULE,
+            f"{{Loc}} {what}; CT is recommended.", loc=loc, mm=str(mm), cm=f"{mm / 10:.1f}")
     if study.consolidation:
-        loc = _location(rng, *study.consolidation)
-        found.append(_fill(_pick(rng, _CONSOL), loc=loc))
-        impression.append(_fill("{Loc} consolidation, likely pneumonia.", loc=loc))
+        say("consol", _CONSOL, "{Loc} consolidation, likely pneumonia.",
+            loc=_location(rng, *study.consolidation))
+    if study.atelectasis:
+        say("atelectasis", _ATELECTASIS, "{Side} basilar atelectasis.", side=study.atelectasis)
+    if study.opacity:
+        say("opacity", _OPACITY, None, side=study.opacity)
+    if study.edema:
+        say("edema", _EDEMA, "Pulmonary edema.")
+    if study.fracture:
+        say("fracture", _FRACTURE, "{Side} rib fracture.", side=study.fracture)
+    for device in study.devices:
+        found.append(_fill(_pick(rng, _DEVICE[device]), cm=str(int(rng.integers(3, 6)))))
     return found, impression
 
 
@@ -196,8 +284,8 @@ def write_report(study: Study, rng: np.random.Generator) -> str:
         found, impression = _positive_sentences(study, rng)
         groups = [[sentence] for sentence in found]
         if not study.cardiomegaly:
-            groups.append([_pick(rng, _HEART_NEG)])
-        if rng.random() < 0.6:
+            groups.append([_pick(rng, _HEART_NEG[:-1] if study.mediastinum else _HEART_NEG)])
+        if not study.mediastinum and rng.random() < 0.6:
             groups.append([_pick(rng, _MEDIASTINUM)])
         if not study.nodule and not study.consolidation:
             groups.append([_pick(rng, _LUNGS_CLEAR)])
@@ -209,7 +297,9 @@ def write_report(study: Study, rng: np.random.Generator) -> str:
             groups.append([_pick(rng, _NO_PTX)])
         elif not study.effusion:
             groups.append([_pick(rng, _NO_EFFUSION)])
-        if rng.random() < 0.6:
+        if not study.edema and rng.random() < 0.25:
+            groups.append([_pick(rng, _NO_EDEMA)])
+        if not study.fracture and rng.random() < 0.6:
             groups.append([_pick(rng, _BONES)])
         sentences = [s for i in rng.permutation(len(groups)) for s in groups[i]]
         sentences += impression[:2] if impression else [_pick(rng, _IMPRESSION_NORMAL)]
@@ -305,6 +395,43 @@ def _draw_findings(img, u, v, study: Study, lungs: dict, geom: dict, rng):
         patchy = 0.6 + 0.4 * np.cos(_uniform(rng, 20, 35) * u + _uniform(rng, 0, 6)) * np.cos(
             _uniform(rng, 20, 35) * v + _uniform(rng, 0, 6))
         img += 0.4 * blob * patchy * lungs[side][0]
+    if study.atelectasis:  # a dense plate-like band above the dome, a little oblique
+        inside, cu, _ = lungs[study.atelectasis]
+        level = geom["dome_" + study.atelectasis] - _uniform(rng, 0.02, 0.1) + _uniform(
+            rng, -0.12, 0.12) * (u - cu)
+        band = np.exp(-((v - level) / _uniform(rng, 0.025, 0.035)) ** 2)
+        img += 0.4 * band * inside * _soft(np.abs(u - cu) - geom["lung_ru"] * 0.75, 15)
+    if study.opacity:  # a faint haze over one lung, thicker towards the base
+        inside, _, _ = lungs[study.opacity]
+        img += _uniform(rng, 0.2, 0.26) * inside * np.clip((v + 0.6) / 0.9, 0.4, 1.0)
+    if study.edema:  # bilateral perihilar (bat-wing) haze
+        for side in SIDES:
+            inside, cu, _ = lungs[side]
+            hilum = cu * 0.55
+            haze = np.exp(-(((u - hilum) / 0.22) ** 2 + ((v - 0.02) / 0.3) ** 2))
+            img += _uniform(rng, 0.22, 0.3) * haze * inside
+    if study.fracture:  # a bright callus on a lateral rib, with a dark cleft through it
+        sign = -1.0 if study.fracture == "right" else 1.0
+        cu = sign * (geom["lung_u"] + geom["lung_ru"] * _uniform(rng, 0.7, 0.85))
+        cv = _uniform(rng, -0.35, 0.15)
+        callus = _soft(_ellipse(u, v, cu, cv, 0.05, 0.035) - 1, 10)
+        cleft = np.exp(-((u - cu) / 0.008) ** 2) * (np.abs(v - cv) < 0.03)
+        img += 0.35 * callus - 0.25 * cleft
+    for device in study.devices:  # metal and tubing: the brightest things on the film
+        if device == "tube":  # endotracheal tube down the midline to above the carina
+            tip = _uniform(rng, -0.45, -0.35)
+            img += (0.9 - img) * np.exp(-(u / 0.012) ** 2) * _soft(v - tip, 40)
+        elif device == "line":  # right jugular line curving into the superior vena cava
+            tip = _uniform(rng, -0.25, -0.1)
+            path = -0.06 - 0.25 * np.clip((tip - v) / (tip + 1.0), 0, 1) ** 2
+            img += (0.85 - img) * np.exp(-((u - path) / 0.01) ** 2) * _soft(v - tip, 40)
+        else:  # pacemaker can over the left upper chest, a lead running to the heart
+            cu, cv = _uniform(rng, 0.45, 0.55), _uniform(rng, -0.7, -0.55)
+            img += (0.95 - img) * _soft(np.maximum(np.abs(u - cu) / 0.09,
+                                                   np.abs(v - cv) / 0.06) - 1, 20)
+            t = np.clip((v - cv) / (0.25 - cv), 0, 1)
+            lead = cu + (0.05 - cu) * t
+            img += (0.85 - img) * np.exp(-((u - lead) / 0.008) ** 2) * (v > cv) * (v < 0.25)
 
 
 def draw_study(study: Study, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -326,7 +453,10 @@ def draw_study(study: Study, size: int, rng: np.random.Generator) -> np.ndarray:
     img += _ribs(u, v, rng)
     clavicles = np.exp(-((v + 0.68 - 0.18 * np.abs(u)) / 0.03) ** 2) * (np.abs(u) < 0.55)
     img += 0.12 * clavicles
-    img += (0.55 - img) * _soft(np.abs(u) * (1 / _uniform(rng, 0.1, 0.13)) - 1, 6)  # mediastinum
+    width = _uniform(rng, 0.1, 0.13)
+    if study.mediastinum:  # the upper mediastinum widened, above the heart
+        width = width * (1 + _uniform(rng, 1.3, 1.7) * _soft(v - 0.05, 12))
+    img += (0.55 - img) * _soft(np.abs(u) / width - 1, 6)  # mediastinum
     normal_ru, enlarged_ru = _uniform(rng, 0.27, 0.33), _uniform(rng, 0.42, 0.5)
     heart_ru = enlarged_ru if study.cardiomegaly else normal_ru
     img += _soft(_ellipse(u, v, 0.1, 0.3, heart_ru, 0.26) - 1, 12) * (0.58 - img)

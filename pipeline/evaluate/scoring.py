@@ -100,7 +100,7 @@ def nlg_scores(references: Sequence[str], hypotheses: Sequence[str], *,
 
 
 def finding_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Finding scores of the 18 fine labels (`finding_*`) and the 6 coarse groups
+    """Finding scores of the fine labels (`finding_*`) and the coarse groups
     (`finding_coarse_*`: any side or zone, unlocalised mentions counted)."""
     from pipeline.data.finding_metrics import label_scores
     from pipeline.data.labeler import COARSE_FINDINGS, FINDINGS, coarse_labels, label_report

@@ -46,6 +46,11 @@ CHAMPION_RULES: tuple[ChampionRule, ...] = (
                  lambda m, c: f"coarse finding F1 {m['finding_coarse_macro_f1']:.3f} < blind "
                               f"baseline {m['blind_finding_coarse_macro_f1']:.3f} + margin "
                               f"{c.min_margin_over_blind:g}", "finding_coarse_macro_f1"),
+    ChampionRule("beats_blind_chexpert",
+                 lambda m, c: m["chexpert_micro_f1"] > m["blind_chexpert_micro_f1"],
+                 lambda m, c: f"CheXpert-14 micro F1 {m['chexpert_micro_f1']:.3f} <= the blind "
+                              f"baseline's {m['blind_chexpert_micro_f1']:.3f}",
+                 "chexpert_micro_f1"),
     # The text must read as a radiology report, not only name the findings.
     ChampionRule("writes_like_reports_bleu", lambda m, c: m["bleu4"] >= m["blind_bleu4"],
                  lambda m, c: f"BLEU-4 {m['bleu4']:.3f} < the constant report's "

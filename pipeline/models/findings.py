@@ -1,7 +1,7 @@
 """Finding supervision read from reports: targets, the classification head, prompt words.
 
 Labels come from the rule-based labeler applied to each training report, so any dataset with
-reports works with no extra annotation. The head predicts the 18 fine labels and the 6
+reports works with no extra annotation. The head predicts the fine labels and the
 coarse groups (any side or zone) from the encoder tokens pooled to a few cells; the coarse logits
 decide which groups are present, the fine ones where (classify-then-generate: the predicted
 findings become plain words in the frozen LLM's prompt). How findings are scored lives in
@@ -107,17 +107,22 @@ def decode_findings(logits: Tensor, threshold: float = 0.5) -> list[dict[str, in
     return out
 
 
-def _phrase(name: str) -> str:
-    if name == "cardiomegaly":
-        return "cardiomegaly"
-    kind, *place = name.split("_")
-    if kind in ("effusion", "pneumothorax"):
-        return f"{place[0]} {'pleural effusion' if kind == 'effusion' else 'pneumothorax'}"
-    return f"{kind} in the {place[0]} {place[1]} zone"
-
-
 _GROUP_WORDS = {"cardiomegaly": "cardiomegaly", "effusion": "pleural effusion",
-                "pneumothorax": "pneumothorax", "nodule": "nodule", "consolidation": "consolidation"}
+                "pneumothorax": "pneumothorax", "nodule": "nodule", "consolidation": "consolidation",
+                "enlarged_cardiomediastinum": "widened mediastinum",
+                "atelectasis": "basilar atelectasis", "opacity": "hazy lung opacity",
+                "fracture": "rib fracture", "edema": "pulmonary edema",
+                "devices": "support devices"}
+
+
+def _phrase(name: str) -> str:
+    group = coarse_group(name)
+    if group == name:
+        return _GROUP_WORDS[name]
+    kind, *place = name.split("_")
+    if kind in ("nodule", "consolidation"):
+        return f"{kind} in the {place[0]} {place[1]} zone"
+    return f"{place[0]} {_GROUP_WORDS[kind]}"
 
 
 def findings_text(labels: dict[str, int], absent: bool = False) -> str:
@@ -128,11 +133,11 @@ def findings_text(labels: dict[str, int], absent: bool = False) -> str:
     which otherwise deny the very findings it writes later in the report.
     """
     present = [_phrase(n) for n in FINE if labels.get(n)]
-    present += [_GROUP_WORDS[n.split("_")[0]] for n, v in labels.items()
-                if v and n.endswith("_unlocalised") and n.split("_")[0] in _GROUP_WORDS]
+    present += [_GROUP_WORDS[coarse_group(n)] for n, v in labels.items()
+                if v and n.endswith("_unlocalised") and coarse_group(n) in _GROUP_WORDS]
     text = "Findings: " + ("; ".join(present) if present else "none") + "."
     if absent:
-        found = {n.split("_")[0] for n, v in labels.items() if v and n != "no_finding"}
+        found = {coarse_group(n) for n, v in labels.items() if v and n != "no_finding"}
         missing = [words for group, words in _GROUP_WORDS.items() if group not in found]
         text += " Absent: " + (", ".join(missing) if missing else "none") + "."
     return text
