@@ -184,7 +184,12 @@ class Stage2Config:
     prompt_absent: bool = False
     max_report_tokens: int = 160
     max_new_tokens: int = 96
-    repetition_penalty: float = 1.0  # generation's (1.0: none); no_repeat_ngram_size is 4
+    repetition_penalty: float = 1.0  # generation's (1.0: none)
+    # Generation never repeats a run of this many tokens (greedy loops on a small LM). At
+    # least a sentence long: a word is several tokens (" pneumothorax" is 4, " pleural
+    # effusion" 4), so a 4-token ban forbids naming a finding twice, as a report does in its
+    # findings and again in its impression, and the LLM misspells it the second time.
+    no_repeat_ngram_size: int = 12
     eval_num_beams: int = 3  # evaluate's beam width unless asked otherwise (1 = greedy only)
     # With beams and findings, write the candidate whose findings (read by the labeler) agree
     # best with those the prompt was given, among the beams and `choose_samples` sampled
@@ -279,7 +284,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                  "data": _DATA_PROFILES["tiny"], "embed_dim": 64, "epochs": 2,
                  "batch_size": 2, "checkpoint_every": 4, "health": _TINY_HEALTH},
         "demo": {"encoder": _ENCODER_PROFILES["demo"], "bridge": _BRIDGE_PROFILES["demo"],
-                 "data": _DATA_PROFILES["demo"], "epochs": 45, "checkpoint_every": 200},
+                 "data": _DATA_PROFILES["demo"], "epochs": 35, "checkpoint_every": 200},
         "default": {},
     },
     "Stage2Config": {

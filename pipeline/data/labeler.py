@@ -35,7 +35,8 @@ ZONES = ("upper", "middle", "lower")
 # Kinds by how they are placed: side and zone, side only, or not at all.
 ZONED = ("nodule", "consolidation")
 SIDED = ("effusion", "pneumothorax", "atelectasis", "opacity", "fracture")
-UNPLACED = ("cardiomegaly", "enlarged_cardiomediastinum", "edema", "devices")
+DEVICES = ("devices_tube", "devices_line", "devices_pacemaker")  # group `devices`, by kind
+UNPLACED = ("cardiomegaly", "enlarged_cardiomediastinum", "edema", *DEVICES)
 FINDINGS: tuple[str, ...] = (
     "cardiomegaly",
     "effusion_left", "effusion_right",
@@ -44,7 +45,7 @@ FINDINGS: tuple[str, ...] = (
     *(f"consolidation_{side}_{zone}" for side in SIDES for zone in ZONES),
     "enlarged_cardiomediastinum",
     *(f"{kind}_{side}" for kind in ("atelectasis", "opacity", "fracture") for side in SIDES),
-    "edema", "devices",
+    "edema", *DEVICES,
     "no_finding",
 )
 # An affirmed finding whose place cannot be read (read by `label_report`, not predicted by
@@ -97,8 +98,9 @@ _MENTIONS = [
                 r" (?:opacity|opacities|opacification)", False),
     ("fracture", r"fractures?", False),
     ("edema", r"edema", False),
-    ("devices", r"endotracheal tube|(?:central venous|central|picc) (?:line|catheter)"
-                r"|pacemaker|pacer|(?:enteric|nasogastric|feeding) tube", False),
+    ("devices_tube", r"(?:endotracheal|tracheostomy|enteric|nasogastric|feeding) tube", False),
+    ("devices_line", r"(?:central venous|central|picc) (?:line|catheter)", False),
+    ("devices_pacemaker", r"pacemaker|pacer|defibrillator", False),
 ]
 _MENTION_RES = [(kind, re.compile(rf"\b(?:{pat})\b"), pred) for kind, pat, pred in _MENTIONS]
 

@@ -79,7 +79,8 @@ class Study:
             ("atelectasis", self.atelectasis), ("opacity", self.opacity),
             ("fracture", self.fracture)) if side}
         found |= {name for name, on in (("enlarged_cardiomediastinum", self.mediastinum),
-                                        ("edema", self.edema), ("devices", self.devices)) if on}
+                                        ("edema", self.edema)) if on}
+        found |= {f"devices_{device}" for device in self.devices}
         labels = {name: int(name in found) for name in FINDINGS}
         labels["no_finding"] = int(not found)
         return labels

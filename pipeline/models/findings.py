@@ -115,7 +115,13 @@ _GROUP_WORDS = {"cardiomegaly": "cardiomegaly", "effusion": "pleural effusion",
                 "devices": "support devices"}
 
 
+_DEVICE_WORDS = {"devices_tube": "endotracheal tube", "devices_line": "central line",
+                 "devices_pacemaker": "pacemaker"}
+
+
 def _phrase(name: str) -> str:
+    if name in _DEVICE_WORDS:
+        return _DEVICE_WORDS[name]
     group = coarse_group(name)
     if group == name:
         return _GROUP_WORDS[name]

@@ -126,7 +126,7 @@ def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_t
     same candidates alone or anywhere in any batch), and the findings each image's prompt was
     given (None without findings)."""
     model.eval()
-    generate_kwargs.setdefault("no_repeat_ngram_size", 4)  # greedy loops on a small LM
+    generate_kwargs.setdefault("no_repeat_ngram_size", C.Stage2Config.no_repeat_ngram_size)
     candidates: list[list[str]] = []
     given: list[dict] = []
     for start in range(0, images.shape[0], batch_size):
@@ -238,6 +238,7 @@ class ReportModel:
             kwargs.setdefault("samples", self.cfg.choose_samples)
             kwargs.setdefault("seed", self.cfg.seed)
         kwargs.setdefault("repetition_penalty", self.cfg.repetition_penalty)
+        kwargs.setdefault("no_repeat_ngram_size", self.cfg.no_repeat_ngram_size)
         limit = min(self.cfg.max_new_tokens, self.token_limit or self.cfg.max_new_tokens)
         return generate_candidates(self.model, self.llm, to_device(images, self.device),
                                    self.cfg.prompt, max_new_tokens or limit,

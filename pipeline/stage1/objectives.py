@@ -3,7 +3,7 @@
 - `l2_proxy`: the old proxy `visual_tokens.pow(2).mean()`, kept to reproduce old runs. Its
   minimum is all-zero features, so it collapses by construction.
 - `findings` (default): binary cross-entropy of the finding head against the findings the
-  labeler reads from each training report (26 fine labels + 11 coarse groups, positive
+  labeler reads from each training report (28 fine labels + 11 coarse groups, positive
   weights from the training split), on an augmented view. It cannot collapse: its targets
   differ across images, and a constant output pays the label entropy.
 - `vicreg`: VICReg (Bardes et al. 2022) between two augmented views. The variance

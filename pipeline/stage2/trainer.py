@@ -301,7 +301,8 @@ class Stage2Trainer:
                                 findings=self.findings,
                                 system=self.cfg.system_prompt, absent=self.cfg.prompt_absent,
                                 repair=self.cfg.resolve_contradictions,
-                                repetition_penalty=self.cfg.repetition_penalty)
+                                repetition_penalty=self.cfg.repetition_penalty,
+                                no_repeat_ngram_size=self.cfg.no_repeat_ngram_size)
 
     def _image_ignored(self) -> bool:
         """True when the grounding gap stayed under its floor for cfg.ignored_epochs epochs
