@@ -129,6 +129,21 @@ def to_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(STORAGE)
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global random generators a run on `device` draws from (CPU, and its GPU's)."""
+    state = {"cpu": torch.get_rng_state()}
+    if is_cuda(device):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(device: torch.device, state: dict[str, torch.Tensor]) -> None:
+    """Put back generators saved by `rng_state`."""
+    torch.set_rng_state(to_storage(state["cpu"]))
+    if is_cuda(device) and "cuda" in state:
+        torch.cuda.set_rng_state(to_storage(state["cuda"]), device)
+
+
 def map_location(device: torch.device | str | None) -> str:
     """The `map_location` / safetensors `device` that loads saved tensors onto `device`."""
     return str(torch.device(device) if device is not None else STORAGE)

@@ -9,18 +9,17 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import config as C
-from pipeline.checkpoint import STAGE1_FINAL, load_checkpoint, read_metadata, sha256_file
+from pipeline.checkpoint import STAGE1_FINAL, sha256_file
 from pipeline.data import dataset_digest, dataset_profile, records_frame
 from pipeline.device import device_params
-from pipeline.stage1.trainer import (STEP_STEM, Stage1Result, Stage1Trainer, build_stage1_inputs,
-                                     step_metrics)
+from pipeline.stage1.trainer import STEP_STEM, Stage1Result, Stage1Trainer, build_stage1_inputs
 from pipeline.tracking.runs import (log_dataset, log_files, log_metrics, log_new_params,
                                     name_run, relog_missing, set_run_tags, stage_run)
 from pipeline.tracking.sink import MetricsSink
 from pipeline.train.common import file_logger, silent_logger
 from pipeline.train.distributed import SINGLE, World
 from pipeline.train.plots import plot_stage1
-from pipeline.train.resume import find_interrupted, latest_step_checkpoint, resume_block
+from pipeline.train.resume import resume_point
 
 
 class Stage1Job:
@@ -34,20 +33,17 @@ class Stage1Job:
 
     def _resume_point(self) -> tuple[Path, dict] | None:
         """The step checkpoint to continue (`--resume auto|FOLDER`); adopts its config."""
-        if self.resume is None:
+        found, _ = resume_point(self.resume, self.cfg.output_dir, STEP_STEM, STAGE1_FINAL,
+                                self.cfg, self.world.size)
+        if found is None:
+            if self.resume is not None:
+                self.echo(f"resume: no interrupted Stage 1 run of this config under "
+                          f"{self.cfg.output_dir}; starting a new one")
             return None
-        folder = find_interrupted(self.cfg.output_dir, STEP_STEM, STAGE1_FINAL) \
-            if self.resume == "auto" else Path(self.resume)
-        if folder is None:
-            self.echo(f"resume: no interrupted Stage 1 run under {self.cfg.output_dir}; "
-                      "starting a new one")
-            return None
-        ckpt = latest_step_checkpoint(folder, STEP_STEM, required=True)
-        meta = read_metadata(ckpt)
-        resume_block(ckpt, meta, self.world.size)
+        meta = found[1]
         self.cfg = C.from_dict(C.Stage1Config, meta["config"])
         self.profile = meta.get("profile", self.profile)
-        return ckpt, meta
+        return found
 
     def run(self) -> Stage1Result:
         """Train (or resume) one Stage 1 run; returns its result."""
@@ -58,8 +54,7 @@ class Stage1Job:
                                     self.cfg.output_dir, "", lambda m, s: None, lambda t: None,
                                     silent_logger("stage1.rank"), self.profile, world=self.world)
             if resume_point is not None:
-                trainer.restore(load_checkpoint(resume_point[0], self.world.device)[0],
-                                resume_point[1]["resume"])
+                trainer.restore(resume_point[0], resume_point[1]["resume"])
             return trainer.fit()
         with stage_run("stage1", run_id=resume_point[1]["run_id"] if resume_point else None) as run:
             return self._run_main(run, inputs, resume_point)
@@ -103,12 +98,8 @@ class Stage1Job:
         return result
 
     def _restore(self, trainer: Stage1Trainer, ckpt: Path, meta: dict, logger) -> None:
-        tensors, _ = load_checkpoint(ckpt, self.world.device)
-        kept = trainer.restore(tensors, meta["resume"])
-        trainer.result.checkpoints.update(
-            {p.name.removesuffix(".safetensors"): p
-             for p in sorted((self.out_dir / "checkpoints").glob("*.safetensors"))})
-        relog_missing(self.run_id, trainer.log_metrics, trainer.csv_path, step_metrics,
+        kept = trainer.restore(ckpt, meta["resume"])
+        relog_missing(self.run_id, trainer.log_metrics, trainer.csv_path, trainer.step_metrics,
                       trainer.epoch_history)
         trainer.flush()
         logger.info("resumed run %s at step %d (epoch %d, batch %d); CSV rows kept: %d",

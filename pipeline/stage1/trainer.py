@@ -1,24 +1,19 @@
 """Stage 1: train vision + bridge without the LLM.
 
-The loop knows nothing about MLflow: it reports through `log_metrics(metrics, step)` and
-`set_tags(tags)` and writes checkpoints into `out_dir`.
+The loop (`pipeline.train.loop.TrainLoop`) knows nothing about MLflow: it reports through
+`log_metrics(metrics, step)` and `set_tags(tags)` and writes checkpoints into `out_dir`.
 """
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
-from pipeline import interrupts
-from pipeline.checkpoint import save_checkpoint
-from pipeline.config import COLLAPSE_TAG, Stage1Config, to_dict
+from pipeline.config import COLLAPSE_TAG, Stage1Config
 from pipeline.device import autocast, full_precision, to_device
 from pipeline.data import DataError
 from pipeline.guards import GuardError, check_finite_loss, low_loss_warning
@@ -28,17 +23,15 @@ from pipeline.stage1.objectives import OBJECTIVES, objective_loss
 from pipeline.train.common import EpochLoaders, build_optimizer, optimizer_step
 from pipeline.train.distributed import SINGLE, World
 from pipeline.train.health import HEALTH_KEYS, feature_health, health_failures
-from pipeline.train.resume import (ResumeState, append_csv_row, optimizer_tensors,
-                                   restore_optimizer, state_from_metadata, truncate_csv)
+from pipeline.train.loop import LogMetrics, SetTags, TrainLoop
 
-LogMetrics = Callable[[Mapping[str, float], int], None]
-SetTags = Callable[[Mapping[str, str]], None]
 STEP_STEM = "vision_bridge_step"
 
 
-def step_metrics(row: Mapping[str, str]) -> dict[str, float]:
+def step_metrics(row: Mapping) -> dict[str, float]:
     """The per-step MLflow metrics of one CSV row (every column but step, epoch, seconds)."""
-    return {k: float(v) for k, v in row.items() if k not in ("step", "epoch", "seconds") and v}
+    return {k: float(v) for k, v in row.items()
+            if k not in ("step", "epoch", "seconds") and v not in ("", None)}
 
 
 @dataclass
@@ -55,16 +48,6 @@ class Stage1Result:
     checkpoints: dict = field(default_factory=dict)  # kind -> Path
 
 
-def _metadata(cfg: Stage1Config, run_id: str, kind: str, step: int, epoch: int,
-              final_loss: float | None, health: Mapping[str, float],
-              profile: str | None = None) -> dict:
-    return {"stage": "stage1", "run_id": run_id, "kind": kind, "objective": cfg.objective,
-            **({"profile": profile} if profile else {}),
-            "lr": cfg.lr, "final_loss": final_loss, "step": step, "epoch": epoch,
-            "health": dict(health), "config": json.dumps(to_dict(cfg), sort_keys=True),
-            "format_version": 1}
-
-
 class _ObjectiveStep(torch.nn.Module):
     """The objective's loss as a module's forward, so DistributedDataParallel can wrap it."""
 
@@ -79,8 +62,10 @@ class _ObjectiveStep(torch.nn.Module):
         return loss, terms
 
 
-class Stage1Trainer:
+class Stage1Trainer(TrainLoop):
     """One Stage 1 training run (fresh or resumed from a step checkpoint) on one rank."""
+
+    name, step_stem, final_stem = "stage1", STEP_STEM, "vision_bridge"
 
     def __init__(self, cfg: Stage1Config, model: torch.nn.Module, loaders: EpochLoaders,
                  probe_images: torch.Tensor, out_dir: str | Path, run_id: str,
@@ -89,15 +74,11 @@ class Stage1Trainer:
                  world: World = SINGLE):
         if cfg.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {cfg.objective!r}; choose one of {OBJECTIVES}")
-        self.cfg, self.model, self.loaders, self.probe_images = cfg, model, loaders, probe_images
-        self.out_dir, self.run_id = Path(out_dir), run_id
-        self.log_metrics, self.set_tags, self.log, self.flush = log_metrics, set_tags, logger, flush
-        self.world = world
+        super().__init__(cfg, loaders, out_dir, run_id, log_metrics, set_tags, logger, flush,
+                         world)
+        self.model, self.probe_images = model, probe_images
         self.result = Stage1Result()
         self.profile = profile  # recorded in each checkpoint: the gate judges by its floors
-        self.state = ResumeState()
-        self.csv_path = self.out_dir / "stage1_train_log.csv"
-        self.epoch_history: dict[str, list] = {}  # per-epoch metric -> [(epoch, value)]
         self.pos_weight = None
         if cfg.objective == "findings":
             from pipeline.models.findings import positive_weights
@@ -107,44 +88,23 @@ class Stage1Trainer:
             cfg.warmup_steps)
         self.step_model = world.wrap(_ObjectiveStep(model, cfg.objective, self.pos_weight))
 
-    @property
-    def step(self) -> int:
-        return self.state.step
-
     # ---- checkpoints -----------------------------------------------------------------------
-    def _save(self, kind: str, final_loss: float | None = None,
-              interrupted: bool = False) -> Path | None:
-        """Write a checkpoint (rank 0 only); step checkpoints carry the resume state."""
-        if not self.world.is_main:
-            return None
-        name = f"{STEP_STEM}{self.step}" if kind == "step" else f"vision_bridge_{kind}"
-        epoch = self.state.epoch if kind == "step" else self.result.epochs_done
-        meta = _metadata(self.cfg, self.run_id, kind, self.step, epoch, final_loss,
-                         self.result.health, self.profile)
-        meta["interrupted"] = interrupted  # the save on interrupt, not a periodic one
-        tensors = self.model.state_dict()
-        if kind == "step":
-            tensors = {f"model.{k}": v for k, v in tensors.items()} | optimizer_tensors(self.optimizer)
-            meta.update(self.state.to_metadata(
-                self.optimizer, self.scheduler, best_val_loss=self.result.best_val_loss,
-                final_train_loss=self.result.final_train_loss,
-                epochs_done=self.result.epochs_done, val_scores=self.result.val_scores,
-                epoch_history=self.epoch_history, world_size=self.world.size))
-        path = save_checkpoint(self.out_dir / "checkpoints" / name, tensors, meta)
-        self.result.checkpoints[name] = path
-        return path
+    def _metadata(self) -> dict:
+        return {"objective": self.cfg.objective,
+                **({"profile": self.profile} if self.profile else {}),
+                "health": dict(self.result.health)}
 
-    def restore(self, tensors: Mapping[str, torch.Tensor], resume: Mapping) -> int:
-        """Continue from a step checkpoint's tensors and resume block; returns CSV rows kept."""
+    def _weights(self, kind: str) -> dict[str, torch.Tensor]:
+        return super()._weights(kind) if kind == "step" else self.model.state_dict()
+
+    def _load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
         load_into(self.model, model_tensors(dict(tensors)), "the resume checkpoint")
-        restore_optimizer(self.optimizer, self.scheduler, tensors, resume)
-        self.state = state_from_metadata(resume)
-        self.result.best_val_loss = resume["best_val_loss"]
-        self.result.final_train_loss = resume["final_train_loss"]
-        self.result.epochs_done = resume["epochs_done"]
+
+    def _resume_extras(self) -> dict:
+        return {"val_scores": self.result.val_scores}
+
+    def _restore_extras(self, resume: Mapping) -> None:
         self.result.val_scores = dict(resume["val_scores"])
-        self.epoch_history = {k: [tuple(x) for x in v] for k, v in resume["epoch_history"].items()}
-        return truncate_csv(self.csv_path, self.step) if self.world.is_main else 0
 
     def history(self) -> dict[str, list]:
         """Every step's train_loss (from the CSV, so a resumed run's earlier steps too) and
@@ -155,18 +115,6 @@ class Stage1Trainer:
                 steps = [(int(r["step"]), float(r["train_loss"])) for r in csv.DictReader(handle)]
         return {"train_loss": steps, **self.epoch_history}
 
-    def _between_steps(self) -> bool:
-        """Whether the weights are those of `self.step`: no optimizer update is half done."""
-        done = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
-        return max(done, default=self.step) == self.step
-
-    def _checkpoint(self, interrupted: bool = False) -> None:
-        # Metrics are sent only right after a step checkpoint: after a kill, MLflow never
-        # holds a step the resumed run will log again.
-        self.state.seconds = time.monotonic() - self._t0
-        self._save("step", interrupted=interrupted)
-        self.flush()
-
     # ---- one step --------------------------------------------------------------------------
     def _generators(self, positions) -> list[torch.Generator]:
         """One augmentation generator per sample, from (seed, step, place in the global
@@ -174,7 +122,7 @@ class Stage1Trainer:
         base = (self.cfg.seed * 1_000_003 + self.step) * 100_003
         return [torch.Generator().manual_seed(base + p) for p in positions]
 
-    def _step(self, batch, epoch: int) -> float:
+    def _train_step(self, batch) -> tuple[float, dict]:
         with autocast(self.world.device):
             loss, terms = self.step_model(to_device(batch["images"], self.world.device),
                                           batch["reports"], self._generators(batch["positions"]))
@@ -187,17 +135,11 @@ class Stage1Trainer:
         ((value, _),) = self.world.mean([(local, count)], error)
         grad_norm = optimizer_step(self.model, loss * batch["weight"], self.optimizer,
                                    self.scheduler, self.cfg.grad_clip, self.step + 1)
-        self.state.step += 1
-        self.state.batch_in_epoch += 1
-        self.state.epoch_losses.append(value)
-        metrics = {"train_loss": value, "learning_rate": self.scheduler.get_last_lr()[0],
-                   "grad_norm": grad_norm, **{f"loss_{k}": float(v) for k, v in terms.items()}}
-        self.log_metrics(metrics, self.step)
-        if self.world.is_main:
-            append_csv_row(self.csv_path, ["step", "epoch", *metrics, "seconds"],
-                           {"step": self.step, "epoch": epoch, **metrics,
-                            "seconds": round(time.monotonic() - self._t0, 3)})
-        return value
+        return value, {"train_loss": value, "learning_rate": self.scheduler.get_last_lr()[0],
+                       "grad_norm": grad_norm, **{f"loss_{k}": float(v) for k, v in terms.items()}}
+
+    def step_metrics(self, row: Mapping) -> dict[str, float]:
+        return step_metrics(row)
 
     # ---- epochs ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,26 +175,21 @@ class Stage1Trainer:
             reports += batch["reports"]
         return label_f1(reports, predicted, prefix="val_")
 
-    def _end_epoch(self, epoch: int, losses: list[float]) -> None:
-        """Validate on rank 0, keep the best weights, warn; then log and move the counters to
-        the next epoch together (a failure before leaves the epoch to be ended again)."""
-        epoch_loss = sum(losses) / max(1, len(losses))
-        self.result.final_train_loss, self.result.epochs_done = epoch_loss, epoch
-        if self.world.is_main:
-            val_loss = self._validate()
-            health = self.result.health
-            if val_loss < self.result.best_val_loss:
-                self.result.best_val_loss = val_loss
-                self._save("best_val")
-            self._warn(epoch, epoch_loss, health)
-            metrics = {"epoch_train_loss": epoch_loss, "val_loss": val_loss,
-                       **{f"health_{k}": health[k] for k in HEALTH_KEYS}, **self.result.val_scores}
-            self.log.info("epoch %d: train_loss %.6g val_loss %.6g health %s", epoch, epoch_loss,
-                          val_loss, {k: round(v, 4) for k, v in health.items()})
-            self.log_metrics(metrics, epoch)
-            for key, value in metrics.items():
-                self.epoch_history.setdefault(key, []).append((epoch, value))
-        self.state.epoch, self.state.batch_in_epoch, self.state.epoch_losses = epoch + 1, 0, []
+    def _end_epoch(self, epoch: int, train_loss: float) -> float | None:
+        """Validate on rank 0 (loss, finding F1, feature health), warn, log."""
+        if not self.world.is_main:
+            return None
+        val_loss = self._validate()
+        health = self.result.health
+        self._warn(epoch, train_loss, health)
+        metrics = {"epoch_train_loss": train_loss, "val_loss": val_loss,
+                   **{f"health_{k}": health[k] for k in HEALTH_KEYS}, **self.result.val_scores}
+        self.log.info("epoch %d: train_loss %.6g val_loss %.6g health %s", epoch, train_loss,
+                      val_loss, {k: round(v, 4) for k, v in health.items()})
+        self.log_metrics(metrics, epoch)
+        for key, value in metrics.items():
+            self.epoch_history.setdefault(key, []).append((epoch, value))
+        return val_loss
 
     def _warn(self, epoch: int, epoch_loss: float, health: Mapping[str, float]) -> None:
         messages = [m for m in [low_loss_warning(epoch_loss, epoch)] if m]
@@ -267,42 +204,14 @@ class Stage1Trainer:
         if messages:
             self.set_tags({COLLAPSE_TAG: "true", "health.warning": " | ".join(messages)[:500]})
 
+    def _description(self) -> str:
+        return f"stage1 {self.cfg.objective}"
+
     def fit(self) -> Stage1Result:
-        """Train to cfg.epochs (continuing from `self.state` when resumed); when stopped
-        (interrupt, guard, a lost rank) save `vision_bridge_step{N}` with the resume state and
-        re-raise."""
-        cfg = self.cfg
-        self._t0 = time.monotonic() - self.state.seconds
-        self.model.train()
-        bar = tqdm(total=cfg.epochs * self.loaders.batches_per_epoch, initial=self.step,
-                   desc=f"stage1 {cfg.objective}", unit="step", dynamic_ncols=True,
-                   disable=not self.world.is_main)
         try:
-            for epoch in range(self.state.epoch, cfg.epochs + 1):
-                self.state.epoch = epoch
-                for batch in self.loaders.epoch(epoch, self.state.batch_in_epoch):
-                    with interrupts.atomic():  # a stop signal waits for the step to end
-                        loss = self._step(batch, epoch)
-                        if self.step % cfg.checkpoint_every == 0:
-                            self._checkpoint()
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{loss:.4g}")
-                with interrupts.atomic():
-                    self._end_epoch(epoch, self.state.epoch_losses)
-                self.world.barrier()  # the other ranks wait while rank 0 validates
-        except BaseException as exc:  # interrupted, a guard, a lost rank: save where it stands
-            if self._between_steps():
-                self.log.warning("%s at step %d: saving the last checkpoint",
-                                 "interrupted" if isinstance(exc, KeyboardInterrupt)
-                                 else type(exc).__name__, self.step)
-                self._checkpoint(interrupted=True)
-            raise
+            return super().fit()
         finally:
-            bar.close()
             self.result.steps_done = self.step
-        self.state.epoch = cfg.epochs
-        self._save("final", self.result.final_train_loss)
-        return self.result
 
 
 @dataclass

@@ -9,16 +9,12 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import config as C
-from pipeline.checkpoint import (STAGE2_FINAL, load_checkpoint, read_metadata, sha256_file,
-                                 split_prefix)
+from pipeline.checkpoint import STAGE2_FINAL, sha256_file
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
 from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
-from pipeline.stage2.resume import (find_interrupted, find_resumable, latest_step_checkpoint,
-                                   restore_optimizer, restore_result, resume_block,
-                                   state_from_metadata, truncate_csv)
-from pipeline.stage2.trainer import Stage2Result, Stage2Trainer, step_metrics
-from pipeline.models.loading import load_into, model_tensors, output_width, weights_of
+from pipeline.stage2.trainer import STEP_STEM, Stage2Result, Stage2Trainer
+from pipeline.models.loading import load_into, output_width, weights_of
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
                                   refuse_width_mismatch)
 from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name_run,
@@ -26,9 +22,10 @@ from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name
 from pipeline.tracking.sink import MetricsSink
 from pipeline.device import device_params, place, to_device
 from pipeline.guards import GuardError
-from pipeline.models.llm import ADAPTER_PREFIX, TrainableLLMError
+from pipeline.models.llm import TrainableLLMError
 from pipeline.train.common import EpochLoaders, file_logger, seed_everything, silent_logger
 from pipeline.train.distributed import SINGLE, World
+from pipeline.train.resume import find_resumable, resume_point
 
 
 class Stage2Job:
@@ -45,25 +42,20 @@ class Stage2Job:
         self.not_resumed = ""  # the interrupted runs init auto/latest passed over, and why
 
     def _resume_point(self):
-        if self.resume is None:  # init auto/latest: an interrupted run of this very config
-            if self.init not in ("auto", "latest"):
-                return None
-            found, skipped = find_resumable(self.cfg.output_dir, self.cfg, self.world.size)
+        """The step checkpoint to continue (`--resume auto|FOLDER`, or with init auto/latest
+        an interrupted run of this very config, others passed over); adopts its config."""
+        if self.resume is None and self.init in ("auto", "latest"):
+            found, skipped = find_resumable(self.cfg.output_dir, STEP_STEM, STAGE2_FINAL,
+                                            self.cfg, self.world.size)
             self.not_resumed = f" (interrupted runs not resumed: {'; '.join(skipped)})" \
                 if skipped else ""
-            if found is None:
-                return None
-            ckpt, meta = found
         else:
-            folder = find_interrupted(self.cfg.output_dir) if self.resume == "auto" \
-                else Path(self.resume)
-            if folder is None:
-                return None
-            ckpt = latest_step_checkpoint(folder, required=True)
-            meta = read_metadata(ckpt)  # the tensors are loaded once, by _restore
-            resume_block(ckpt, meta, self.world.size)
-        self.cfg = C.from_dict(C.Stage2Config, meta["config"])
-        return ckpt, meta
+            found, _ = resume_point(self.resume, self.cfg.output_dir, STEP_STEM, STAGE2_FINAL,
+                                    self.cfg, self.world.size)
+        if found is None:
+            return None
+        self.cfg = C.from_dict(C.Stage2Config, found[1]["config"])
+        return found
 
     def _initialise(self, model, choice: InitChoice, tensors, meta):
         if choice.path is None:
@@ -158,7 +150,7 @@ class Stage2Job:
                                 world=self.world,
                                 **({"label_fn": self.label_fn} if self.label_fn else {}))
         if resume_point is not None:
-            self._restore_state(trainer, *resume_point)
+            trainer.restore(resume_point[0], resume_point[1]["resume"])
         self._preflight(trainer)
         return trainer.fit()
 
@@ -166,31 +158,14 @@ class Stage2Job:
         return self.world.checked(trainer.preflight, (GuardError, TrainableLLMError))
 
     def _restore(self, trainer: Stage2Trainer, ckpt: Path, meta: dict, log) -> None:
-        self._restore_state(trainer, ckpt, meta)
-        kept = truncate_csv(trainer.csv_path, trainer.state.step)
-        self._relog(trainer)
-        log.info("resumed run %s at step %d (epoch %d, batch %d); CSV rows kept: %d",
-                 self.run_id, trainer.state.step, trainer.state.epoch,
-                 trainer.state.batch_in_epoch, kept)
-
-    @staticmethod
-    def _restore_state(trainer: Stage2Trainer, ckpt: Path, meta: dict) -> None:
-        tensors, _ = load_checkpoint(ckpt, trainer.world.device)
-        load_into(trainer.model, model_tensors(tensors), ckpt)
-        if trainer.adapters:
-            trainer.llm.load_adapter_state(split_prefix(tensors, ADAPTER_PREFIX))
-        resume = meta["resume"]
-        restore_optimizer(trainer.optimizer, trainer.scheduler, tensors, resume)
-        trainer.state = state_from_metadata(resume)
-        restore_result(trainer.result, resume)
-        trainer.epoch_history = {k: [tuple(x) for x in v] for k, v in resume["epoch_history"].items()}
-
-    def _relog(self, trainer: Stage2Trainer) -> None:
-        """Send the checkpointed steps MLflow missed (killed between save and flush)."""
-        relog_missing(self.run_id, trainer.log_metrics, trainer.csv_path,
-                      lambda row: step_metrics(row, trainer.aux_findings),
+        kept = trainer.restore(ckpt, meta["resume"])
+        # Send the checkpointed steps MLflow missed (killed between save and flush).
+        relog_missing(self.run_id, trainer.log_metrics, trainer.csv_path, trainer.step_metrics,
                       trainer.epoch_history)
         trainer.flush()
+        log.info("resumed run %s at step %d (epoch %d, batch %d); CSV rows kept: %d",
+                 self.run_id, trainer.step, trainer.state.epoch,
+                 trainer.state.batch_in_epoch, kept)
 
     def _log_outputs(self, trainer: Stage2Trainer) -> None:
         import pandas as pd

@@ -4,24 +4,22 @@ Guards, in order: before the first step the LLM is frozen and none of its parame
 the optimizer, and the first batches' labels supervise exactly the report + EOS positions;
 after the first step a loss under 0.1 warns about label masking; every epoch the curve is
 judged against healthy bands; after training the LLM's checksum must equal the one before.
-The loop reports through `log_metrics` / `set_tags` and writes files into `out_dir`.
+The loop (`pipeline.train.loop.TrainLoop`) reports through `log_metrics` / `set_tags` and
+writes files into `out_dir`.
 """
 from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
-from pipeline import interrupts
 from pipeline.models import captioning
-from pipeline.checkpoint import save_checkpoint
-from pipeline.config import Stage2Config, to_dict
+from pipeline.checkpoint import split_prefix
+from pipeline.config import Stage2Config
 from pipeline.device import autocast, full_precision, to_device
 from pipeline.data.finding_metrics import label_f1
 from pipeline.models.findings import finding_loss, positive_weights
@@ -33,20 +31,21 @@ from pipeline.guards import (IGNORE_INDEX, GuardError, check_finite_loss,
 from pipeline.data.report_text import ReportStyle, language_scores
 from pipeline.models.bridge import check_visual_tokens
 from pipeline.models.llm import ADAPTER_PREFIX, prepare_adapters
-from pipeline.stage2.resume import ResumeState, append_csv_row, optimizer_tensors, resume_extras
+from pipeline.models.loading import load_into, model_tensors
 from pipeline.train.common import build_optimizer, optimizer_step
 from pipeline.train.distributed import SINGLE, World
+from pipeline.train.loop import TrainLoop
 from pipeline.train.split_pass import split_findings, split_grounding_losses
 
 STYLE_SENTENCES = 5000  # training sentences a checkpoint carries for candidate choice
-CSV_FIELDS = ("step", "epoch", "caption_loss", "finding_loss", "lr", "grad_norm", "seconds")
+STEP_STEM = "vision_bridge_vlm_step"
 IMAGE_IGNORED_TAG = "stage2.image_ignored"
 LOW_FIRST_STEP = ("WARNING: first-step caption loss {loss:.4f} < 0.1. A healthy run starts "
                   "around 3-5; this almost always means label masking is broken (visual, "
                   "prompt or padding positions supervised).")
 
 
-def step_metrics(row: Mapping[str, str], findings: bool) -> dict[str, float]:
+def step_metrics(row: Mapping, findings: bool) -> dict[str, float]:
     """The per-step MLflow metrics of one CSV row."""
     metrics = {"train_loss": float(row["caption_loss"]), "learning_rate": float(row["lr"]),
                "grad_norm": float(row["grad_norm"])}
@@ -87,20 +86,20 @@ class _CaptionStep(torch.nn.Module):
         return self.batch_losses(batch, check=check)
 
 
-class Stage2Trainer:
+class Stage2Trainer(TrainLoop):
     """One Stage 2 run (fresh or resumed from a step checkpoint) on one rank."""
+
+    name, step_stem, final_stem = "stage2", STEP_STEM, "vision_bridge_vlm"
+    keep_steps, epoch_checkpoint = 2, True  # each step checkpoint: 3x the weights
 
     def __init__(self, cfg: Stage2Config, model, llm, loaders, out_dir: str | Path, run_id: str,
                  log_metrics: Callable, set_tags: Callable, logger: logging.Logger,
                  label_fn: Callable = captioning.make_labels, flush: Callable = lambda: None,
                  world: World = SINGLE):
-        self.cfg, self.model, self.llm, self.loaders, self.world = cfg, model, llm, loaders, world
-        self.out_dir, self.run_id = Path(out_dir), run_id
-        self.log_metrics, self.set_tags, self.log, self.flush = log_metrics, set_tags, logger, flush
-        self.label_fn = label_fn
+        super().__init__(cfg, loaders, out_dir, run_id, log_metrics, set_tags, logger, flush,
+                         world)
+        self.model, self.llm, self.label_fn = model, llm, label_fn
         self.result = Stage2Result()
-        self.state = ResumeState()
-        self.csv_path = self.out_dir / "stage2_train_log.csv"
         self.epoch_history: dict[str, list] = {"epoch_train_loss": [], "val_loss": [],
                                                "val_grounding_gap": []}
         self.findings = uses_findings(cfg, model)
@@ -182,13 +181,13 @@ class Stage2Trainer:
         return {"preflight_supervised_tokens": supervised, "optimizer_tensors": n_params,
                 "llm_adapter_parameters": float(sum(p.numel() for p in self.adapters))}
 
-    def _step(self, batch, epoch: int) -> float:
+    def _train_step(self, batch) -> tuple[float, dict]:
         error, value, aux_value, tokens = None, float("nan"), 0.0, 0
         try:  # a guard firing on any rank stops every rank (World.mean)
             with autocast(self.world.device):  # bf16 LLM forward (and so backward) on CUDA
-                loss, aux, layout, tokens = self.step_model(batch, self.state.step == 0)
-            value = check_finite_loss(loss, self.state.step + 1)
-            aux_value = check_finite_loss(aux, self.state.step + 1) if aux is not None else 0.0
+                loss, aux, layout, tokens = self.step_model(batch, self.step == 0)
+            value = check_finite_loss(loss, self.step + 1)
+            aux_value = check_finite_loss(aux, self.step + 1) if aux is not None else 0.0
         except GuardError as exc:
             error = exc
         samples = len(batch["reports"]) if batch["weight"] else 0
@@ -202,66 +201,50 @@ class Stage2Trainer:
         if aux is not None:
             total = total + self.cfg.aux_finding_weight * aux * (samples * size / max(1, all_samples))
         grad_norm = optimizer_step(self.trained, total, self.optimizer, self.scheduler,
-                                   self.cfg.grad_clip, self.state.step + 1)
-        self.state.step += 1
-        if self.result.first_step_loss is None and self.state.step == 1:
+                                   self.cfg.grad_clip, self.step + 1)
+        if self.result.first_step_loss is None and self.step == 0:
             self.result.first_step_loss = value
             self.log_metrics({"first_step_loss": value}, 1)
             if value < self.cfg.low_loss:
                 self.log.warning(LOW_FIRST_STEP.format(loss=value))
                 self.set_tags({"stage2.first_step_warning": "loss<0.1: check label masking"})
-        lr = self.scheduler.get_last_lr()[0]
-        row = {"step": self.state.step, "epoch": epoch, "caption_loss": f"{value:.6f}",
-               "finding_loss": f"{aux_value:.6f}", "lr": f"{lr:.6g}",
-               "grad_norm": f"{grad_norm:.4f}", "seconds": f"{time.monotonic() - self._t0:.2f}"}
-        self._csv_row(row)
-        # Logged as the CSV holds them, so a resumed run re-sends exactly the same values.
-        self.log_metrics(step_metrics(row, self.aux_findings), self.state.step)
         if layout.truncated:
-            self.log_metrics({"truncated_reports": layout.truncated}, self.state.step)
-        return value
+            self.log_metrics({"truncated_reports": layout.truncated}, self.step + 1)
+        # Logged as the CSV holds them, so a resumed run re-sends exactly the same values.
+        return value, {"caption_loss": f"{value:.6f}", "finding_loss": f"{aux_value:.6f}",
+                       "lr": f"{self.scheduler.get_last_lr()[0]:.6g}",
+                       "grad_norm": f"{grad_norm:.4f}"}
 
-    # ---- files -----------------------------------------------------------------------------
-    def _csv_row(self, row: Mapping) -> None:
-        if self.world.is_main:
-            append_csv_row(self.csv_path, CSV_FIELDS, row)
+    def step_metrics(self, row: Mapping) -> dict[str, float]:
+        return step_metrics(row, self.aux_findings)
 
-    def _metadata(self, kind: str, final_loss=None) -> dict:
-        return {"stage": "stage2", "run_id": self.run_id, "kind": kind, "lr": self.cfg.lr,
-                "final_loss": final_loss, "step": self.state.step, "epoch": self.state.epoch,
-                "llm": self.cfg.llm.name, "hidden_size": self.llm.hidden_size,
-                "config": json.dumps(to_dict(self.cfg), sort_keys=True), "format_version": 1,
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _metadata(self) -> dict:
+        return {"llm": self.cfg.llm.name, "hidden_size": self.llm.hidden_size,
                 "report_style": json.dumps(self.style.to_sentences()[:STYLE_SENTENCES]),
                 "report_token_limit": self.report_token_limit}
 
-    def save(self, kind: str, final_loss=None, interrupted: bool = False) -> Path | None:
-        """Write a checkpoint (rank 0 only); step checkpoints carry optimizer/scheduler state
-        for resume."""
-        if not self.world.is_main:
-            return None
-        name = f"vision_bridge_vlm_{kind}"
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"{ADAPTER_PREFIX}.{k}": v for k, v in self.llm.adapter_state().items()})
-        meta = self._metadata(kind, final_loss)
-        meta["interrupted"] = interrupted  # the save on interrupt, not a periodic one
-        if kind == "step":
-            name = f"vision_bridge_vlm_step{self.state.step}"
-            tensors.update(optimizer_tensors(self.optimizer))
-            meta.update(self.state.to_metadata(self.optimizer, self.scheduler,
-                                               **resume_extras(self.result, self.epoch_history, self.world.size)))
-        path = save_checkpoint(self.out_dir / "checkpoints" / name, tensors, meta)
-        self.result.checkpoints[name] = path
-        if kind == "step":
-            self._prune_step_checkpoints(keep=2)
-        return path
+    def _weights(self, kind: str) -> dict[str, torch.Tensor]:
+        return super()._weights(kind) | {f"{ADAPTER_PREFIX}.{k}": v
+                                         for k, v in self.llm.adapter_state().items()}
 
-    def _prune_step_checkpoints(self, keep: int) -> None:
-        # Each step checkpoint holds optimizer state (3x the weights); the last two suffice.
-        steps = sorted(self.result.checkpoints, key=lambda n: int(n.rsplit("step", 1)[1])
-                       if n.startswith("vision_bridge_vlm_step") else -1)
-        steps = [n for n in steps if n.startswith("vision_bridge_vlm_step")]
-        for name in steps[:-keep]:
-            self.result.checkpoints.pop(name).unlink(missing_ok=True)
+    def _load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        load_into(self.model, model_tensors(dict(tensors)), "the resume checkpoint")
+        if self.adapters:
+            self.llm.load_adapter_state(split_prefix(tensors, ADAPTER_PREFIX))
+
+    def _resume_extras(self) -> dict:
+        """What the finished epochs concluded beyond the loop's own, and the LLM checksum."""
+        return {"first_step_loss": self.result.first_step_loss,
+                "image_ignored": self.result.image_ignored,
+                "llm_checksum_before": self.result.llm_checksum_before,
+                "verdicts": self.result.verdicts}
+
+    def _restore_extras(self, resume: Mapping) -> None:
+        self.result.first_step_loss = resume["first_step_loss"]
+        self.result.llm_checksum_before = resume["llm_checksum_before"]
+        self.result.image_ignored = resume.get("image_ignored", self.result.image_ignored)
+        self.result.verdicts = {int(epoch): v for epoch, v in resume["verdicts"].items()}
 
     # ---- epochs ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -312,11 +295,10 @@ class Stage2Trainer:
         recent = [v for _, v in series[-needed:]]
         return len(recent) == needed and max(recent) < self.cfg.min_grounding_gap
 
-    def _end_epoch(self, epoch: int, losses: list[float]) -> None:
-        train_loss = sum(losses) / max(1, len(losses))
+    def _end_epoch(self, epoch: int, train_loss: float) -> float | None:
+        """Validate through the inference path, judge the curve and the grounding gap, log."""
         if not self.world.is_main:  # rank 0 validates and judges for the group
-            self.result.final_train_loss, self.result.epochs_done = train_loss, epoch
-            return
+            return None
         scores = self._validate(epoch)
         val_loss, gap = scores["val_loss"], scores["val_grounding_gap"]
         verdict = judge_epoch(train_loss, epoch, self.cfg.bands)
@@ -339,10 +321,7 @@ class Stage2Trainer:
         (self.out_dir / "val_reports" / f"epoch{epoch:03d}.json").write_text(
             json.dumps(self.result.val_reports, indent=2), encoding="utf-8")
         self._flag_low_loss(texts)
-        self.result.final_train_loss, self.result.epochs_done = train_loss, epoch
-        if val_loss < self.result.best_val_loss:
-            self.result.best_val_loss = val_loss
-            self.save("best_val")
+        return val_loss
 
     def _flag_image_ignored(self, gap: float) -> None:
         message = (f"THE MODEL IGNORES THE IMAGE: validation caption loss with the images "
@@ -366,54 +345,10 @@ class Stage2Trainer:
             self.set_tags({"stage2.alarm": message})
 
     def fit(self) -> Stage2Result:
-        """Train to cfg.epochs (continuing from `self.state` when resumed)."""
-        self._t0 = time.monotonic() - self.state.seconds
+        """Train (see `TrainLoop.fit`); the LLM's checksum must not change meanwhile."""
         if self.cfg.llm_checksum and not self.result.llm_checksum_before:
             self.result.llm_checksum_before = self.llm.checksum()
-        self.model.train()
-        total = self.cfg.epochs * self.loaders.batches_per_epoch
-        bar = tqdm(total=total, initial=self.state.step, desc="stage2", unit="step",
-                   dynamic_ncols=True)
-        try:
-            for epoch in range(max(1, self.state.epoch), self.cfg.epochs + 1):
-                self.state.epoch = epoch
-                losses = list(self.state.epoch_losses)
-                for batch in self.loaders.epoch(epoch, self.state.batch_in_epoch):
-                    with interrupts.atomic():  # a stop signal waits for the step to end
-                        losses.append(self._step(batch, epoch))
-                        self.state.batch_in_epoch += 1
-                        self.state.epoch_losses = losses
-                        if self.state.step % self.cfg.checkpoint_every == 0:
-                            self._checkpoint()
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
-                with interrupts.atomic():
-                    self._end_epoch(epoch, losses)
-                    self.world.barrier()
-                    self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
-                    self.state.epoch_losses = []
-                    self._checkpoint()
-        except KeyboardInterrupt:
-            # Between steps: weights, optimizer, counters, CSV and metrics agree; saving here
-            # loses nothing, and the metrics sent are exactly those the checkpoint covers.
-            self.log.warning("interrupted after step %d: saving a step checkpoint", self.state.step)
-            self._checkpoint(interrupted=True)
-            raise
-        finally:
-            bar.close()
-        self.state.epoch = self.cfg.epochs
-        self._finish()
-        return self.result
-
-    def _checkpoint(self, interrupted: bool = False) -> None:
-        # Metrics are sent only right after a step checkpoint: after a kill, MLflow never
-        # holds a step the resumed run will log again.
-        self.state.seconds = time.monotonic() - self._t0
-        self.save("step", interrupted=interrupted)
-        self.flush()
-
-    def _finish(self) -> None:
-        self.save("final", self.result.final_train_loss)
+        super().fit()
         if self.cfg.llm_checksum:  # every rank checks its own copy of the LLM
             self.result.llm_checksum_after = self.llm.checksum()
             changed = self.result.llm_checksum_after != self.result.llm_checksum_before
@@ -421,3 +356,4 @@ class Stage2Trainer:
                 "the LLM's weights changed during training (checksum "
                 f"{self.result.llm_checksum_before[:12]} -> "
                 f"{self.result.llm_checksum_after[:12]})") if changed else None)
+        return self.result

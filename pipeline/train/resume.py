@@ -149,18 +149,14 @@ def interrupted_runs(output_dir: str | Path, stem: str, final_name: str) -> list
                   reverse=True)
 
 
-def find_interrupted(output_dir: str | Path, stem: str, final_name: str) -> Path | None:
-    """The newest run folder with step checkpoints `<stem><N>` but no `final_name` checkpoint."""
-    return next(iter(interrupted_runs(output_dir, stem, final_name)), None)
-
-
-def find_resumable(output_dir: str | Path, stem: str, final_name: str, cfg, world_size: int
-                   ) -> tuple[tuple[Path, dict] | None, list[str]]:
+def find_resumable(output_dir: str | Path, stem: str, final_name: str, cfg, world_size: int,
+                   strict: bool = False) -> tuple[tuple[Path, dict] | None, list[str]]:
     """The newest interrupted run trained with `cfg` on `world_size` ranks: (its latest step
     checkpoint, its metadata), or None; and why each other interrupted run was passed over.
 
-    Every interrupted folder is considered, and the config is compared before the number of
-    ranks: an unrelated run (another config, another `nproc`) is passed over, never refused.
+    Runs of another config are passed over. The newest run of `cfg` without resume state or
+    trained on another number of ranks is refused (CheckpointError) when `strict`, else
+    passed over too.
     """
     skipped = []
     for folder in interrupted_runs(output_dir, stem, final_name):
@@ -173,6 +169,9 @@ def find_resumable(output_dir: str | Path, stem: str, final_name: str, cfg, worl
         resume = meta.get("resume")
         if not isinstance(meta.get("config"), dict) or not same_config(meta["config"], cfg):
             skipped.append(f"{folder.name}: another config")
+        elif strict:
+            resume_block(ckpt, meta, world_size)
+            return (ckpt, meta), skipped
         elif not isinstance(resume, dict):
             skipped.append(f"{folder.name}: no resume state")
         elif resume.get("world_size", 1) != world_size:
@@ -180,3 +179,22 @@ def find_resumable(output_dir: str | Path, stem: str, final_name: str, cfg, worl
         else:
             return (ckpt, meta), skipped
     return None, skipped
+
+
+def resume_point(resume: str | None, output_dir: str | Path, stem: str, final_name: str, cfg,
+                 world_size: int) -> tuple[tuple[Path, dict] | None, list[str]]:
+    """The step checkpoint a run continues and its metadata (None: a new run), and the
+    interrupted runs passed over and why.
+
+    `resume`: a run folder (its latest step checkpoint; its config is the run's), "auto" (the
+    newest interrupted run trained with `cfg`) or None. Refused (CheckpointError) without a
+    step checkpoint holding resume state from as many ranks.
+    """
+    if resume is None:
+        return None, []
+    if resume == "auto":
+        return find_resumable(output_dir, stem, final_name, cfg, world_size, strict=True)
+    ckpt = latest_step_checkpoint(resume, stem, required=True)
+    meta = read_metadata(ckpt)
+    resume_block(ckpt, meta, world_size)
+    return (ckpt, meta), []
