@@ -20,21 +20,22 @@ def _positives(text: str) -> set[str]:
     return {name for name, value in label_report(text).items() if value}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 7])
-def test_agrees_with_stored_labels_on_every_generated_entry(tmp_path, seed):
-    path = generate_synthetic(tmp_path, seed=seed, image_size=16)
+@pytest.mark.parametrize("seed, version", [(0, 1), (1, 1), (7, 1), (0, 2), (7, 2)])
+def test_agrees_with_stored_labels_on_every_generated_entry(tmp_path, seed, version):
+    path = generate_synthetic(tmp_path, seed=seed, image_size=16, version=version)
     entries = [e for split in json.loads(path.read_text()).values() for e in split]
     assert len(entries) == 350
     wrong = [(e["id"], e["report"]) for e in entries if label_report(e["report"]) != _placed(e["labels"])]
     assert not wrong
 
 
-def test_agrees_with_the_generator_over_many_studies():
+@pytest.mark.parametrize("version", [1, 2])
+def test_agrees_with_the_generator_over_many_studies(version):
     for seed in range(3):
         for index in range(1500):
             rng = np.random.default_rng([seed, index])
-            study = sample_study(rng)
-            report = write_report(study, rng)
+            study = sample_study(rng, version)
+            report = write_report(study, rng, version)
             assert label_report(report) == _placed(study.labels()), report
             cleaned = " ".join(report.lower().replace(".", " .").replace(",", " ,").split())
             assert label_report(cleaned) == _placed(study.labels()), cleaned  # R2Gen-cleaned form

@@ -42,17 +42,34 @@ def test_r2gen_layout_split_sizes_and_labels(tmp_path):
     assert all(r.labels is not None for r in records["test"])
 
 
-def test_default_size_set_covers_every_finding_with_reports_of_20_to_90_words(tmp_path):
-    path = generate_synthetic(tmp_path, seed=0, image_size=16)  # labels do not depend on size
+@pytest.mark.parametrize("version", [1, 2])
+def test_default_size_set_covers_every_finding_with_reports_of_20_to_90_words(tmp_path, version):
+    path = generate_synthetic(tmp_path, seed=0, image_size=16, version=version)  # any size
     entries = [e for split in json.loads(path.read_text()).values() for e in split]
     assert len(entries) == 254 + 32 + 64
     assert all(20 <= len(e["report"].split()) <= 90 for e in entries)
-    for finding in FINDINGS:
-        assert sum(e["labels"][finding] for e in entries) > 0, finding
+    from pipeline.data.labeler import coarse_group
+    version_1 = {"cardiomegaly", "effusion", "pneumothorax", "nodule", "consolidation"}
+    for finding in FINDINGS[:-1]:
+        drawn = sum(e["labels"][finding] for e in entries)
+        assert (drawn > 0) == (version == 2 or coarse_group(finding) in version_1), finding
+
+
+def test_versions_differ_and_version_1_never_hedges(tmp_path):
+    one = json.loads(generate_synthetic(tmp_path / "1", seed=0, version=1, **TINY).read_text())
+    two = json.loads(generate_synthetic(tmp_path / "2", seed=0, version=2, **TINY).read_text())
+    assert one != two
+    hedges = ("possible", "may represent", "may reflect", "cannot", "questionable", "borderline")
+    for version in (1, 2):
+        reports = [write_report(sample_study(rng, version), rng, version).lower()
+                   for rng in (np.random.default_rng([0, i]) for i in range(300))]
+        hedged = sum(any(h in r for h in hedges) for r in reports)
+        assert (hedged > 30) if version == 2 else (hedged == 0), (version, hedged)
 
 
 def test_report_lengths_over_many_studies():
-    lengths = [len(write_report(sample_study(rng), rng).split())
+    lengths = [len(write_report(sample_study(rng, v), rng, v).split())
+               for v in (1, 2)
                for rng in (np.random.default_rng([s, i]) for s in range(3) for i in range(1000))]
     assert 20 <= min(lengths) and max(lengths) <= 90
 
@@ -130,7 +147,7 @@ def test_v2_reports_hedge_some_findings_and_chexpert_reads_them_as_uncertain():
     uncertain = 0
     for i in range(400):
         rng = np.random.default_rng([0, i])
-        report = write_report(sample_study(rng), rng)
+        report = write_report(sample_study(rng, 2), rng, 2)
         uncertain += UNCERTAIN in label_chexpert(report).values()
     assert 0.1 < uncertain / 400 < 0.5, uncertain
 
@@ -181,8 +198,8 @@ def test_v2_reports_read_the_same_by_both_labelers():
     disagree = []
     for i in range(300):
         rng = np.random.default_rng([0, i])
-        study = sample_study(rng)
-        report = write_report(study, rng)
+        study = sample_study(rng, 2)
+        report = write_report(study, rng, 2)
         read = label_chexpert(report)
         coarse = to_coarse(study.labels())
         for group in COARSE_FINDINGS[:-1]:

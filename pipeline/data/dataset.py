@@ -37,7 +37,7 @@ from pipeline.config import DataConfig
 from pipeline.data.images import (ImageCache, ImageDecodeError, cache_dir_for, decode_file,
                                   model_input, verify_file)
 from pipeline.data.labeler import FINDINGS
-from pipeline.data.synthetic import generate_synthetic
+from pipeline.data.synthetic import SOURCES as SYNTHETIC_SOURCES, generate_synthetic
 
 SPLITS = ("train", "val", "test")
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -371,10 +371,10 @@ def load_records(source: str | Path, image_dir: str | None = None) -> dict[str, 
 
 def load_dataset(cfg: DataConfig) -> dict[str, list[Record]]:
     """Records for a data config: the (cached) synthetic set or a file, cut to max_* studies."""
-    if cfg.source == "synthetic":
-        name = f"synthetic_s{cfg.seed}_{cfg.n_train}_{cfg.n_val}_{cfg.n_test}_{cfg.image_size}"
+    if cfg.source in SYNTHETIC_SOURCES:
+        name = f"{cfg.source}_s{cfg.seed}_{cfg.n_train}_{cfg.n_val}_{cfg.n_test}_{cfg.image_size}"
         source = generate_synthetic(Path(cfg.root) / name, cfg.seed, cfg.n_train, cfg.n_val,
-                                    cfg.n_test, cfg.image_size)
+                                    cfg.n_test, cfg.image_size, SYNTHETIC_SOURCES[cfg.source])
         records = load_records(source)
     else:
         source = Path(cfg.source)

@@ -8,7 +8,11 @@ draws a PA radiograph that shows them, and writes an IU X-Ray style report (find
 impression) with paraphrases, hedged wording for about one finding in five ("may represent
 atelectasis", "cannot exclude"), negated statements for absent findings and varied sentence
 order. Ground-truth labels over `FINDINGS` are stored with each entry. Patient left is on
-the image's right, as on a real PA film. Version 2; version 1 drew the first five kinds.
+the image's right, as on a real PA film.
+
+Two versions: version 1 (`data=synthetic`, what the demo's recipe is measured on) draws the
+first five kinds (cardiomegaly, effusion, pneumothorax, nodule/mass, consolidation) with no
+hedging; version 2 (`data=synthetic-v2`) draws all eleven and hedges.
 
 Output is the R2Gen layout, so one loader serves this and the real datasets:
 `<out>/annotation.json` (`train`/`val`/`test` -> `{id, report, image_path, labels}`) and
@@ -17,7 +21,7 @@ PNGs carry no timestamps, so the same arguments give byte-identical files (same 
 Pillow versions, same platform).
 
     python -m pipeline.data.synthetic --out data/synthetic --seed 0 \\
-        [--n-train 254 --n-val 32 --n-test 64 --image-size 224]
+        [--n-train 254 --n-val 32 --n-test 64 --image-size 224 --version 1]
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ from PIL import Image
 from pipeline.config import ConfigError
 from pipeline.data.labeler import FINDINGS, SIDES, ZONES
 
-VERSION = 2
+VERSIONS = (1, 2)
+SOURCES = {"synthetic": 1, "synthetic-v2": 2}  # the `data` value that names each version
 META_NAME = "synthetic_meta.json"
 # severity -> (effusion height, pneumothorax lung shrink) ranges in body coordinates
 _SEVERITY = {"small": ((0.1, 0.18), (0.8, 0.88)), "moderate": ((0.18, 0.28), (0.7, 0.8)),
@@ -86,12 +91,15 @@ class Study:
         return labels
 
 
-def sample_study(rng: np.random.Generator) -> Study:
-    """Draw one study's findings: about 25% normal, otherwise one to three kinds."""
-    if rng.random() < 0.25:
+def sample_study(rng: np.random.Generator, version: int = 1) -> Study:
+    """Draw one study's findings. Version 2: about 25% normal, otherwise one to three of the
+    eleven kinds; version 1: about 30% normal, otherwise one to three of the first five."""
+    normal, counts, kinds_of = (0.3, [0.5, 0.35, 0.15], KINDS[:5]) if version == 1 else \
+        (0.25, [0.35, 0.4, 0.25], KINDS)
+    if rng.random() < normal:
         return Study(False, (), None, None, None)
-    k = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
-    kinds = set(rng.choice(KINDS, k, replace=False))
+    k = int(rng.choice([1, 2, 3], p=counts))
+    kinds = set(rng.choice(kinds_of, k, replace=False))
     effusion: tuple[str, ...] = ()
     if "effusion" in kinds:
         effusion = SIDES if rng.random() < 0.2 else (str(rng.choice(SIDES)),)
@@ -106,6 +114,8 @@ def sample_study(rng: np.random.Generator) -> Study:
         choices = [(s, z) for s in SIDES for z in ZONES if not nodule or (s, z) != nodule[:2]]
         consolidation = choices[int(rng.integers(len(choices)))]
     sizes = [str(s) for s in rng.choice(list(_SEVERITY), 2)]
+    if version == 1:
+        return Study("cardio" in kinds, effusion, ptx, nodule, consolidation, *sizes)
     sided = {kind: str(rng.choice(SIDES)) if kind in kinds else None
              for kind in ("atelectasis", "opacity", "fracture")}
     devices: tuple[str, ...] = ()
@@ -232,12 +242,13 @@ def _location(rng: np.random.Generator, side: str, zone: str) -> str:
     return f"{side} {_pick(rng, [zone, zone, 'mid'] if zone == 'middle' else [zone])} zone"
 
 
-def _positive_sentences(study: Study, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+def _positive_sentences(study: Study, rng: np.random.Generator, hedge: float
+                        ) -> tuple[list[str], list[str]]:
     """(findings sentences, impression sentences) for the abnormal findings."""
     found, impression = [], []
 
     def say(kind: str, options: list[str], summary: str | None, **values: str) -> None:
-        hedged = kind in _HEDGED and rng.random() < HEDGE_SHARE
+        hedged = kind in _HEDGED and hedge > 0 and rng.random() < hedge
         found.append(_fill(_pick(rng, _HEDGED[kind] if hedged else options), **values))
         if summary:
             summary = _fill(summary, **values)
@@ -279,10 +290,11 @@ def _positive_sentences(study: Study, rng: np.random.Generator) -> tuple[list[st
     return found, impression
 
 
-def write_report(study: Study, rng: np.random.Generator) -> str:
-    """An IU X-Ray style report of 20-90 words that states every finding and negates the rest."""
+def write_report(study: Study, rng: np.random.Generator, version: int = 1) -> str:
+    """An IU X-Ray style report of 20-90 words that states every finding and negates the rest
+    (version 1: never hedged, edema never mentioned)."""
     for _ in range(20):
-        found, impression = _positive_sentences(study, rng)
+        found, impression = _positive_sentences(study, rng, HEDGE_SHARE if version > 1 else 0)
         groups = [[sentence] for sentence in found]
         if not study.cardiomegaly:
             groups.append([_pick(rng, _HEART_NEG[:-1] if study.mediastinum else _HEART_NEG)])
@@ -298,7 +310,7 @@ def write_report(study: Study, rng: np.random.Generator) -> str:
             groups.append([_pick(rng, _NO_PTX)])
         elif not study.effusion:
             groups.append([_pick(rng, _NO_EFFUSION)])
-        if not study.edema and rng.random() < 0.25:
+        if version > 1 and not study.edema and rng.random() < 0.25:
             groups.append([_pick(rng, _NO_EDEMA)])
         if not study.fracture and rng.random() < 0.6:
             groups.append([_pick(rng, _BONES)])
@@ -471,9 +483,11 @@ def draw_study(study: Study, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- writing
-def _meta(seed: int, n_train: int, n_val: int, n_test: int, image_size: int) -> dict:
-    return {"generator": "pipeline.data.synthetic", "version": VERSION, "seed": seed,
-            "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size}
+def _meta(seed: int, n_train: int, n_val: int, n_test: int, image_size: int,
+          version: int) -> dict:
+    return {"generator": "pipeline.data.synthetic", "version": version, "seed": seed,
+            "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size,
+            "labels": len(FINDINGS)}
 
 
 def _is_complete(out: Path, meta: dict) -> bool:
@@ -491,22 +505,23 @@ def _is_complete(out: Path, meta: dict) -> bool:
 
 
 def generate_synthetic(out_dir: str | Path, seed: int = 0, n_train: int = 254, n_val: int = 32,
-                       n_test: int = 64, image_size: int = 224) -> Path:
+                       n_test: int = 64, image_size: int = 224, version: int = 1) -> Path:
     """Write the benchmark under `out_dir` (skipped if already there); return annotation.json.
 
     Written into a temporary folder beside `out_dir` and renamed into place once complete, so
     two first runs never write into one folder and a stopped run leaves nothing half-written.
     """
     out = Path(out_dir)
-    meta = _meta(seed, n_train, n_val, n_test, image_size)
+    meta = _meta(seed, n_train, n_val, n_test, image_size, version)
     if _is_complete(out, meta):
         return out / "annotation.json"
-    if min(n_train, n_val, n_test) < 0 or image_size < 16:
-        raise ConfigError(f"need split sizes >= 0 and image_size >= 16, got {meta}")
+    if min(n_train, n_val, n_test) < 0 or image_size < 16 or version not in VERSIONS:
+        raise ConfigError(f"need split sizes >= 0, image_size >= 16 and a version in "
+                          f"{VERSIONS}, got {meta}")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        _write(staging, meta, seed, n_train, n_val, n_test, image_size)
+        _write(staging, meta, seed, n_train, n_val, n_test, image_size, version)
         _install(staging, out, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -540,15 +555,15 @@ def _install(staging: Path, out: Path, meta: dict) -> None:
 
 
 def _write(out: Path, meta: dict, seed: int, n_train: int, n_val: int, n_test: int,
-           image_size: int) -> None:
+           image_size: int, version: int) -> None:
     counts = {"train": n_train, "val": n_val, "test": n_test}
     annotation: dict[str, list] = {split: [] for split in counts}
     index = 0
     for split, count in counts.items():
         for _ in range(count):
             rng = np.random.default_rng([seed, index])  # per study: stable under other sizes
-            study = sample_study(rng)
-            report = write_report(study, rng)
+            study = sample_study(rng, version)
+            report = write_report(study, rng, version)
             study_id = f"SYN-{index:05d}"
             path = out / "images" / study_id / "0.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -573,9 +588,12 @@ def _write(out: Path, meta: dict, seed: int, n_train: int, n_val: int, n_test: i
 @click.option("--n-val", default=32, show_default=True, help="Number of validation studies.")
 @click.option("--n-test", default=64, show_default=True, help="Number of test studies.")
 @click.option("--image-size", default=224, show_default=True, help="Side of the square PNGs.")
-def main(out_dir: str, seed: int, n_train: int, n_val: int, n_test: int, image_size: int) -> None:
+@click.option("--version", default=1, show_default=True, type=click.Choice(["1", "2"]),
+              help="1: five finding kinds; 2: eleven of CheXpert's observations, hedged.")
+def main(out_dir: str, seed: int, n_train: int, n_val: int, n_test: int, image_size: int,
+         version: str) -> None:
     """Generate the synthetic benchmark."""
-    path = generate_synthetic(out_dir, seed, n_train, n_val, n_test, image_size)
+    path = generate_synthetic(out_dir, seed, n_train, n_val, n_test, image_size, int(version))
     click.echo(str(path))
 
 

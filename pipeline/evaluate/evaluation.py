@@ -30,6 +30,7 @@ from pipeline.data.finding_metrics import label_f1
 from pipeline.device import resolve_device
 from pipeline.evaluate.clinical import PARAMS as CE_PARAMS, chexpert_labels, chexpert_scores
 from pipeline.data.report_cleaning import DEFAULT_CLEANING
+from pipeline.data.synthetic import SOURCES as SYNTHETIC_SOURCES
 from pipeline.models.loading import load_report_model
 from pipeline.models.report_model import choose_reports, repair_reports, uses_findings
 from pipeline.train.split_pass import split_findings, split_grounding_losses
@@ -84,7 +85,10 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
 
     report_model = report_model or load_report_model(checkpoint, device=resolve_device(device))
     num_beams = num_beams or report_model.cfg.eval_num_beams
+    # `synthetic` (the default): the data the model was trained on; another synthetic version
+    # at the model's sizes; else a file.
     data_cfg = report_model.cfg.data if data == "synthetic" else \
+        replace(report_model.cfg.data, source=data) if data in SYNTHETIC_SOURCES else \
         replace(report_model.cfg.data, source=data, image_dir=image_dir)
     dataset = load_dataset(data_cfg)
     # Report form is judged against the training reports of the data evaluated on; candidate
