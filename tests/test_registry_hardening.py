@@ -56,9 +56,10 @@ def _outcome(score: float, decoding: str = "greedy", num_beams: int = 1,
     """What `evaluate_model` returns for a model that passes every rule but the champion's."""
     per_decoding = {"finding_coarse_macro_f1": 0.9, "finding_macro_f1": 0.8, "bleu4": 0.5,
                     "cider": 1.5, "rouge_l": 0.6, "distinct_share": 1.0, "n_reports": 4.0,
-                    "report_form": 1.0, "contradiction_share": 0.0, "preamble_share": 0.0}
+                    "report_form": 1.0, "contradiction_share": 0.0, "preamble_share": 0.0,
+                    "chexpert_micro_f1": 0.7}
     blind = {"finding_coarse_macro_f1": 0.2, "finding_macro_f1": 0.1, "bleu4": 0.1,
-             "cider": 0.2, "rouge_l": 0.3}
+             "cider": 0.2, "rouge_l": 0.3, "chexpert_micro_f1": 0.3}
     metrics = {**{f"{decoding}_{k}": v for k, v in per_decoding.items()},
                **{f"blind_{k}": v for k, v in blind.items()},
                "grounding_gap": 1.0, "score": score, "reference_report_form": 1.0}
