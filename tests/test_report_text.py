@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.data.report_text import (ReportStyle, contradictions, has_preamble,
-                                       language_scores, read_report, rouge_l)
+                                       language_scores, read_report, resolve_contradictions,
+                                       rouge_l)
 from pipeline.models.report_model import choose_reports
 
 TRAIN = ["The heart is normal in size. The lungs are clear. No pleural effusion or pneumothorax.",
@@ -121,3 +122,12 @@ def test_contradicting_sentences_are_dropped_by_the_findings_given():
     assert "pneumonia" in resolve_contradictions(report)
     clean = "The heart is enlarged. No pneumothorax."
     assert resolve_contradictions(clean, set()) == clean
+
+
+def test_sharp_costophrenic_angles_deny_an_effusion_and_the_denial_is_dropped():
+    report = ("The mediastinum is unremarkable. The costophrenic angles are sharp. "
+              "Cardiomegaly. Right pleural effusion.")
+    assert contradictions(report) == ["effusion"]
+    assert resolve_contradictions(report, {"effusion", "cardiomegaly"}) == (
+        "The mediastinum is unremarkable. Cardiomegaly. Right pleural effusion.")
+    assert contradictions("The costophrenic angles are sharp. No pneumothorax.") == []

@@ -48,6 +48,9 @@ _NORMAL = {
         r"(?: is| are| appears| remains)?(?: normal| within normal limits| unremarkable)"
         r"|\bnormal (?:heart|cardiac|cardiomediastinal)(?: size| silhouette| contours?)?"),
     "consolidation": re.compile(r"\blungs? (?:are |is )?(?:\w+ )?(?:and )?clear\b"),
+    # Sharp angles deny an effusion on either side ("The costophrenic angles are sharp." beside
+    # "Right pleural effusion." contradicts itself).
+    "effusion": re.compile(r"\bcostophrenic (?:angles?|sulc[iu]s?) (?:is |are )?(?:sharp|clear)"),
     "enlarged_cardiomediastinum": re.compile(
         r"\b(?:cardio)?mediastin(?:um|al)(?: silhouette| contours?)?(?: is| are| appears)?"
         r"(?: normal| within normal limits| unremarkable)|\bnormal (?:cardio)?mediastinal"),
