@@ -131,3 +131,29 @@ def test_sharp_costophrenic_angles_deny_an_effusion_and_the_denial_is_dropped():
     assert resolve_contradictions(report, {"effusion", "cardiomegaly"}) == (
         "The mediastinum is unremarkable. Cardiomegaly. Right pleural effusion.")
     assert contradictions("The costophrenic angles are sharp. No pneumothorax.") == []
+
+
+def test_report_form_does_not_depend_on_string_hashing():
+    """The sentences scored in full are chosen deterministically: the same text scores the same
+    in every process (PYTHONHASHSEED changes set and Counter orders)."""
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import numpy as np\n"
+        "from pipeline.data.report_text import ReportStyle\n"
+        "from pipeline.data.synthetic import sample_study, write_report\n"
+        "def reps(seed, n):\n"
+        "    out = []\n"
+        "    for i in range(n):\n"
+        "        rng = np.random.default_rng([seed, i])\n"
+        "        out.append(write_report(sample_study(rng, 2), rng, 2))\n"
+        "    return out\n"
+        "style = ReportStyle.from_reports(reps(0, 150))\n"
+        "words = [w for r in reps(1, 40) for w in r.lower().replace('.', ' ').split()]\n"
+        "probes = [words[i:i + n] for n in (3, 5, 8) for i in range(0, len(words) - n, 7)]\n"
+        "print(repr([round(style.closeness(p), 6) for p in probes]))\n")
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}
+                              ).stdout for seed in (1, 2, 3, 4)}
+    assert len(outputs) == 1

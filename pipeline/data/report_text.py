@@ -21,6 +21,7 @@ report contains. Measured here, against the training reports (the references' st
 """
 from __future__ import annotations
 
+import heapq
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -122,8 +123,10 @@ class ReportStyle:
         if tokens in self._exact:
             return 1.0
         shared = Counter(i for word in set(tokens) for i in self._index.get(word, ()))
-        return max((rouge_l(tokens, self.sentences[i])
-                    for i, _ in shared.most_common(_SHORTLIST)), default=0.0)
+        # Ties broken by sentence order, not by Counter's insertion order (which follows set
+        # iteration, so string hashing, and would make the score differ between processes).
+        shortlist = heapq.nsmallest(_SHORTLIST, shared.items(), key=lambda kv: (-kv[1], kv[0]))
+        return max((rouge_l(tokens, self.sentences[i]) for i, _ in shortlist), default=0.0)
 
     def form(self, report: str, threshold: float = FORM_THRESHOLD) -> tuple[int, int]:
         """(sentences within `threshold` of a training sentence, sentences) of one report."""
