@@ -188,6 +188,14 @@ def test_load_dataset_synthetic_with_subsets(tmp_path):
         load_dataset(DataConfig(root=str(tmp_path), max_train=0, **TINY))
 
 
+def test_data_synthetic_v2_names_version_2_in_its_own_folder(tmp_path):
+    one = load_dataset(DataConfig(root=str(tmp_path), **TINY))
+    two = load_dataset(DataConfig(source="synthetic-v2", root=str(tmp_path), **TINY))
+    meta = json.loads((tmp_path / "synthetic-v2_s0_12_4_4_32" / "synthetic_meta.json").read_text())
+    assert meta["version"] == 2
+    assert [r.report for r in one["train"]] != [r.report for r in two["train"]]
+
+
 def test_v2_reports_read_the_same_by_both_labelers():
     """Each coarse group of a study is what the CheXpert-14 labeler reads for its observation
     (positive or uncertain): the benchmark exercises the label space papers report on. Lung
