@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from pipeline.data.labeler import COARSE_FINDINGS, coarse_labels, label_report
+from pipeline.data.labeler import COARSE_FINDINGS, coarse_group, coarse_labels, label_report
 from pipeline.data.report_cleaning import clean_report_mimic_cxr as clean_report
 
 FORM_THRESHOLD = 0.6  # ROUGE-L to the closest training sentence for a sentence to be in form
@@ -161,8 +161,8 @@ def _denied(sentence: str) -> tuple[set[str], set[str]]:
         mentioned = {g for g, v in coarse_labels(stripped).items()
                      if v and not affirmed[g] and g != "no_finding"}
         located = _sided(label_report(stripped)) - _sided(label_report(sentence))
-        sided |= {name for name in located if name.split("_", 1)[0] in mentioned}
-        groups |= mentioned - {name.split("_", 1)[0] for name in sided}
+        sided |= {name for name in located if coarse_group(name) in mentioned}
+        groups |= mentioned - {coarse_group(name) for name in sided}
     return groups, sided
 
 
@@ -181,7 +181,7 @@ def contradictions(report: str) -> list[str]:
         denied_groups |= groups
         denied_sided |= sided
     clash = (asserted_groups & denied_groups) | \
-        {name.split("_", 1)[0] for name in asserted_sided & denied_sided}
+        {coarse_group(name) for name in asserted_sided & denied_sided}
     return [g for g in COARSE_FINDINGS if g in clash]
 
 
@@ -201,7 +201,7 @@ def resolve_contradictions(report: str, present: set[str] | None = None) -> str:
         text = " ".join(sentences(sentence))
         asserted = {g for g, v in coarse_labels(text).items() if v}
         groups, sided = _denied(text)
-        denied = groups | {name.split("_", 1)[0] for name in sided}
+        denied = groups | {coarse_group(name) for name in sided}
         drop = any(g in denied if present is None or g in present else g in asserted
                    for g in clash)
         if not drop:
