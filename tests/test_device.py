@@ -201,3 +201,40 @@ def test_checkpoints_are_device_free_and_load_onto_the_run_device(tmp_path, monk
 def test_world_wraps_in_ddp_on_its_device_only_when_distributed():
     module = torch.nn.Linear(2, 2)
     assert World(device=torch.device("cpu")).wrap(module) is module
+
+
+def test_leaving_the_world_frees_unreachable_ddp_modules_before_the_group_closes(monkeypatch):
+    """A DistributedDataParallel module kept alive by a reference cycle (a trainer and its
+    callbacks) would otherwise be freed at interpreter exit, after its process group closed,
+    where gloo's threads abort the rank ("terminate called without an active exception")."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pipeline.train.distributed import leave_world
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        class Trainer:  # a cycle: only the garbage collector frees it
+            pass
+
+        trainer = Trainer()
+        trainer.step_model = DistributedDataParallel(torch.nn.Linear(2, 2))
+        trainer.self = trainer
+        alive = weakref.ref(trainer.step_model)
+        del trainer
+        closed_with = []
+        destroy = dist.destroy_process_group
+        monkeypatch.setattr(dist, "destroy_process_group",
+                            lambda *a: (closed_with.append(alive()), destroy(*a)))
+        gc.disable()  # as when the collector has not run since the cycle was dropped
+        try:
+            leave_world(World(rank=0, size=2))
+        finally:
+            gc.enable()
+        assert closed_with == [None]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -8,6 +8,7 @@ before.
 """
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from dataclasses import dataclass
@@ -162,6 +163,12 @@ def join_world(device: str = "auto", timeout: timedelta | None = None) -> World:
 
 
 def leave_world(world: World) -> None:
-    """Close the process group `join_world` opened."""
+    """Close the process group `join_world` opened.
+
+    Unreachable objects are collected first: a DistributedDataParallel module held only by a
+    reference cycle (a trainer and its callbacks) would otherwise be freed at interpreter exit,
+    after its group closed, where gloo's threads abort the rank (SIGABRT, "terminate called
+    without an active exception") and torchrun then fails the whole job."""
     if world.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
