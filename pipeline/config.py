@@ -182,6 +182,9 @@ class Stage2Config:
     system_prompt: str | None = None
     # With findings: the prompt also names the finding groups not found ("Absent: ...").
     prompt_absent: bool = False
+    # Train on each report with its findings stated first, in the prompt's order
+    # (`report_text.findings_first`): greedy decoding then writes every finding it is given.
+    findings_first: bool = False
     max_report_tokens: int = 160
     max_new_tokens: int = 96
     repetition_penalty: float = 1.0  # generation's (1.0: none)

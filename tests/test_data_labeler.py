@@ -68,6 +68,9 @@ def test_agrees_with_the_generator_over_many_studies(version):
     ("No effusion, but moderate cardiomegaly.", {"cardiomegaly"}),
     ("Cardiac silhouette within normal limits. Lungs clear bilaterally.", {"no_finding"}),
     ("", {"no_finding"}),
+    # CheXpert's own name for the observation, as a prompt or a report may say it.
+    ("Left hazy lung opacity. Lung opacity at the right base.", {"opacity_left", "opacity_right"}),
+    ("No focal lung opacity.", {"no_finding"}),
 ])
 def test_reads_hand_written_reports(report, expected):
     assert _positives(report) == expected

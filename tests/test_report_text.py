@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.data.report_text import (ReportStyle, contradictions, has_preamble,
-                                       language_scores, read_report, resolve_contradictions,
-                                       rouge_l)
+from pipeline.data.report_text import (ReportStyle, contradictions, findings_first,
+                                       has_preamble, language_scores, read_report,
+                                       resolve_contradictions, rouge_l)
 from pipeline.models.report_model import choose_reports
 
 TRAIN = ["The heart is normal in size. The lungs are clear. No pleural effusion or pneumothorax.",
@@ -157,3 +157,46 @@ def test_report_form_does_not_depend_on_string_hashing():
                               check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}
                               ).stdout for seed in (1, 2, 3, 4)}
     assert len(outputs) == 1
+
+
+def test_findings_first_states_each_finding_first_in_the_prompts_order_and_keeps_every_sentence():
+    report = ("The lungs are clear. An endotracheal tube is in place. No pneumothorax. "
+              "Old fracture of a left lateral rib. The cardiac silhouette is enlarged. "
+              "Cardiomegaly. Left rib fracture.")
+    ordered = findings_first(report)
+    # cardiomegaly, fracture, devices: the order of COARSE_FINDINGS (the prompt's); the rest,
+    # the closing impression included, keep their order after them.
+    assert ordered == ("The cardiac silhouette is enlarged. Old fracture of a left lateral rib. "
+                       "An endotracheal tube is in place. The lungs are clear. No pneumothorax. "
+                       "Cardiomegaly. Left rib fracture.")
+    assert sorted(ordered.split(". ")) == sorted(report.split(". "))
+    normal = "The heart is normal in size. The lungs are clear. No pleural effusion."
+    assert findings_first(normal) == normal
+
+
+def test_findings_first_changes_what_stage2_trains_on_only_when_asked(monkeypatch):
+    import torch
+
+    from pipeline import config as C
+    from pipeline.models import captioning
+    from pipeline.models.report_model import caption_forward
+
+    class Tokenized(Exception):
+        pass
+
+    seen = []
+
+    def tokenize(tokenizer, prompts, reports, *args):  # records what would be trained on
+        seen.append(reports)
+        raise Tokenized
+
+    class LLM:
+        tokenizer, eos_token_id, pad_token_id = None, 0, 0
+
+    monkeypatch.setattr(captioning, "tokenize_batch", tokenize)
+    report = "The lungs are clear. Right pneumothorax."
+    for flag in (False, True):
+        cfg = C.build(C.Stage2Config, "tiny", {"findings": False, "findings_first": flag})
+        with pytest.raises(Tokenized):
+            caption_forward(lambda images: images, LLM(), torch.zeros(1, 2, 3), [report], cfg)
+    assert seen == [[report], ["Right pneumothorax. The lungs are clear."]]

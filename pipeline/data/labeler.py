@@ -94,8 +94,8 @@ _MENTIONS = [
      r" (?:is|are|appears|remains|seems)(?: (?:mildly|moderately|markedly|slightly|again"
      r"|still|now))* (?:widened|wide|prominent|enlarged)", True),
     ("atelectasis", r"atelecta(?:sis|ses|tic(?: changes?)?)", False),
-    ("opacity", r"(?:hazy|ground[- ]glass|ill[- ]defined|veil[- ]like)"
-                r" (?:opacity|opacities|opacification)", False),
+    ("opacity", r"(?:hazy|ground[- ]glass|ill[- ]defined|veil[- ]like)(?: lung| pulmonary)?"
+                r" (?:opacity|opacities|opacification)|lung opacit(?:y|ies)", False),
     ("fracture", r"fractures?", False),
     ("edema", r"edema", False),
     ("devices_tube", r"(?:endotracheal|tracheostomy|enteric|nasogastric|feeding) tube", False),

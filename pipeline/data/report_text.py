@@ -209,6 +209,33 @@ def resolve_contradictions(report: str, present: set[str] | None = None) -> str:
     return " ".join(kept) or report
 
 
+def findings_first(report: str) -> str:
+    """The report with each finding's first statement moved to its start, in the order the
+    prompt names findings (`COARSE_FINDINGS`); every other sentence keeps its place after them
+    (the normal statements, then a closing impression that names the findings again).
+
+    A report's findings section has no fixed order, and a greedy writer puts at each sentence
+    break the sentence most reports have there: the normal statements every report shares
+    win, and a finding whose sentence sits anywhere (a device, a rib fracture) is never the
+    likeliest next one, so it is left out though its prompt names it. Trained on this order,
+    the writer states the findings it was given first. Only the order changes: the same
+    sentences, word for word."""
+    parts = _SENTENCE_BREAK.split(report.strip())
+    rank = {group: i for i, group in enumerate(COARSE_FINDINGS)}
+    stated: set[str] = set()
+    first, rest = [], []
+    for index, sentence in enumerate(parts):
+        groups = {g for g, v in coarse_labels(" ".join(sentences(sentence))).items()
+                  if v and g != "no_finding"}
+        new = groups - stated
+        stated |= groups
+        if new:
+            first.append((min(rank[g] for g in new), index, sentence))
+        else:
+            rest.append(sentence)
+    return " ".join([s for *_, s in sorted(first)] + rest)
+
+
 @dataclass(frozen=True)
 class ReportReading:
     """How one report reads as a report."""

@@ -18,7 +18,7 @@ import torch
 from pipeline import config as C
 from pipeline.data.finding_metrics import disagreement
 from pipeline.data.labeler import to_coarse
-from pipeline.data.report_text import contradictions, resolve_contradictions
+from pipeline.data.report_text import contradictions, findings_first, resolve_contradictions
 from pipeline.device import to_device, to_storage
 from pipeline.models import captioning
 from pipeline.models.findings import decode_findings, findings_text
@@ -63,6 +63,8 @@ def caption_forward(model, llm, images: torch.Tensor, reports: Sequence[str], cf
     else:
         visual, logits, true_labels = model(images), None, None
     prompts = prompts_for(cfg.prompt, len(reports), logits, true_labels, cfg.prompt_absent)
+    if cfg.findings_first:
+        reports = [findings_first(r) for r in reports]
     layout = captioning.tokenize_batch(llm.tokenizer, prompts, list(reports), llm.eos_token_id,
                                        llm.pad_token_id, visual.shape[1], cfg.max_report_tokens,
                                        cfg.system_prompt)
