@@ -19,8 +19,10 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# DATA=synthetic-v2: the benchmark with eleven of CheXpert's observations.
+DATA ?= synthetic
 demo: $(STAMP)
-	$(PY) -m steps.main --profile demo
+	$(PY) -m steps.main --profile demo --data $(DATA)
 
 # Headless Chromium for tests/test_ui.py (Debian's package; only as root with apt-get).
 browser:

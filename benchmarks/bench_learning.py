@@ -13,6 +13,7 @@ test split):
   + LoRA               adapters (rank 8) on q/k/v/o at adapter lr 5e-4 (then 1e-3)
   + decoding           repetition penalty 1.2 on top of the adapters
   + 2 epochs           the adapter recipe trained twice as long
+  + findings first     adapters, each training report with its findings stated first
   blind baseline       the best constant training report
   classifier ceiling   the chosen model's finding head, scored directly (no LLM)
 Columns: steps, minutes, val loss, grounding gap (test), coarse and fine finding F1, BLEU-4,
@@ -21,6 +22,7 @@ MLflow: the trainers report into a throwaway sink.
 
     .venv/bin/python benchmarks/bench_learning.py --profile demo [--steps 254] [--out bench.md]
     .venv/bin/python benchmarks/bench_learning.py --rows promoted,scratch --steps 64  # two rows
+    .venv/bin/python benchmarks/bench_learning.py --data synthetic-v2 --rows "LoRA r8"
 """
 from __future__ import annotations
 
@@ -121,26 +123,30 @@ def _table(rows: dict[str, dict]) -> str:
               help="Stage 2 steps of every row, rounded up to whole epochs (the table shows "
                    "the steps run)")
 @click.option("--llm", "llm_name", default="smollm2", show_default=True)
+@click.option("--data", default="synthetic", show_default=True,
+              help="synthetic (benchmark v1) or synthetic-v2 (eleven CheXpert observations)")
 @click.option("--out", default=None, help="also write the table (markdown) here")
 @click.option("--rows", default="", help="only the rows whose name contains one of these "
               "comma-separated words (e.g. 'promoted,scratch'); all when empty")
-def main(profile: str, steps: int, llm_name: str, out: str | None, rows: str) -> None:
+def main(profile: str, steps: int, llm_name: str, data: str, out: str | None,
+         rows: str) -> None:
     from pipeline import config as C
     from pipeline.data import load_dataset
     from pipeline.models.llm_loading import load_llm
 
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp(prefix="bench_learning_"))
-    s1_base = C.build(C.Stage1Config, profile, {"output_dir": str(tmp / "s1")})
-    s2_base = C.build(C.Stage2Config, profile, {"llm.name": llm_name})
+    s1_base = C.build(C.Stage1Config, profile, {"output_dir": str(tmp / "s1"),
+                                                "data.source": data})
+    s2_base = C.build(C.Stage2Config, profile, {"llm.name": llm_name, "data.source": data})
     llm = load_llm(s2_base.llm.name, s2_base.llm.cache_dir, s2_base.llm.dtype)
     records = load_dataset(s2_base.data)
 
     plain = dict(findings=False, aux_finding_weight=0.0)
     frozen = {"llm": replace(s2_base.llm, adapter_rank=0), "system_prompt": None,
-              "repetition_penalty": 1.0}
+              "repetition_penalty": 1.0, "findings_first": False}
     lora = {"llm": replace(s2_base.llm, adapter_rank=8), "system_prompt": REPORT_WRITER,
-            "repetition_penalty": 1.0}
+            "repetition_penalty": 1.0, "findings_first": False}
     variants = {  # name: (Stage 1 it starts from, Stage 2 changes)
         "frozen LLM (no adapters, assistant turn)": ("findings", frozen),
         "+ system turn (frozen LLM)": ("findings", dict(frozen, system_prompt=REPORT_WRITER)),
@@ -149,6 +155,8 @@ def main(profile: str, steps: int, llm_name: str, out: str | None, rows: str) ->
         "+ LoRA 1e-3, repetition penalty 1.2": ("findings", dict(lora, adapter_lr=1e-3,
                                                                  repetition_penalty=1.2)),
         "+ LoRA 5e-4, 2 epochs": ("findings", dict(lora, adapter_lr=5e-4, epochs_factor=2)),
+        "+ LoRA 5e-4, findings first": ("findings", dict(lora, adapter_lr=5e-4,
+                                                         findings_first=True)),
         "original recipe (vicreg S1, lr 2e-5)": ("vicreg", dict(plain, lr=2e-5, encoder_lr=None)),
         "higher lr only (1e-3)": ("vicreg", dict(plain, lr=1e-3, encoder_lr=None)),
         "+ lr per module (1e-3 / 1e-4)": ("vicreg", dict(plain)),

@@ -271,14 +271,15 @@ _BRIDGE_PROFILES = {
 }
 # The recipe that writes in the references' style (demo and default; measured side by side in
 # benchmarks/bench_learning.py): LoRA adapters on the LLM's attention, a report writer's system
-# turn instead of SmolLM2's assistant one, and no self-contradicting sentence written. Adapters
-# lower the caption loss far below the frozen LLM's, hence their own healthy bands (leaked
-# labels still give well under 0.1).
+# turn instead of SmolLM2's assistant one, each training report with its findings stated
+# first (greedy decoding then writes every finding it is given), and no self-contradicting
+# sentence written. Adapters lower the caption loss far below the frozen LLM's, hence their own
+# healthy bands (leaked labels still give well under 0.1).
 _REPORT_RECIPE = {
     "llm": {"adapter_rank": 8, "adapter_alpha": 16.0}, "adapter_lr": 5e-4,
     # The system turn says what to write, so the user turn is the findings alone.
     "system_prompt": "You are a radiologist. You write chest X-ray reports.", "prompt": "",
-    "resolve_contradictions": True,
+    "resolve_contradictions": True, "findings_first": True,
     "bands": ((1, 0.6, 3.5), (2, 0.4, 2.5), (5, 0.25, 1.8), (20, 0.1, 1.2), (50, 0.05, 1.0)),
 }
 PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
@@ -294,7 +295,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": {"encoder": _ENCODER_PROFILES["tiny"], "bridge": _BRIDGE_PROFILES["tiny"],
                  "data": _DATA_PROFILES["tiny"], "epochs": 2,
                  "llm": {"name": "tiny-random", "adapter_rank": 2, "adapter_alpha": 4.0},
-                 "resolve_contradictions": True,
+                 "resolve_contradictions": True, "findings_first": True,
                  "max_report_tokens": 256, "max_new_tokens": 16, "eval_num_beams": 1,
                  "checkpoint_every": 4, "n_val_reports": 2},
         "demo": {"encoder": _ENCODER_PROFILES["demo"], "bridge": _BRIDGE_PROFILES["demo"],
