@@ -71,6 +71,11 @@ def test_agrees_with_the_generator_over_many_studies(version):
     # CheXpert's own name for the observation, as a prompt or a report may say it.
     ("Left hazy lung opacity. Lung opacity at the right base.", {"opacity_left", "opacity_right"}),
     ("No focal lung opacity.", {"no_finding"}),
+    # An opacity placed in a lung or on a side, and named as nothing else, is a lung opacity.
+    ("Mild opacity in the left lung. Right-sided opacity.", {"opacity_left", "opacity_right"}),
+    ("Rounded opacity in the left mid zone, likely a nodule.", {"nodule_left_middle"}),
+    ("Nodular opacity in the right lung.", {"nodule_unlocalised"}),
+    ("No opacity in the right lung.", {"no_finding"}),
 ])
 def test_reads_hand_written_reports(report, expected):
     assert _positives(report) == expected

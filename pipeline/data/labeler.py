@@ -96,6 +96,12 @@ _MENTIONS = [
     ("atelectasis", r"atelecta(?:sis|ses|tic(?: changes?)?)", False),
     ("opacity", r"(?:hazy|ground[- ]glass|ill[- ]defined|veil[- ]like)(?: lung| pulmonary)?"
                 r" (?:opacity|opacities|opacification)|lung opacit(?:y|ies)", False),
+    # An opacity placed in a lung, or on a side, and not named as something else (nodular,
+    # airspace, consolidative): CheXpert's Lung Opacity ("mild opacity in the left lung").
+    ("opacity", r"(?<!nodular )(?<!airspace )(?<!consolidative )(?<!rounded )"
+                r"(?:opacity|opacities|opacification) (?:in|over|of|at|within) the"
+                r"(?: (?:left|right|bilateral))? lungs?"
+                r"|(?:left|right|bilateral)(?: sided)? (?:lung )?opacit(?:y|ies)", False),
     ("fracture", r"fractures?", False),
     ("edema", r"edema", False),
     ("devices_tube", r"(?:endotracheal|tracheostomy|enteric|nasogastric|feeding) tube", False),

@@ -14,7 +14,7 @@ from pipeline.data import dataset_digest, dataset_profile, records_frame
 from pipeline.device import device_params
 from pipeline.stage1.trainer import STEP_STEM, Stage1Result, Stage1Trainer, build_stage1_inputs
 from pipeline.tracking.runs import (log_dataset, log_files, log_metrics, log_new_params,
-                                    name_run, relog_missing, set_run_tags, stage_run)
+                                    name_run, resume_trainer, set_run_tags, stage_run)
 from pipeline.tracking.sink import MetricsSink
 from pipeline.train.common import file_logger, silent_logger
 from pipeline.train.distributed import SINGLE, World
@@ -82,7 +82,7 @@ class Stage1Job:
                                 self.run_id, sink, sink.set_tags, logger, profile=self.profile,
                                 flush=sink.flush, world=self.world)
         if resume_point is not None:
-            self._restore(trainer, *resume_point, logger)
+            resume_trainer(self.run_id, trainer, *resume_point, logger)
         logger.info("stage1 run %s: objective=%s lr=%g bs=%d x %d ranks epochs=%d, output in %s",
                     self.run_id, cfg.objective, cfg.lr, cfg.batch_size, self.world.size,
                     cfg.epochs, out)
@@ -96,15 +96,6 @@ class Stage1Job:
         logger.info("final_train_loss %.6g; artifacts under %s", result.final_train_loss,
                     run.info.artifact_uri)
         return result
-
-    def _restore(self, trainer: Stage1Trainer, ckpt: Path, meta: dict, logger) -> None:
-        kept = trainer.restore(ckpt, meta["resume"])
-        relog_missing(self.run_id, trainer.log_metrics, trainer.csv_path, trainer.step_metrics,
-                      trainer.epoch_history)
-        trainer.flush()
-        logger.info("resumed run %s at step %d (epoch %d, batch %d); CSV rows kept: %d",
-                    self.run_id, trainer.step, trainer.state.epoch,
-                    trainer.state.batch_in_epoch, kept)
 
     def _log_outputs(self, trainer: Stage1Trainer, files) -> None:
         """Log checkpoints (with their sha256 as tags), logs, CSV, config and the curves plot."""

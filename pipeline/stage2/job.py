@@ -18,7 +18,7 @@ from pipeline.models.loading import load_into, output_width, weights_of
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
                                   refuse_width_mismatch)
 from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name_run,
-                                    relog_missing, set_run_tags, stage_run)
+                                    resume_trainer, set_run_tags, stage_run)
 from pipeline.tracking.sink import MetricsSink
 from pipeline.device import device_params, place, to_device
 from pipeline.guards import GuardError
@@ -133,7 +133,7 @@ class Stage2Job:
                                     sink, sink.set_tags, log, flush=sink.flush, world=self.world,
                                     **({"label_fn": self.label_fn} if self.label_fn else {}))
             if resume_point is not None:
-                self._restore(trainer, *resume_point, log)
+                resume_trainer(self.run_id, trainer, *resume_point, log)
             sink(self._preflight(trainer), trainer.state.step)
             try:
                 with sink.around_training():
@@ -156,16 +156,6 @@ class Stage2Job:
 
     def _preflight(self, trainer: Stage2Trainer) -> dict:
         return self.world.checked(trainer.preflight, (GuardError, TrainableLLMError))
-
-    def _restore(self, trainer: Stage2Trainer, ckpt: Path, meta: dict, log) -> None:
-        kept = trainer.restore(ckpt, meta["resume"])
-        # Send the checkpointed steps MLflow missed (killed between save and flush).
-        relog_missing(self.run_id, trainer.log_metrics, trainer.csv_path, trainer.step_metrics,
-                      trainer.epoch_history)
-        trainer.flush()
-        log.info("resumed run %s at step %d (epoch %d, batch %d); CSV rows kept: %d",
-                 self.run_id, trainer.step, trainer.state.epoch,
-                 trainer.state.batch_in_epoch, kept)
 
     def _log_outputs(self, trainer: Stage2Trainer) -> None:
         import pandas as pd

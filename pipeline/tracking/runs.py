@@ -204,6 +204,18 @@ def relog_missing(run_id: str, log_metrics, csv_path: str | Path,
                 log_metrics({key: value}, epoch)
 
 
+def resume_trainer(run_id: str, trainer, ckpt: Path, meta: Mapping, log) -> None:
+    """Continue `trainer` (a `pipeline.train.loop.TrainLoop`) from its step checkpoint `ckpt`
+    (`meta`: the checkpoint's metadata), send the checkpointed steps MLflow missed (a run
+    killed between save and flush) and say where it resumed."""
+    kept = trainer.restore(ckpt, meta["resume"])
+    relog_missing(run_id, trainer.log_metrics, trainer.csv_path, trainer.step_metrics,
+                  trainer.epoch_history)
+    trainer.flush()
+    log.info("resumed run %s at step %d (epoch %d, batch %d); CSV rows kept: %d", run_id,
+             trainer.step, trainer.state.epoch, trainer.state.batch_in_epoch, kept)
+
+
 def all_experiment_ids(client: MlflowClient | None = None) -> list[str]:
     """The ids of every experiment in the tracking store."""
     return [e.experiment_id for e in (client or MlflowClient()).search_experiments()]
