@@ -150,11 +150,26 @@ def map_location(device: torch.device | str | None) -> str:
 
 
 # ---- precision -------------------------------------------------------------------------------
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (master weights stay fp32); on CPU nothing: the CPU runs fp32."""
+def cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast
+    roughly halves an LLM forward's time (SmolLM2-135M, 16 x 200 tokens, 2 cores: 6.4-7.0 s
+    fp32, 3.1-3.4 s bf16); elsewhere it is emulated and no faster."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def autocast(device: torch.device, enabled: bool = True, cpu: bool = False):
+    """bf16 autocast on CUDA (master weights stay fp32). On a CPU fp32, unless `cpu` asks for
+    bf16 and the CPU multiplies bf16 natively (`cpu_bf16`)."""
     if enabled and is_cuda(device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and cpu and device.type == "cpu" and cpu_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def train_precision(device: torch.device, cpu: bool = False) -> str:
+    """What `autocast(device, cpu=cpu)` computes in: 'bf16' or 'fp32' (a run param)."""
+    return "bf16" if is_cuda(device) or (cpu and device.type == "cpu" and cpu_bf16()) else "fp32"
 
 
 def full_precision(device: torch.device):

@@ -73,7 +73,7 @@ def _on(device, tensors) -> list[str]:
 def _record_autocast(monkeypatch, module) -> list:
     entered = []
 
-    def autocast(device):
+    def autocast(device, **options):
         entered.append(device)
         return D.autocast(torch.device("cpu"))
     monkeypatch.setattr(module, "autocast", autocast)
@@ -238,3 +238,17 @@ def test_leaving_the_world_frees_unreachable_ddp_modules_before_the_group_closes
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_cpu_bf16_is_asked_for_and_needs_a_cpu_that_multiplies_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(D, "cpu_bf16", lambda: True)
+    with D.autocast(cpu, cpu=True):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with D.autocast(cpu):  # not asked: fp32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    assert (D.train_precision(cpu, True), D.train_precision(cpu, False)) == ("bf16", "fp32")
+    monkeypatch.setattr(D, "cpu_bf16", lambda: False)  # emulated bf16 would be no faster
+    with D.autocast(cpu, cpu=True):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    assert D.train_precision(cpu, True) == "fp32"

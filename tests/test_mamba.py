@@ -116,6 +116,22 @@ def test_low_precision_inputs_keep_their_dtype_and_fp32_state():
     assert y16.dtype == torch.bfloat16 and rel_err(y16, y32) < 3e-2
 
 
+def test_scan_under_bf16_autocast_runs_its_forward_and_backward_in_fp32():
+    # Autocast does not reach the hand-written backward: a bf16 forward under it failed
+    # there with "expected scalar type Float but found BFloat16".
+    inputs = {k: v.detach().requires_grad_() for k, v in scan_inputs(L=40).items()}
+    plain = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ssm_scan(inputs["u"].transpose(1, 2), F.softplus(inputs["delta"]).transpose(1, 2), inputs["A"],
+                     inputs["B"].transpose(1, 2), inputs["C"].transpose(1, 2))
+    y.sum().backward()
+    ref = ssm_scan(plain["u"].transpose(1, 2), F.softplus(plain["delta"]).transpose(1, 2), plain["A"],
+                   plain["B"].transpose(1, 2), plain["C"].transpose(1, 2))
+    ref.sum().backward()
+    assert y.dtype == torch.float32 and torch.equal(y, ref)
+    assert all(torch.equal(inputs[k].grad, plain[k].grad) for k in ("u", "delta", "A", "B", "C"))
+
+
 class NaiveScanMamba(Mamba):
     """The mixer with the chunked scan swapped for the paper's recurrence."""
 

@@ -200,3 +200,49 @@ def test_findings_first_changes_what_stage2_trains_on_only_when_asked(monkeypatc
         with pytest.raises(Tokenized):
             caption_forward(lambda images: images, LLM(), torch.zeros(1, 2, 3), [report], cfg)
     assert seen == [[report], ["Right pneumothorax. The lungs are clear."]]
+
+
+def test_findings_weight_weighs_the_stated_findings_in_training_only():
+    import torch
+
+    from pipeline import config as C
+    from pipeline.data.report_text import findings_first, findings_first_parts
+    from pipeline.models import captioning
+    from pipeline.models.report_model import caption_forward
+    from pipeline.models.tiny_lm import build_tiny_llm
+    from pipeline.models.vision_bridge import VisionBridge
+
+    reports = ["The lungs are clear. Right pneumothorax. Cardiomegaly.",
+               "No acute cardiopulmonary abnormality."]
+    first, rest = findings_first_parts(reports[0])
+    assert first == ["Cardiomegaly.", "Right pneumothorax."] and rest == ["The lungs are clear."]
+    assert " ".join(first + rest) == findings_first(reports[0])
+    assert findings_first_parts(reports[1]) == ([], [reports[1]])
+
+    llm = build_tiny_llm()
+    cfg = C.build(C.Stage2Config, "tiny", {"findings_weight": 3.0})
+    torch.manual_seed(0)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, llm.hidden_size)
+    images = torch.randn(2, 1, cfg.encoder.image_size, cfg.encoder.image_size)
+    plain = caption_forward(model, llm, images, reports, cfg)
+    trained = caption_forward(model, llm, images, reports, cfg, training=True)
+    assert plain.objective is None  # validation and the grounding gap: the plain mean
+    assert torch.allclose(trained.loss, plain.loss, atol=1e-5)  # logged: the plain mean
+    tokens = int((trained.labels[:, 1:] != -100).sum())
+    stated = len(llm.tokenizer(" " + " ".join(first), add_special_tokens=False)["input_ids"])
+    assert trained.weight == pytest.approx(tokens + 2 * stated)  # only the first report's
+    # The objective by hand: each supervised token's CE, the stated findings' three times.
+    logits = llm(inputs_embeds=captioning.assemble(trained.visual, trained.layout, llm.embed)[0],
+                 attention_mask=captioning.assemble(trained.visual, trained.layout,
+                                                    llm.embed)[1]).logits
+    weights = captioning.token_weights(trained.layout, [stated, 0], 3.0)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                           trained.labels[:, 1:].flatten(), reduction="none",
+                                           ignore_index=-100).view(2, -1)
+    expected = (ce * weights[:, 1:]).sum() / weights[:, 1:].sum()
+    assert torch.allclose(trained.objective, expected, atol=1e-5)
+    assert not torch.allclose(trained.objective, trained.loss)
+    # Weight 1 trains on the plain mean, as before the option.
+    same = caption_forward(model, llm, images, reports, C.build(C.Stage2Config, "tiny"),
+                           training=True)
+    assert same.objective is None

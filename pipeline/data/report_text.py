@@ -220,6 +220,13 @@ def findings_first(report: str) -> str:
     likeliest next one, so it is left out though its prompt names it. Trained on this order,
     the writer states the findings it was given first. Only the order changes: the same
     sentences, word for word."""
+    first, rest = findings_first_parts(report)
+    return " ".join(first + rest)
+
+
+def findings_first_parts(report: str) -> tuple[list[str], list[str]]:
+    """`findings_first`'s two parts: the sentences that state each finding first, in the
+    prompt's order, and every other sentence in its place."""
     parts = _SENTENCE_BREAK.split(report.strip())
     rank = {group: i for i, group in enumerate(COARSE_FINDINGS)}
     stated: set[str] = set()
@@ -233,7 +240,7 @@ def findings_first(report: str) -> str:
             first.append((min(rank[g] for g in new), index, sentence))
         else:
             rest.append(sentence)
-    return " ".join([s for *_, s in sorted(first)] + rest)
+    return [s for *_, s in sorted(first)], rest
 
 
 @dataclass(frozen=True)

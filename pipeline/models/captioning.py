@@ -105,6 +105,30 @@ def report_positions(layout: Layout) -> torch.Tensor:
     return (positions >= start) & (positions < start + lengths)
 
 
+def token_weights(layout: Layout, stated: Sequence[int], weight: float) -> torch.Tensor:
+    """Float (B, L): `weight` on the first `stated[i]` report tokens of row i, 1 on the rest of
+    the report and its EOS, 0 elsewhere (where labels are -100)."""
+    weights = report_positions(layout).float()
+    for i, (prompt, n) in enumerate(zip(layout.prompt_ids, stated)):
+        start = layout.n_visual + len(prompt)
+        weights[i, start:start + min(int(n), len(layout.report_ids[i]) - 1)] = weight
+    return weights
+
+
+def weighted_caption_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(plain mean CE, weighted mean CE, total weight) of next-token predictions, shifted by
+    one as the causal LM's own loss is."""
+    targets, w = labels[:, 1:], weights[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1),
+                                           targets.flatten(), ignore_index=IGNORE_INDEX,
+                                           reduction="none").view_as(w)
+    supervised = (targets != IGNORE_INDEX).float()
+    total = float((w * supervised).sum())
+    plain = (ce * supervised).sum() / supervised.sum().clamp(min=1)
+    return plain, (ce * w * supervised).sum() / max(total, 1e-8), total
+
+
 def assemble(visual_tokens: torch.Tensor, layout: Layout, embed) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs_embeds (B, L, H), attention_mask (B, L)) with the visual tokens first."""
     ids, text_mask = text_ids(layout)

@@ -213,8 +213,11 @@ def ssm_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
              chunk_size: int = 32) -> Tensor:
     """Selective scan, token-major: u, dt (b, L, D), A (D, N), B, C (b, L, N) -> y (b, L, D)."""
     compute = _compute_dtype(u)
-    y = _ChunkedScan.apply(u.to(compute), dt.to(compute), A.to(compute), B.to(compute),
-                           C.to(compute), int(chunk_size))
+    # Out of autocast: under it the forward's matmuls would run in bf16 while the hand-written
+    # backward runs in the state's fp32 (autocast does not reach a Function's backward).
+    with torch.autocast(u.device.type, enabled=False):
+        y = _ChunkedScan.apply(u.to(compute), dt.to(compute), A.to(compute), B.to(compute),
+                               C.to(compute), int(chunk_size))
     return y.to(u.dtype)
 
 

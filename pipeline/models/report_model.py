@@ -18,7 +18,7 @@ import torch
 from pipeline import config as C
 from pipeline.data.finding_metrics import disagreement
 from pipeline.data.labeler import to_coarse
-from pipeline.data.report_text import contradictions, findings_first, resolve_contradictions
+from pipeline.data.report_text import contradictions, findings_first_parts, resolve_contradictions
 from pipeline.device import to_device, to_storage
 from pipeline.models import captioning
 from pipeline.models.findings import decode_findings, findings_text
@@ -52,26 +52,40 @@ class CaptionOutput:
     visual: torch.Tensor
     layout: captioning.Layout
     labels: torch.Tensor
+    # What training minimises and the total weight of its tokens: the loss and the supervised
+    # token count, unless findings_weight weighs the stated findings' tokens apart.
+    objective: torch.Tensor | None = None
+    weight: float | None = None
 
 
 def caption_forward(model, llm, images: torch.Tensor, reports: Sequence[str], cfg: C.Stage2Config,
                     true_labels: Sequence[dict] | None = None,
-                    label_fn: Callable = captioning.make_labels) -> CaptionOutput:
-    """Caption cross-entropy of `reports` given `images`, through the inference path."""
+                    label_fn: Callable = captioning.make_labels,
+                    training: bool = False) -> CaptionOutput:
+    """Caption cross-entropy of `reports` given `images`, through the inference path;
+    `training`: also the objective, with the stated findings weighed by `findings_weight`."""
     if uses_findings(cfg, model):
         visual, logits = model.forward_with_findings(images)
     else:
         visual, logits, true_labels = model(images), None, None
     prompts = prompts_for(cfg.prompt, len(reports), logits, true_labels, cfg.prompt_absent)
-    if cfg.findings_first:
-        reports = [findings_first(r) for r in reports]
+    parts = [findings_first_parts(r) for r in reports] if cfg.findings_first else None
+    if parts is not None:
+        reports = [" ".join(first + rest) for first, rest in parts]
     layout = captioning.tokenize_batch(llm.tokenizer, prompts, list(reports), llm.eos_token_id,
                                        llm.pad_token_id, visual.shape[1], cfg.max_report_tokens,
                                        cfg.system_prompt)
     labels = label_fn(layout)
     embeds, mask = captioning.assemble(visual, layout, llm.embed)
-    loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-    return CaptionOutput(loss, logits, visual, layout, labels)
+    if not (training and parts is not None and cfg.findings_weight != 1.0):
+        loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        return CaptionOutput(loss, logits, visual, layout, labels)
+    stated = [len(llm.tokenizer(" " + " ".join(first), add_special_tokens=False)["input_ids"])
+              if first else 0 for first, _ in parts]
+    weights = captioning.token_weights(layout, stated, cfg.findings_weight).to(labels.device)
+    token_logits = llm(inputs_embeds=embeds, attention_mask=mask).logits
+    loss, objective, weight = captioning.weighted_caption_loss(token_logits, labels, weights)
+    return CaptionOutput(loss, logits, visual, layout, labels, objective, weight)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, r
 from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name_run,
                                     resume_trainer, set_run_tags, stage_run)
 from pipeline.tracking.sink import MetricsSink
-from pipeline.device import device_params, place, to_device
+from pipeline.device import device_params, place, to_device, train_precision
 from pipeline.guards import GuardError
 from pipeline.models.llm import TrainableLLMError
 from pipeline.train.common import EpochLoaders, file_logger, seed_everything, silent_logger
@@ -124,7 +124,9 @@ class Stage2Job:
                                 "batch_size_per_rank": self.cfg.batch_size,
                                 "world_size": self.world.size,
                                 "global_batch_size": loaders.global_batch_size,
-                                **device_params(self.world.device)})
+                                **device_params(self.world.device),
+                                "train_precision": train_precision(self.world.device,
+                                                                   self.cfg.cpu_bf16)})
                 log_dataset(records_frame(records), source=self.cfg.data.source,
                             name="stage2-data", digest=dataset_digest(records), context="training",
                             profile=dataset_profile(records))

@@ -154,15 +154,19 @@ class Stage2Trainer(TrainLoop):
     def _batch(self, batch, check: bool = False, teacher: bool = True):
         true_labels = self._teacher_labels(batch["reports"]) if teacher else None
         out = caption_forward(self.model, self.llm, to_device(batch["images"], self.world.device),
-                              batch["reports"], self.cfg, true_labels, self.label_fn)
+                              batch["reports"], self.cfg, true_labels, self.label_fn,
+                              training=True)
         if check:
             self._check(out)
         aux = None
         if self.aux_findings:
             aux = finding_loss(out.logits, batch["reports"], self.pos_weight)
-        # The caption loss is a mean over supervised tokens (the LM shifts labels by one).
+        # The caption loss is a mean over supervised tokens (the LM shifts labels by one); the
+        # objective a mean over their weights (the same unless findings_weight is set).
         tokens = int((out.labels[:, 1:] != IGNORE_INDEX).sum())
-        return out.loss, aux, out.layout, tokens
+        if out.objective is None:
+            return out.loss, out.loss, aux, out.layout, tokens, float(tokens)
+        return out.loss, out.objective, aux, out.layout, tokens, out.weight
 
     def preflight(self, n_batches: int = 2) -> dict:
         """Frozen LLM, optimizer scope and label layout, before any step; returns statistics."""
@@ -182,22 +186,25 @@ class Stage2Trainer(TrainLoop):
                 "llm_adapter_parameters": float(sum(p.numel() for p in self.adapters))}
 
     def _train_step(self, batch) -> tuple[float, dict]:
-        error, value, aux_value, tokens = None, float("nan"), 0.0, 0
+        error, value, aux_value, tokens, weight = None, float("nan"), 0.0, 0, 0.0
         try:  # a guard firing on any rank stops every rank (World.mean)
-            with autocast(self.world.device):  # bf16 LLM forward (and so backward) on CUDA
-                loss, aux, layout, tokens = self.step_model(batch, self.step == 0)
+            # bf16 LLM forward (and so backward) on CUDA, and on a bf16 CPU when asked
+            with autocast(self.world.device, cpu=self.cfg.cpu_bf16):
+                loss, objective, aux, layout, tokens, weight = self.step_model(
+                    batch, self.step == 0)
             value = check_finite_loss(loss, self.step + 1)
             aux_value = check_finite_loss(aux, self.step + 1) if aux is not None else 0.0
         except GuardError as exc:
             error = exc
         samples = len(batch["reports"]) if batch["weight"] else 0
         tokens = tokens if batch["weight"] else 0
-        (value, all_tokens), (aux_value, all_samples) = self.world.mean(
-            [(value, tokens), (aux_value, samples)], error)
+        weight = weight if batch["weight"] else 0.0
+        (value, all_tokens), (aux_value, all_samples), (_, all_weight) = self.world.mean(
+            [(value, tokens), (aux_value, samples), (0.0, weight)], error)
         # Each rank's share of the global means (1 in one process): the ranks' averaged
-        # gradients are then those of the global batch's token- and sample-means.
+        # gradients are then those of the global batch's token- (weight-) and sample-means.
         size = self.world.size
-        total = loss * (tokens * size / max(1, all_tokens))
+        total = objective * (weight * size / max(1e-8, all_weight))
         if aux is not None:
             total = total + self.cfg.aux_finding_weight * aux * (samples * size / max(1, all_samples))
         grad_norm = optimizer_step(self.trained, total, self.optimizer, self.scheduler,
