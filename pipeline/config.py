@@ -219,9 +219,10 @@ class Stage2Config:
     low_loss: float = 0.1
     low_loss_epochs: int = 3
     llm_checksum: bool = True
-    # Training steps in bf16 autocast on a CPU that multiplies bf16 natively (AVX512-BF16 or
-    # AMX; `pipeline.device.cpu_bf16`), fp32 on other CPUs. Validation, the grounding gap and
-    # evaluation stay fp32. CUDA trains in bf16 whatever this says.
+    # On a CPU that multiplies bf16 natively (AVX512-BF16 or AMX; `pipeline.device.cpu_bf16`):
+    # training steps and the caption-loss passes of validation and evaluation (the grounding
+    # gap) in bf16 autocast; generation stays fp32, and so does every other CPU. CUDA trains in
+    # bf16 and validates in fp32 whatever this says.
     cpu_bf16: bool = False
     output_dir: str = "outputs/stage2"
 

@@ -167,6 +167,14 @@ def autocast(device: torch.device, enabled: bool = True, cpu: bool = False):
     return contextlib.nullcontext()
 
 
+def cpu_bf16_region(device: torch.device, asked: bool):
+    """bf16 autocast for a no-grad pass on a CPU that multiplies bf16 natively, when `asked`
+    (Stage 2's `cpu_bf16`); fp32 everywhere else, CUDA included (there such passes stay fp32)."""
+    if asked and device.type == "cpu" and cpu_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_precision(device: torch.device, cpu: bool = False) -> str:
     """What `autocast(device, cpu=cpu)` computes in: 'bf16' or 'fp32' (a run param)."""
     return "bf16" if is_cuda(device) or (cpu and device.type == "cpu" and cpu_bf16()) else "fp32"

@@ -252,3 +252,25 @@ def test_cpu_bf16_is_asked_for_and_needs_a_cpu_that_multiplies_bf16(monkeypatch)
     with D.autocast(cpu, cpu=True):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     assert D.train_precision(cpu, True) == "fp32"
+
+
+def test_cpu_bf16_computes_the_grounding_losses_in_bf16_only_when_asked(monkeypatch):
+    from pipeline import config as C
+    from pipeline.models.report_model import grounding_losses
+    from pipeline.models.tiny_lm import build_tiny_llm
+    from pipeline.models.vision_bridge import VisionBridge
+
+    llm = build_tiny_llm()
+    cfg = C.build(C.Stage2Config, "tiny")
+    torch.manual_seed(0)
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, llm.hidden_size)
+    images = torch.randn(3, 1, cfg.encoder.image_size, cfg.encoder.image_size)
+    reports = ["Right pneumothorax.", "The lungs are clear.", "Cardiomegaly."]
+    monkeypatch.setattr(D, "cpu_bf16", lambda: True)
+    fp32 = grounding_losses(model, llm, images, reports, cfg)
+    bf16 = grounding_losses(model, llm, images, reports, C.build(C.Stage2Config, "tiny",
+                                                                  {"cpu_bf16": True}))
+    assert fp32 != bf16 and fp32 == pytest.approx(bf16, rel=5e-2)
+    monkeypatch.setattr(D, "cpu_bf16", lambda: False)  # a CPU without bf16: fp32
+    assert grounding_losses(model, llm, images, reports, C.build(
+        C.Stage2Config, "tiny", {"cpu_bf16": True})) == fp32

@@ -243,6 +243,7 @@ def test_findings_weight_weighs_the_stated_findings_in_training_only():
     assert torch.allclose(trained.objective, expected, atol=1e-5)
     assert not torch.allclose(trained.objective, trained.loss)
     # Weight 1 trains on the plain mean, as before the option.
-    same = caption_forward(model, llm, images, reports, C.build(C.Stage2Config, "tiny"),
+    same = caption_forward(model, llm, images, reports,
+                           C.build(C.Stage2Config, "tiny", {"findings_weight": 1.0}),
                            training=True)
     assert same.objective is None

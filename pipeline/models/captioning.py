@@ -119,9 +119,13 @@ def weighted_caption_loss(logits: torch.Tensor, labels: torch.Tensor, weights: t
                           ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(plain mean CE, weighted mean CE, total weight) of next-token predictions, shifted by
     one as the causal LM's own loss is."""
-    targets, w = labels[:, 1:], weights[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1),
-                                           targets.flatten(), ignore_index=IGNORE_INDEX,
+    # Shift the targets, not the logits (as transformers' own loss does): no copy of the
+    # (B, L, vocab) logits beyond the fp32 upcast.
+    pad = torch.nn.functional.pad
+    targets = pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    w = pad(weights, (0, 1))[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                           ignore_index=IGNORE_INDEX,
                                            reduction="none").view_as(w)
     supervised = (targets != IGNORE_INDEX).float()
     total = float((w * supervised).sum())

@@ -19,7 +19,7 @@ from pipeline import config as C
 from pipeline.data.finding_metrics import disagreement
 from pipeline.data.labeler import to_coarse
 from pipeline.data.report_text import contradictions, findings_first_parts, resolve_contradictions
-from pipeline.device import to_device, to_storage
+from pipeline.device import cpu_bf16_region, to_device, to_storage
 from pipeline.models import captioning
 from pipeline.models.findings import decode_findings, findings_text
 
@@ -104,10 +104,11 @@ def grounding_losses(model, llm, images: torch.Tensor, reports: Sequence[str],
     for start in range(0, n, batch_size):
         part = list(reports[start:start + batch_size])
         weight = len(part) / n
-        own_sum += weight * float(caption_forward(model, llm, images[start:start + batch_size],
-                                                  part, cfg).loss)
-        shifted_sum += weight * float(caption_forward(
-            model, llm, shifted[start:start + batch_size], part, cfg).loss)
+        with cpu_bf16_region(images.device, getattr(cfg, "cpu_bf16", False)):
+            own_sum += weight * float(caption_forward(
+                model, llm, images[start:start + batch_size], part, cfg).loss)
+            shifted_sum += weight * float(caption_forward(
+                model, llm, shifted[start:start + batch_size], part, cfg).loss)
     model.train(was_training)
     return own_sum, shifted_sum
 

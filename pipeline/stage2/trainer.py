@@ -258,7 +258,7 @@ class Stage2Trainer(TrainLoop):
     def _validate(self, epoch: int) -> dict[str, float]:
         """Validation through the inference path: caption loss with each study's own image and
         with the images shifted by one study (the grounding gap), finding F1, sample reports;
-        in fp32 on every device."""
+        in fp32 (the caption losses in bf16 on a bf16 CPU with `cpu_bf16`)."""
         with full_precision(self.world.device):
             return self._validate_fp32(epoch)
 

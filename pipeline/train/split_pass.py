@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from pipeline.data import ImageReportDataset, collate, image_batches
-from pipeline.device import to_device
+from pipeline.device import cpu_bf16_region, to_device
 from pipeline.models.findings import decode_findings
 from pipeline.models.report_model import caption_forward
 
@@ -36,8 +36,9 @@ def split_grounding_losses(model, llm, records: Sequence, image_size: int, cfg,
         shifted = torch.cat([previous[None], images[:-1]])
         previous = images[-1]
         weight = len(reports) / n
-        own_sum += weight * float(caption_forward(model, llm, images, reports, cfg).loss)
-        shifted_sum += weight * float(caption_forward(model, llm, shifted, reports, cfg).loss)
+        with cpu_bf16_region(device, getattr(cfg, "cpu_bf16", False)):
+            own_sum += weight * float(caption_forward(model, llm, images, reports, cfg).loss)
+            shifted_sum += weight * float(caption_forward(model, llm, shifted, reports, cfg).loss)
     model.train(was_training)
     return own_sum, shifted_sum
 
