@@ -10,6 +10,7 @@ Importing it chooses nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from typing import Any, Mapping
@@ -150,6 +151,7 @@ def map_location(device: torch.device | str | None) -> str:
 
 
 # ---- precision -------------------------------------------------------------------------------
+@functools.cache
 def cpu_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast
     roughly halves an LLM forward's time (SmolLM2-135M, 16 x 200 tokens, 2 cores: 6.4-7.0 s
@@ -162,22 +164,24 @@ def autocast(device: torch.device, enabled: bool = True, cpu: bool = False):
     bf16 and the CPU multiplies bf16 natively (`cpu_bf16`)."""
     if enabled and is_cuda(device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and cpu and device.type == "cpu" and cpu_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return cpu_bf16_region(device, enabled and cpu)
+
+
+def _bf16_on_cpu(device: torch.device, asked: bool) -> bool:
+    return asked and device.type == "cpu" and cpu_bf16()
 
 
 def cpu_bf16_region(device: torch.device, asked: bool):
     """bf16 autocast for a no-grad pass on a CPU that multiplies bf16 natively, when `asked`
     (Stage 2's `cpu_bf16`); fp32 everywhere else, CUDA included (there such passes stay fp32)."""
-    if asked and device.type == "cpu" and cpu_bf16():
+    if _bf16_on_cpu(device, asked):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def train_precision(device: torch.device, cpu: bool = False) -> str:
     """What `autocast(device, cpu=cpu)` computes in: 'bf16' or 'fp32' (a run param)."""
-    return "bf16" if is_cuda(device) or (cpu and device.type == "cpu" and cpu_bf16()) else "fp32"
+    return "bf16" if is_cuda(device) or _bf16_on_cpu(device, cpu) else "fp32"
 
 
 def full_precision(device: torch.device):
