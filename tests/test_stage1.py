@@ -221,3 +221,19 @@ def test_two_runs_started_at_once_on_a_fresh_store_both_finish(tmp_path):
         assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_findings_run_saves_its_training_weights_as_the_head_prior(mlflow_store):
+    from pipeline.data import load_dataset
+    from pipeline.models.findings import FINE, positive_weights
+    from pipeline.models.loading import PRIOR_KEY, weights_of
+
+    result = _run_cli(["--objective", "findings"])
+    assert result.exit_code == 0, result.output
+    client = mlflow.tracking.MlflowClient()
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    final = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="checkpoints/vision_bridge_final.safetensors")
+    train = load_dataset(C.build(C.Stage1Config, "tiny").data)["train"]
+    expected = torch.log(positive_weights([r.report for r in train])[:len(FINE)])
+    assert torch.allclose(weights_of(Path(final))[0][PRIOR_KEY], expected)

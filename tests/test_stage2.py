@@ -370,3 +370,22 @@ def test_stage1_from_before_cells_initialises_stage2_with_its_mean_head(mlflow_s
 
     tensors, _ = weights_of(final)
     assert tensors["finding_head.linear.weight"].shape[1] == cfg.encoder.d_model
+
+
+def test_the_head_stage2_trains_records_stage2s_training_weights_as_its_prior(mlflow_store):
+    import mlflow
+
+    from pipeline.data import load_dataset
+    from pipeline.models.findings import FINE, positive_weights
+    from pipeline.models.loading import PRIOR_KEY, weights_of
+
+    cfg = C.build(C.Stage2Config, "tiny")
+    assert cfg.findings and cfg.aux_finding_weight > 0
+    result = _stage2_cli("--init", "scratch")
+    assert result.exit_code == 0, result.output
+    final = mlflow.artifacts.download_artifacts(
+        run_id=mlflow_run_of("stage2").info.run_id,
+        artifact_path="checkpoints/vision_bridge_vlm_final.safetensors")
+    train = load_dataset(cfg.data)["train"]
+    expected = torch.log(positive_weights([r.report for r in train])[:len(FINE)])
+    assert torch.allclose(weights_of(Path(final))[0][PRIOR_KEY], expected)

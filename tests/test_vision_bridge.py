@@ -1,6 +1,8 @@
 """VisionMamba encoder, Bridge, the visual-token guard and the VisionBridge assembly, tiny."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -167,3 +169,47 @@ def test_a_checkpoint_from_before_cells_loads_with_its_mean_head(tmp_path):
     images = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.findings(images), old.findings(images))
+
+
+def test_fine_decisions_take_the_training_weights_back_out():
+    # Positive-weighted BCE inflates a rare label's probability by its weight. A group's
+    # presence keeps that (recall), which of its members does not: the head's prior (log of
+    # the weights) comes off the fine logits, so a film with one device is not given all three.
+    from pipeline.models.findings import COARSE, FINE, FindingHead, decode_findings
+
+    logits = torch.full((1, len(FINE) + len(COARSE)), -5.0)
+    logits[0, len(FINE) + COARSE.index("devices")] = 2.0
+    for name, value in (("devices_tube", 2.0), ("devices_line", 1.5), ("devices_pacemaker", 1.0)):
+        logits[0, FINE.index(name)] = value
+    logits[0, len(FINE) + COARSE.index("effusion")] = 3.0  # bilateral, clearly
+    logits[0, FINE.index("effusion_left")], logits[0, FINE.index("effusion_right")] = 4.0, 3.5
+    head = FindingHead(8)
+    assert torch.equal(head.fine_prior, torch.zeros(len(FINE)))  # before: weighted as they are
+    before = decode_findings(logits, fine_prior=head.fine_prior)[0]
+    assert before["devices_tube"] == before["devices_line"] == before["devices_pacemaker"] == 1
+
+    head.set_prior(torch.full((len(FINE) + len(COARSE),), 10.0))
+    assert torch.allclose(head.fine_prior, torch.full((len(FINE),), math.log(10.0)))
+    after = decode_findings(logits, fine_prior=head.fine_prior)[0]
+    # devices stay present (the coarse logit is not shifted), as their likeliest kind only
+    assert (after["devices_tube"], after["devices_line"], after["devices_pacemaker"]) == (1, 0, 0)
+    assert after["effusion_left"] == after["effusion_right"] == 1  # odds over even at 4 and 3.5
+    assert after["no_finding"] == 0
+
+
+def test_the_head_prior_travels_with_its_weights_and_older_heads_load_without_one(tmp_path):
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models.findings import FINE
+    from pipeline.models.loading import PRIOR_KEY, load_vision_bridge
+
+    cfg = C.build(C.Stage1Config, "tiny")
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=cfg.embed_dim).eval()
+    model.finding_head.set_prior(torch.linspace(2.0, 9.0, 40))
+    path = save_checkpoint(tmp_path / "now", model.state_dict(), {})
+    loaded, _, _ = load_vision_bridge(path, cfg)
+    assert torch.equal(loaded.finding_head.fine_prior, model.finding_head.fine_prior)
+    assert float(loaded.finding_head.fine_prior.abs().sum()) > 0
+
+    old_tensors = {k: v for k, v in model.state_dict().items() if k != PRIOR_KEY}
+    old, _, _ = load_vision_bridge(save_checkpoint(tmp_path / "old", old_tensors, {}), cfg)
+    assert torch.equal(old.finding_head.fine_prior, torch.zeros(len(FINE)))

@@ -6,6 +6,14 @@ coarse groups (any side or zone) from the encoder tokens pooled to a few cells; 
 decide which groups are present, the fine ones where (classify-then-generate: the predicted
 findings become plain words in the frozen LLM's prompt). How findings are scored lives in
 `pipeline.data.finding_metrics`.
+
+The head learns with positive-weighted BCE (`positive_weights`): a rare label's probability
+comes out inflated by its weight, which is what a group's presence wants (recall counts for
+F1), but not which of a group's members are present: at 128 px the head gave most films with
+a device all three device kinds, a set no reference has and the writer then garbles. So the
+fine decisions take the weights back out (`FindingHead.fine_prior`, log of each fine label's
+training weight, saved with the head): a member is present when its odds, as trained without
+weights, are even.
 """
 from __future__ import annotations
 
@@ -40,6 +48,14 @@ class FindingHead(nn.Module):
         self.grid = grid
         self.norm = nn.LayerNorm(dim)
         self.linear = nn.Linear(dim * grid * grid, HEAD_OUTPUTS)
+        # log of each fine label's BCE positive weight; zeros (checkpoints from before) decide
+        # on the weighted probabilities as they are
+        self.register_buffer("fine_prior", torch.zeros(len(FINE)))
+
+    def set_prior(self, pos_weight: Tensor) -> None:
+        """Record the positive weights the head trains with (`positive_weights`), so that its
+        fine decisions can take them back out."""
+        self.fine_prior.copy_(torch.log(pos_weight[:len(FINE)].to(self.fine_prior)))
 
     def forward(self, tokens: Tensor) -> Tensor:
         if self.grid == 1:
@@ -86,10 +102,16 @@ def finding_loss(logits: Tensor, reports: Sequence[str], pos_weight: Tensor | No
     return nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
 
 
-def decode_findings(logits: Tensor, threshold: float = 0.5) -> list[dict[str, int]]:
+def decode_findings(logits: Tensor, threshold: float = 0.5,
+                    fine_prior: Tensor | None = None) -> list[dict[str, int]]:
     """Fine labels per row: a coarse group present -> its fine labels over threshold, or its
-    most likely one (a group the head sees but cannot place still gets its best guess)."""
-    probs = torch.sigmoid(logits.detach().float()).cpu()
+    most likely one (a group the head sees but cannot place still gets its best guess).
+    `fine_prior` (`FindingHead.fine_prior`) is taken off the fine logits first."""
+    logits = logits.detach().float().cpu()
+    if fine_prior is not None:
+        logits = torch.cat([logits[:, :len(FINE)] - fine_prior.float().cpu(),
+                            logits[:, len(FINE):]], dim=1)
+    probs = torch.sigmoid(logits)
     out = []
     for row in probs:
         fine_p, coarse_p = row[:len(FINE)], row[len(FINE):]

@@ -51,6 +51,9 @@ def weights_of(path: Path, device=None) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 HEAD_PREFIX = "finding_head."
+# The head's decision prior: checkpoints from before it load with zeros (their decisions as
+# they were made then).
+PRIOR_KEY = HEAD_PREFIX + "fine_prior"
 
 
 def has_finding_head(tensors: dict[str, torch.Tensor]) -> bool:
@@ -74,13 +77,14 @@ def with_head_of(bridge_cfg: C.BridgeConfig, tensors: dict[str, torch.Tensor]) -
 def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path) -> list[str]:
     """Load weights strictly, with an error that names the checkpoint.
 
-    One exception: weights without a finding head load into a model with one (the head then
-    starts from its initialisation, e.g. Stage 2 from a vicreg Stage 1). Returns the names
-    of such freshly initialised tensors.
+    Two exceptions: weights without a finding head load into a model with one (the head then
+    starts from its initialisation, e.g. Stage 2 from a vicreg Stage 1), and a head saved
+    before its decision prior loads with a zero prior. Returns the names of the freshly
+    initialised head tensors.
     """
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     fresh = [k for k in missing if k.startswith(HEAD_PREFIX)] if not has_finding_head(tensors) else []
-    missing = [k for k in missing if k not in fresh]
+    missing = [k for k in missing if k not in fresh and k != PRIOR_KEY]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit the model: missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
@@ -112,6 +116,7 @@ def load_vision_bridge(path: str | Path, fallback: C.Stage1Config, device=None):
     if device is not None:
         place(model, device)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k != PRIOR_KEY]
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not fit the vision-bridge of its config "

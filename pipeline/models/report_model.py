@@ -21,18 +21,14 @@ from pipeline.data.labeler import to_coarse
 from pipeline.data.report_text import contradictions, findings_first_parts, resolve_contradictions
 from pipeline.device import cpu_bf16_region, to_device, to_storage
 from pipeline.models import captioning
-from pipeline.models.findings import decode_findings, findings_text
+from pipeline.models.findings import findings_text
 
 
-def prompts_for(prompt: str, n: int, logits: torch.Tensor | None = None,
-                true_labels: Sequence[dict] | None = None, absent: bool = False) -> list[str]:
-    """One prompt per sample: the findings (true ones if given, else decoded from `logits`)
-    as words before `prompt`; just `prompt` when the model has no findings."""
-    if true_labels is not None:
-        labels = list(true_labels)
-    elif logits is not None:
-        labels = decode_findings(logits)
-    else:
+def prompts_for(prompt: str, n: int, labels: Sequence[dict] | None = None,
+                absent: bool = False) -> list[str]:
+    """One prompt per sample: the findings (true ones, or the head's decoded ones) as words
+    before `prompt`; just `prompt` when the model has no findings."""
+    if labels is None:
         return [prompt] * n
     return [f"{findings_text(lab, absent)}\n{prompt}" for lab in labels]
 
@@ -68,7 +64,9 @@ def caption_forward(model, llm, images: torch.Tensor, reports: Sequence[str], cf
         visual, logits = model.forward_with_findings(images)
     else:
         visual, logits, true_labels = model(images), None, None
-    prompts = prompts_for(cfg.prompt, len(reports), logits, true_labels, cfg.prompt_absent)
+    if true_labels is None and logits is not None:
+        true_labels = model.decode_findings(logits)
+    prompts = prompts_for(cfg.prompt, len(reports), true_labels, cfg.prompt_absent)
     parts = [findings_first_parts(r) for r in reports] if cfg.findings_first else None
     if parts is not None:
         reports = [" ".join(first + rest) for first, rest in parts]
@@ -150,10 +148,11 @@ def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_t
         chunk = images[start:start + batch_size]
         if findings:
             visual, logits = model.forward_with_findings(chunk)
-            given += decode_findings(logits)
+            labels = model.decode_findings(logits)
+            given += labels
         else:
-            visual, logits = model(chunk), None
-        prompts = prompts_for(prompt, chunk.shape[0], logits, absent=absent)
+            visual, labels = model(chunk), None
+        prompts = prompts_for(prompt, chunk.shape[0], labels, absent=absent)
         prompt_ids = [captioning.encode_prompt(llm.tokenizer, p, system) for p in prompts]
         embeds, mask = captioning.prompt_only(visual, prompt_ids, llm.pad_token_id, llm.embed)
         texts = llm.generate(embeds, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
@@ -269,7 +268,7 @@ class ReportModel:
             return None
         self.model.eval()
         with torch.no_grad():
-            return decode_findings(self.model.findings(to_device(images, self.device)))
+            return self.model.decode_findings(self.model.findings(to_device(images, self.device)))
 
     def grounding_gap(self, images: torch.Tensor, reports: Sequence[str]) -> tuple[float, float]:
         """(own-image caption loss, shifted-image loss minus own) over a split."""

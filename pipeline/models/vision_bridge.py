@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from pipeline.config import BridgeConfig, EncoderConfig
 from pipeline.models.bridge import Bridge
-from pipeline.models.findings import FindingHead
+from pipeline.models.findings import FindingHead, decode_findings
 from pipeline.models.vision import VisionMamba
 
 
@@ -74,3 +74,8 @@ class VisionBridge(nn.Module):
         if self.finding_head is None:
             raise ValueError("this vision-bridge has no finding head (bridge.finding_head=false)")
         return self.finding_head(self.encoder(images))
+
+    def decode_findings(self, logits: Tensor) -> list[dict[str, int]]:
+        """This head's logits -> labels per image (`findings.decode_findings`, with the head's
+        `fine_prior`)."""
+        return decode_findings(logits, fine_prior=self.finding_head.fine_prior)

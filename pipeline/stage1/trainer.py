@@ -83,6 +83,7 @@ class Stage1Trainer(TrainLoop):
         if cfg.objective == "findings":
             from pipeline.models.findings import positive_weights
             self.pos_weight = positive_weights([r.report for r in loaders.train.records])
+            model.finding_head.set_prior(self.pos_weight)
         self.optimizer, self.scheduler = build_optimizer(
             model, cfg.lr, cfg.weight_decay, cfg.epochs * loaders.batches_per_epoch,
             cfg.warmup_steps)
@@ -166,12 +167,11 @@ class Stage1Trainer(TrainLoop):
     def _finding_scores(self) -> dict[str, float]:
         """Validation finding F1 of the head's decoded predictions (coarse and fine)."""
         from pipeline.data.finding_metrics import label_f1
-        from pipeline.models.findings import decode_findings
 
         predicted, reports = [], []
         for batch in self.loaders.val():
-            predicted += decode_findings(self.model.findings(to_device(batch["images"],
-                                                                       self.world.device)))
+            images = to_device(batch["images"], self.world.device)
+            predicted += self.model.decode_findings(self.model.findings(images))
             reports += batch["reports"]
         return label_f1(reports, predicted, prefix="val_")
 

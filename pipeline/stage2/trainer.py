@@ -106,6 +106,8 @@ class Stage2Trainer(TrainLoop):
         self.aux_findings = self.findings and cfg.aux_finding_weight > 0
         self.pos_weight = positive_weights([r.report for r in loaders.train.records]) \
             if self.findings else None
+        if self.aux_findings:  # the head goes on learning with this split's weights
+            model.finding_head.set_prior(self.pos_weight)
         # The training reports' style: report form of the validation reports, candidate choice
         # after training (saved with every checkpoint, the most frequent sentences first).
         self.style = ReportStyle.from_reports(r.report for r in loaders.train.records)

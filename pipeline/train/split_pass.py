@@ -8,7 +8,6 @@ import torch
 
 from pipeline.data import ImageReportDataset, collate, image_batches
 from pipeline.device import cpu_bf16_region, to_device
-from pipeline.models.findings import decode_findings
 from pipeline.models.report_model import caption_forward
 
 
@@ -52,6 +51,6 @@ def split_findings(model, records: Sequence, image_size: int,
     labels: list[dict[str, int]] = []
     device = next(model.parameters()).device
     for images in image_batches(list(records), image_size, batch_size):
-        labels += decode_findings(model.findings(to_device(images, device)))
+        labels += model.decode_findings(model.findings(to_device(images, device)))
     model.train(was_training)
     return labels
