@@ -96,11 +96,10 @@ def _row(report_model, records, out: Path) -> dict:
 def _ceiling(model, records, image_size: int) -> dict:
     from pipeline.data import image_batch
     from pipeline.data.finding_metrics import label_f1
-    from pipeline.models.findings import decode_findings
 
     with torch.no_grad():
         logits = model.eval().forward_with_findings(image_batch(records["test"], image_size))[1]
-    scores = label_f1([r.report for r in records["test"]], decode_findings(logits))
+    scores = label_f1([r.report for r in records["test"]], model.decode_findings(logits))
     return {"coarse_f1": scores["finding_coarse_macro_f1"], "fine_f1": scores["finding_macro_f1"]}
 
 

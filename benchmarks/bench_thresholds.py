@@ -56,10 +56,9 @@ def _chosen_on_validation(reports, logits, min_positives: int) -> torch.Tensor:
 def _scores(report_model, images, reports, logits, thresholds) -> dict[str, float]:
     """Gap and head F1 with `thresholds` (one per head output) as the decode thresholds."""
     from pipeline.data.finding_metrics import label_f1
-    from pipeline.models.findings import decode_findings
 
     shift = torch.tensor([_logit(float(t)) for t in thresholds])
-    f1 = label_f1(reports, decode_findings(logits - shift))
+    f1 = label_f1(reports, report_model.model.decode_findings(logits - shift))
     bias = report_model.model.finding_head.linear.bias  # the gap runs the model itself
     saved = bias.detach().clone()
     with torch.no_grad():
