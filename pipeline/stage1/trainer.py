@@ -83,6 +83,9 @@ class Stage1Trainer(TrainLoop):
         if cfg.objective == "findings":
             from pipeline.models.findings import positive_weights
             self.pos_weight = positive_weights([r.report for r in loaders.train.records])
+            if model.finding_head is None:
+                raise ValueError("objective 'findings' needs the finding head "
+                                 "(bridge.finding_head=true)")
             model.finding_head.set_prior(self.pos_weight)
         self.optimizer, self.scheduler = build_optimizer(
             model, cfg.lr, cfg.weight_decay, cfg.epochs * loaders.batches_per_epoch,
