@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.data.report_text import (ReportStyle, contradictions, findings_first,
+                                       findings_first_parts,
                                        has_preamble, language_scores, read_report,
                                        resolve_contradictions, rouge_l)
 from pipeline.models.report_model import choose_reports
@@ -164,14 +165,41 @@ def test_findings_first_states_each_finding_first_in_the_prompts_order_and_keeps
               "Old fracture of a left lateral rib. The cardiac silhouette is enlarged. "
               "Cardiomegaly. Left rib fracture.")
     ordered = findings_first(report)
-    # cardiomegaly, fracture, devices: the order of COARSE_FINDINGS (the prompt's); the rest,
-    # the closing impression included, keep their order after them.
-    assert ordered == ("The cardiac silhouette is enlarged. Old fracture of a left lateral rib. "
-                       "An endotracheal tube is in place. The lungs are clear. No pneumothorax. "
+    # devices, cardiomegaly, fracture: the order of STATED_ORDER (the prompt's: tubes and
+    # lines first); the rest, the closing impression included, keep their order after them.
+    assert ordered == ("An endotracheal tube is in place. The cardiac silhouette is enlarged. "
+                       "Old fracture of a left lateral rib. The lungs are clear. No pneumothorax. "
                        "Cardiomegaly. Left rib fracture.")
     assert sorted(ordered.split(". ")) == sorted(report.split(". "))
     normal = "The heart is normal in size. The lungs are clear. No pleural effusion."
     assert findings_first(normal) == normal
+
+
+def test_the_prompt_names_the_findings_in_the_order_the_report_states_them():
+    # Trained on reports whose findings come first in the prompt's order, the writer states
+    # what its prompt names in that order; the two orders are one (`STATED_ORDER`). Both are
+    # read back by the labeler: the prompt phrase by phrase, the report sentence by sentence.
+    import numpy as np
+
+    from pipeline.data.labeler import coarse_labels, label_report
+    from pipeline.data.synthetic import sample_study, write_report
+    from pipeline.models.findings import findings_text
+
+    def groups_in(parts):
+        named = []
+        for part in parts:
+            named += [g for g, v in coarse_labels(part).items()
+                      if v and g != "no_finding" and g not in named]
+        return named
+
+    rng, with_devices = np.random.default_rng(7), 0
+    for _ in range(300):
+        report = write_report(sample_study(rng, version=2), rng, version=2)
+        phrases = findings_text(label_report(report))[len("Findings: "):-1].split("; ")
+        stated = groups_in(findings_first_parts(report)[0])
+        assert groups_in(phrases) == stated, report
+        with_devices += len(stated) > 1 and "devices" in stated
+    assert with_devices > 10  # devices come first, before the other findings
 
 
 def test_findings_first_changes_what_stage2_trains_on_only_when_asked(monkeypatch):

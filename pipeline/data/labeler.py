@@ -56,6 +56,10 @@ COARSE_FINDINGS: tuple[str, ...] = ("cardiomegaly", "effusion", "pneumothorax", 
                                     "consolidation", "enlarged_cardiomediastinum",
                                     "atelectasis", "opacity", "fracture", "edema", "devices",
                                     "no_finding")
+# The order in which a prompt names the findings and `findings_first` states them: tubes and
+# lines first, as reports commonly list them, then the groups in `COARSE_FINDINGS` order.
+STATED_ORDER: tuple[str, ...] = ("devices",) + tuple(g for g in COARSE_FINDINGS
+                                                      if g != "devices")
 # Each coarse group as the CheXpert observation it reports (`pipeline.data.chexpert`).
 CHEXPERT_OF = {"cardiomegaly": "Cardiomegaly", "effusion": "Pleural Effusion",
                "pneumothorax": "Pneumothorax", "nodule": "Lung Lesion",
@@ -122,6 +126,9 @@ _CLAUSE_SPLIT = re.compile(r"\b(?:but|however|although|though|whereas|while|othe
 _NORMALISE = [
     (re.compile(r"\d+(?:\.\d+)?"), " num "),
     (re.compile(r"[-_/()\[\]\"']"), " "),
+    # R2Gen's cleaning drops hyphens ("ground-glass" -> "groundglass"): the compounds the
+    # patterns read are split again, so cleaned text reads as raw text does.
+    (re.compile(r"\b(ground|ill|veil|left|right)(glass|defined|like|sided)\b"), r"\1 \2"),
     (re.compile(r"\bair space\b"), "airspace"),
     (re.compile(r"\bcan ?not\b"), "cannot"),
     (re.compile(r"\b(?:cannot be|not be|not) (?:excluded|ruled out)\b"), "possible"),

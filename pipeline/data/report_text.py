@@ -27,7 +27,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from pipeline.data.labeler import COARSE_FINDINGS, coarse_group, coarse_labels, label_report
+from pipeline.data.labeler import (COARSE_FINDINGS, STATED_ORDER, coarse_group, coarse_labels,
+                                   label_report)
 from pipeline.data.report_cleaning import clean_report_mimic_cxr as clean_report
 
 FORM_THRESHOLD = 0.6  # ROUGE-L to the closest training sentence for a sentence to be in form
@@ -211,7 +212,7 @@ def resolve_contradictions(report: str, present: set[str] | None = None) -> str:
 
 def findings_first(report: str) -> str:
     """The report with each finding's first statement moved to its start, in the order the
-    prompt names findings (`COARSE_FINDINGS`); every other sentence keeps its place after them
+    prompt names findings (`STATED_ORDER`); every other sentence keeps its place after them
     (the normal statements, then a closing impression that names the findings again).
 
     A report's findings section has no fixed order, and a greedy writer puts at each sentence
@@ -228,7 +229,7 @@ def findings_first_parts(report: str) -> tuple[list[str], list[str]]:
     """`findings_first`'s two parts: the sentences that state each finding first, in the
     prompt's order, and every other sentence in its place."""
     parts = _SENTENCE_BREAK.split(report.strip())
-    rank = {group: i for i, group in enumerate(COARSE_FINDINGS)}
+    rank = {group: i for i, group in enumerate(STATED_ORDER)}
     stated: set[str] = set()
     first, rest = [], []
     for index, sentence in enumerate(parts):

@@ -24,8 +24,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.data.labeler import (COARSE_FINDINGS, FINDINGS, coarse_group, coarse_labels,
-                                   label_report)
+from pipeline.data.labeler import (COARSE_FINDINGS, FINDINGS, STATED_ORDER, coarse_group,
+                                   coarse_labels, label_report)
 
 FINE = tuple(name for name in FINDINGS if name != "no_finding")  # no_finding is derived
 COARSE = tuple(name for name in COARSE_FINDINGS if name != "no_finding")
@@ -137,6 +137,7 @@ _GROUP_WORDS = {"cardiomegaly": "cardiomegaly", "effusion": "pleural effusion",
                 "devices": "support devices"}
 
 
+_STATED_RANK = {group: i for i, group in enumerate(STATED_ORDER)}
 _DEVICE_WORDS = {"devices_tube": "endotracheal tube", "devices_line": "central line",
                  "devices_pacemaker": "pacemaker"}
 
@@ -160,9 +161,11 @@ def findings_text(labels: dict[str, int], absent: bool = False) -> str:
     then writes its negative sentences from the prompt instead of its most frequent ones,
     which otherwise deny the very findings it writes later in the report.
     """
-    present = [_phrase(n) for n in FINE if labels.get(n)]
-    present += [_GROUP_WORDS[coarse_group(n)] for n, v in labels.items()
-                if v and n.endswith("_unlocalised") and coarse_group(n) in _GROUP_WORDS]
+    named = [(n, _phrase(n)) for n in FINE if labels.get(n)]
+    named += [(n, _GROUP_WORDS[coarse_group(n)]) for n, v in labels.items()
+              if v and n.endswith("_unlocalised") and coarse_group(n) in _GROUP_WORDS]
+    named.sort(key=lambda pair: _STATED_RANK[coarse_group(pair[0])])  # stable: FINE order within
+    present = [words for _, words in named]
     text = "Findings: " + ("; ".join(present) if present else "none") + "."
     if absent:
         found = {coarse_group(n) for n, v in labels.items() if v and n != "no_finding"}
