@@ -126,9 +126,6 @@ _CLAUSE_SPLIT = re.compile(r"\b(?:but|however|although|though|whereas|while|othe
 _NORMALISE = [
     (re.compile(r"\d+(?:\.\d+)?"), " num "),
     (re.compile(r"[-_/()\[\]\"']"), " "),
-    # R2Gen's cleaning drops hyphens ("ground-glass" -> "groundglass"): the compounds the
-    # patterns read are split again, so cleaned text reads as raw text does.
-    (re.compile(r"\b(ground|ill|veil|left|right)(glass|defined|like|sided)\b"), r"\1 \2"),
     (re.compile(r"\bair space\b"), "airspace"),
     (re.compile(r"\bcan ?not\b"), "cannot"),
     (re.compile(r"\b(?:cannot be|not be|not) (?:excluded|ruled out)\b"), "possible"),
