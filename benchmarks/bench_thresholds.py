@@ -7,7 +7,8 @@ vision_bridge_vlm_final.safetensors). Rows: each global threshold, then one thre
 output chosen on the validation split (max F1; outputs with fewer than --min-positives
 positives there keep 0.5). Columns: the grounding gap and the head's coarse and fine macro F1,
 on validation and on test. A threshold t is applied by shifting the head's bias by -logit(t)
-(sigmoid(l - logit(t)) >= 0.5 exactly when sigmoid(l) >= t), so the gap runs through the
+(sigmoid(l - logit(t)) >= 0.5 exactly when sigmoid(l) >= t; for the fine outputs l is the
+logit less the head's `fine_prior`, as decoding has it), so the gap runs through the
 unchanged inference path. No MLflow.
 """
 from __future__ import annotations
@@ -34,11 +35,13 @@ def _split(report_model, records) -> tuple[torch.Tensor, list[str], torch.Tensor
     return images, [r.report for r in records], logits
 
 
-def _chosen_on_validation(reports, logits, min_positives: int) -> torch.Tensor:
-    """Per-output threshold with the best validation F1 (ties: the one nearest 0.5)."""
-    from pipeline.models.findings import HEAD_OUTPUTS, finding_targets
+def _chosen_on_validation(reports, logits, fine_prior: torch.Tensor,
+                          min_positives: int) -> torch.Tensor:
+    """Per-output threshold with the best validation F1 (ties: the one nearest 0.5), on the
+    probabilities decoding compares: the fine ones with the head's prior taken off."""
+    from pipeline.models.findings import COARSE, HEAD_OUTPUTS, finding_targets
 
-    probs = torch.sigmoid(logits)
+    probs = torch.sigmoid(logits - torch.cat([fine_prior, torch.zeros(len(COARSE))]))
     targets = finding_targets(reports) > 0
     chosen = torch.full((HEAD_OUTPUTS,), 0.5)
     for i in range(HEAD_OUTPUTS):
@@ -91,7 +94,9 @@ def main(checkpoint: str, thresholds: str, min_positives: int) -> None:
     splits = {name: _split(report_model, records[name]) for name in ("val", "test")}
     rows = {f"{float(t):.2f}": torch.full((HEAD_OUTPUTS,), float(t))
             for t in thresholds.split(",")}
-    rows["per output, chosen on val"] = _chosen_on_validation(*splits["val"][1:], min_positives)
+    prior = report_model.model.finding_head.fine_prior.detach().float().cpu()
+    rows["per output, chosen on val"] = _chosen_on_validation(*splits["val"][1:], prior,
+                                                              min_positives)
     print("| threshold | gap val / test | head coarse F1 val / test | head fine F1 val / test |")
     print("|---|---|---|---|")
     for name, row in rows.items():

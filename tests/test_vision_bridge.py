@@ -196,6 +196,10 @@ def test_fine_decisions_take_the_training_weights_back_out():
     assert after["effusion_left"] == after["effusion_right"] == 1  # odds over even at 4 and 3.5
     assert after["no_finding"] == 0
 
+    # a label in every training report (weight 0) keeps a finite prior
+    head.set_prior(torch.zeros(len(FINE) + len(COARSE)))
+    assert torch.isfinite(head.fine_prior).all()
+
 
 def test_the_head_prior_travels_with_its_weights_and_older_heads_load_without_one(tmp_path):
     from pipeline.checkpoint import save_checkpoint

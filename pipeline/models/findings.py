@@ -55,7 +55,9 @@ class FindingHead(nn.Module):
     def set_prior(self, pos_weight: Tensor) -> None:
         """Record the positive weights the head trains with (`positive_weights`), so that its
         fine decisions can take them back out."""
-        self.fine_prior.copy_(torch.log(pos_weight[:len(FINE)].to(self.fine_prior)))
+        # a label in every training report has weight 0: its prior stays finite (log 1e-3)
+        weight = pos_weight[:len(FINE)].to(self.fine_prior).clamp(min=1e-3)
+        self.fine_prior.copy_(torch.log(weight))
 
     def forward(self, tokens: Tensor) -> Tensor:
         if self.grid == 1:

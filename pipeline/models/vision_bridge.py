@@ -78,4 +78,6 @@ class VisionBridge(nn.Module):
     def decode_findings(self, logits: Tensor) -> list[dict[str, int]]:
         """This head's logits -> labels per image (`findings.decode_findings`, with the head's
         `fine_prior`)."""
+        if self.finding_head is None:
+            raise ValueError("this vision-bridge has no finding head (bridge.finding_head=false)")
         return decode_findings(logits, fine_prior=self.finding_head.fine_prior)
