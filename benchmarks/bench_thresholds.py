@@ -39,9 +39,9 @@ def _chosen_on_validation(reports, logits, fine_prior: torch.Tensor,
                           min_positives: int) -> torch.Tensor:
     """Per-output threshold with the best validation F1 (ties: the one nearest 0.5), on the
     probabilities decoding compares: the fine ones with the head's prior taken off."""
-    from pipeline.models.findings import COARSE, HEAD_OUTPUTS, finding_targets
+    from pipeline.models.findings import HEAD_OUTPUTS, decision_logits, finding_targets
 
-    probs = torch.sigmoid(logits - torch.cat([fine_prior, torch.zeros(len(COARSE))]))
+    probs = torch.sigmoid(decision_logits(logits, fine_prior))
     targets = finding_targets(reports) > 0
     chosen = torch.full((HEAD_OUTPUTS,), 0.5)
     for i in range(HEAD_OUTPUTS):
@@ -94,7 +94,7 @@ def main(checkpoint: str, thresholds: str, min_positives: int) -> None:
     splits = {name: _split(report_model, records[name]) for name in ("val", "test")}
     rows = {f"{float(t):.2f}": torch.full((HEAD_OUTPUTS,), float(t))
             for t in thresholds.split(",")}
-    prior = report_model.model.finding_head.fine_prior.detach().float().cpu()
+    prior = report_model.model.finding_head.fine_prior
     rows["per output, chosen on val"] = _chosen_on_validation(*splits["val"][1:], prior,
                                                               min_positives)
     print("| threshold | gap val / test | head coarse F1 val / test | head fine F1 val / test |")

@@ -104,16 +104,22 @@ def finding_loss(logits: Tensor, reports: Sequence[str], pos_weight: Tensor | No
     return nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
 
 
+def decision_logits(logits: Tensor, fine_prior: Tensor | None = None) -> Tensor:
+    """The logits decoding compares with its threshold, on the CPU: the fine ones less
+    `fine_prior` (`FindingHead.fine_prior`), the coarse ones as they are."""
+    logits = logits.detach().float().cpu()
+    if fine_prior is None:
+        return logits
+    return torch.cat([logits[:, :len(FINE)] - fine_prior.float().cpu(), logits[:, len(FINE):]],
+                     dim=1)
+
+
 def decode_findings(logits: Tensor, threshold: float = 0.5,
                     fine_prior: Tensor | None = None) -> list[dict[str, int]]:
     """Fine labels per row: a coarse group present -> its fine labels over threshold, or its
     most likely one (a group the head sees but cannot place still gets its best guess).
     `fine_prior` (`FindingHead.fine_prior`) is taken off the fine logits first."""
-    logits = logits.detach().float().cpu()
-    if fine_prior is not None:
-        logits = torch.cat([logits[:, :len(FINE)] - fine_prior.float().cpu(),
-                            logits[:, len(FINE):]], dim=1)
-    probs = torch.sigmoid(logits)
+    probs = torch.sigmoid(decision_logits(logits, fine_prior))
     out = []
     for row in probs:
         fine_p, coarse_p = row[:len(FINE)], row[len(FINE):]

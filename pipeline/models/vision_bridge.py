@@ -71,13 +71,14 @@ class VisionBridge(nn.Module):
 
     def findings(self, images: Tensor) -> Tensor:
         """Finding logits only (Stage 1's `findings` objective; the bridge is not run)."""
-        if self.finding_head is None:
-            raise ValueError("this vision-bridge has no finding head (bridge.finding_head=false)")
-        return self.finding_head(self.encoder(images))
+        return self._head()(self.encoder(images))
 
     def decode_findings(self, logits: Tensor) -> list[dict[str, int]]:
         """This head's logits -> labels per image (`findings.decode_findings`, with the head's
         `fine_prior`)."""
+        return decode_findings(logits, fine_prior=self._head().fine_prior)
+
+    def _head(self) -> FindingHead:
         if self.finding_head is None:
             raise ValueError("this vision-bridge has no finding head (bridge.finding_head=false)")
-        return decode_findings(logits, fine_prior=self.finding_head.fine_prior)
+        return self.finding_head
