@@ -174,3 +174,108 @@ def test_chexpert_scores_micro_macro_and_unscored_observations():
     assert constant["chexpert_f1/no_finding"] == pytest.approx(2 / 3)
     assert constant["chexpert_micro_recall"] == pytest.approx(1 / 3)
     assert constant["chexpert_micro_precision"] == pytest.approx(1 / 2)
+
+
+# ---------------------------------------------------------------------------- real-report wording
+# Misreadings found on real reports, each pinned in the wording real reports use.
+@pytest.mark.parametrize("observation,sentence", [
+    ("Pleural Effusion", "The effusion is no longer seen."),
+    ("Pleural Effusion", "The right pleural effusion is no longer visible."),
+    ("Pleural Effusion", "The effusion is no longer present."),
+    ("Pleural Effusion", "Previously seen left effusion is no longer identified."),
+    ("Pleural Effusion", "Left pleural effusion has resolved."),
+    ("Pneumothorax", "The small right apical pneumothorax has resolved."),
+    ("Support Devices", "The ET tube is no longer seen."),
+])
+def test_resolved_and_no_longer_seen_are_negative(observation, sentence):
+    assert label_chexpert(sentence)[observation] == N
+
+
+def test_no_longer_seen_does_not_negate_the_next_finding():
+    labels = label_chexpert("The effusion is no longer seen. Small right pneumothorax.")
+    assert labels["Pleural Effusion"] == N and labels["Pneumothorax"] == P
+
+
+@pytest.mark.parametrize("observation,sentence", [
+    ("Pneumothorax", "The pneumothorax is unlikely."),
+    ("Pneumonia", "Pneumonia is felt to be unlikely."),
+    ("Pneumonia", "Pneumonia is considered unlikely."),
+    ("Pneumonia", "Unlikely to represent pneumonia."),
+    ("Pneumonia", "Pneumonia is thought less likely."),
+    ("Pneumonia", "Atelectasis is favored; pneumonia is less likely."),
+    ("Pneumonia", "Less likely pneumonia."),
+    ("Pneumonia", "Early pneumonia is not excluded."),
+    ("Pleural Effusion", "A small left effusion is not excluded."),
+])
+def test_unlikely_less_likely_and_not_excluded_are_uncertain(observation, sentence):
+    # CheXpert reads "unlikely" as uncertain, not as a negation.
+    assert label_chexpert(sentence)[observation] == U
+
+
+def test_unlikely_does_not_cross_a_clause():
+    labels = label_chexpert("Pneumonia is unlikely but atelectasis is present.")
+    assert labels["Pneumonia"] == U and labels["Atelectasis"] == P
+
+
+@pytest.mark.parametrize("sentence", [
+    "Heart size is borderline.", "Borderline heart size.", "Heart is borderline in size.",
+    "The cardiac silhouette is borderline enlarged.", "Heart size upper limits of normal.",
+    "The heart is at the upper limits of normal in size.",
+    "Cardiac silhouette is at the upper limits of normal.",
+])
+def test_borderline_and_upper_limits_of_normal_heart_size_are_uncertain(sentence):
+    assert label_chexpert(sentence)["Cardiomegaly"] == U
+
+
+@pytest.mark.parametrize("sentence,expected", [
+    ("Blunting of the left costophrenic angle.", P),
+    ("Blunting of left costophrenic angle.", P),
+    ("Blunted left costophrenic angle.", P),
+    ("Mild blunting of the right costophrenic sulcus.", P),
+    ("The left costophrenic angle is blunted.", P),
+    ("Right costophrenic angle blunting.", P),
+    ("Blunting of the right costophrenic angle may be due to pleural thickening.", P),
+    ("No blunting of the costophrenic angles.", N),
+    ("The costophrenic angles are sharp.", N),
+])
+def test_blunting_of_a_costophrenic_angle_is_an_effusion(sentence, expected):
+    assert label_chexpert(sentence)["Pleural Effusion"] == expected
+
+
+# Convention (docs/guide/data.md): a calcified granuloma is a Lung Lesion, positive, as
+# CheXpert's observation list reads a granuloma; calcified lymph nodes are not a lung lesion.
+@pytest.mark.parametrize("sentence,expected", [
+    ("Calcified granulomas.", P),
+    ("Scattered calcified granulomas in the left lung.", P),
+    ("Stable right upper lobe calcified granuloma.", P),
+    ("Calcified lymph XXXX and granuloma in the right hilum.", P),
+    ("No calcified granuloma.", N),
+    ("Calcified hilar lymph nodes.", None),
+    ("Calcified mediastinal lymph XXXX.", None),
+])
+def test_calcified_granuloma_convention(sentence, expected):
+    assert label_chexpert(sentence)["Lung Lesion"] == expected
+
+
+def test_a_calcified_granuloma_is_not_no_finding():
+    labels = label_chexpert("Calcified granuloma. No acute cardiopulmonary abnormality.")
+    assert labels["Lung Lesion"] == P and labels["No Finding"] is None
+
+
+# "XXXX" marks a word removed by de-identification (IU X-Ray); a mention or a normal phrase
+# with one inside still reads.
+@pytest.mark.parametrize("observation,sentence,expected", [
+    ("Cardiomegaly", "Heart size XXXX within normal limits.", N),
+    ("Cardiomegaly", "The heart size is XXXX normal.", N),
+    ("Enlarged Cardiomediastinum", "Cardiac and mediastinal XXXX appear normal.", N),
+    ("Enlarged Cardiomediastinum", "The mediastinal XXXX are within normal limits.", N),
+    ("Pleural Effusion", "The costophrenic XXXX are blunted.", P),
+    ("Pleural Effusion", "Left costophrenic XXXX blunting.", P),
+    ("Pleural Effusion", "The costophrenic XXXX are sharp.", N),
+    ("Pleural Effusion", "No pneumothorax or costophrenic XXXX blunting to suggest effusion.", N),
+    ("Pneumothorax", "No XXXX pneumothorax.", N),
+    ("Support Devices", "Sternotomy XXXX are intact.", P),
+    ("Lung Opacity", "XXXX opacity in the left lower lobe.", P),
+])
+def test_deidentification_tokens_inside_a_mention(observation, sentence, expected):
+    assert label_chexpert(sentence)[observation] == expected

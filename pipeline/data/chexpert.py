@@ -53,8 +53,11 @@ def _rx(*patterns: str) -> re.Pattern:
 
 
 _HEART = r"(?:heart|cardiac(?: silhouette| size| contours?| shadow)?)"
-_MEDIASTINUM = r"(?:cardio)?mediastin(?:um|al(?: silhouette| contours?| width)?)"
-_NORMAL = (r"(?:(?:is|are|appears?|remains?|seems?)\s+)*(?:grossly\s+|overall\s+|otherwise\s+)?"
+# "xxxx": a word removed by de-identification (IU X-Ray), standing for the noun or the verb.
+_MEDIASTINUM = r"(?:cardio)?mediastin(?:um|al(?: silhouette| contours?| width| xxxx)?)"
+_ANGLE = r"(?:angles?|sulc[iu]s?|xxxx)"
+_NORMAL = (r"(?:(?:is|are|appears?|remains?|seems?|xxxx)\s+)*"
+           r"(?:grossly\s+|overall\s+|otherwise\s+)?"
            r"(?:within normal limits|normal(?: in (?:size|caliber|contour|configuration))?|"
            r"unremarkable|not (?:enlarged|widened))")
 _UPPER_NORMAL = r"(?:(?:is|are|at)\s+)*(?:the\s+)?(?:upper limits? of normal|top normal|high normal)"
@@ -64,7 +67,7 @@ _DIRECT: dict[str, list[tuple[re.Pattern, int]]] = {
     "Cardiomegaly": [
         (_rx(rf"\b{_HEART}\s+(?:size\s+)?{_UPPER_NORMAL}", r"\bborderline (?:cardiomegaly|"
              r"enlarge\w* (?:heart|cardiac)|heart size|cardiac size|enlarged)",
-             r"\b(?:heart|cardiac) size (?:is )?borderline",
+             rf"\b{_HEART}(?: size)?\s+(?:(?:is|appears?|remains?)\s+)?borderline",
              r"\b(?:top|upper|high)[- ]normal (?:heart|cardiac)"), UNCERTAIN),
         (_rx(rf"\b{_HEART}(?: size)?(?: and (?:the )?(?:\w+ ){{1,3}}?)?\s*{_NORMAL}",
              r"\bnormal(?:-sized)? (?:heart|cardiac)(?: size| silhouette)?\b",
@@ -73,7 +76,7 @@ _DIRECT: dict[str, list[tuple[re.Pattern, int]]] = {
         (_rx(rf"\b{_MEDIASTINUM}(?: and (?:the )?(?:\w+ ){{1,3}}?)?\s*{_NORMAL}",
              r"\bnormal (?:cardio)?mediastin\w*(?: silhouette| contours?)?"), NEGATIVE)],
     "Pleural Effusion": [
-        (_rx(r"\bcostophrenic (?:angles?|sulc[iu]s?) (?:(?:is|are|remain)\s+)?(?:sharp|clear)"),
+        (_rx(rf"\bcostophrenic {_ANGLE} (?:(?:is|are|remain)\s+)?(?:sharp|clear)"),
          NEGATIVE)],
 }
 
@@ -111,8 +114,8 @@ _MENTIONS: dict[str, re.Pattern] = {
     "Pneumothorax": _rx(r"\b(?:hydro)?pneumothora(?:x|ces)\b", r"\bptx\b"),
     "Pleural Effusion": _rx(
         r"\beffusions?\b", r"\bpleural fluid\b", r"\bhydrothorax\b",
-        r"\bhydropneumothorax\b", r"\bblunt(?:ing|ed) of the (?:\w+ ){0,2}costophrenic",
-        r"\bcostophrenic (?:angles?|sulc\w+) (?:(?:is|are)\s+)?blunt\w*"),
+        r"\bhydropneumothorax\b", r"\bblunt(?:ing|ed)(?: of)?(?: the)? (?:\w+ ){0,2}costophrenic",
+        rf"\bcostophrenic {_ANGLE} (?:(?:is|are)\s+)?blunt\w*"),
     "Pleural Other": _rx(
         r"\bpleural (?:thickening|plaques?|scarring|calcifications?|abnormalit\w+)",
         r"\bpleural[- ]parenchymal (?:scarring|thickening)", r"\bfibrothorax\b",
@@ -175,6 +178,10 @@ _UNCERTAIN_PRE = _rx(
 _UNCERTAIN_POST = _rx(
     r"\b(?:is|are) (?:also |more |less )?(?:possible|likely|suspected|questioned|"
     r"not excluded|a consideration|considered)\b", r"\bversus\b", r"\bvs\b",
+    # "pneumonia is felt to be unlikely": CheXpert reads "unlikely" as uncertain; "is unlikely
+    # to represent pneumonia" leaves the subject to the mention after it.
+    r"\b(?:is|are|was|were|seems?|appears?) (?:(?:felt|thought|considered|believed)"
+    r" (?:to be )?)?(?:(?:much|far) )?(?:less |more )?(?:un)?likely\b(?! to\b)",
     r"\bmay be (?:present|seen)\b", r"\bcould be (?:present|seen)\b")
 _BIDIRECTIONAL = _rx(r"\bversus\b", r"\bvs\b")
 
@@ -200,8 +207,11 @@ def _triggers(clause: str) -> list[tuple[int, int, str]]:
     found: list[tuple[int, int, str]] = []
     text, spans = _blank(clause, _UNCERTAIN_NEGATED)  # before "not" is read as a negation
     found += [(s, e, kind) for s, e in spans for kind in ("unc", "post_unc")]
+    # Post-negations before the pseudo-negations: "is no longer seen" needs its "no longer".
+    text, spans = _blank(text, _NEGATION_POST)
+    found += [(s, e, "post_neg") for s, e in spans]
     text, _ = _blank(text, _PSEUDO_NEGATION)
-    order = ((_BIDIRECTIONAL, "bi"), (_NEGATION_POST, "post_neg"), (_UNCERTAIN_POST, "post_unc"),
+    order = ((_BIDIRECTIONAL, "bi"), (_UNCERTAIN_POST, "post_unc"),
              (_WEAK_UNCERTAIN, "weak"), (_NEGATION_PRE, "neg"), (_UNCERTAIN_PRE, "unc"))
     for pattern, kind in order:  # each blanked once found: "is not seen" is no pre-negation
         text, spans = _blank(text, pattern)
@@ -242,9 +252,14 @@ def _label_clause(clause: str, found: dict[str, list[int]]) -> None:
     """Add the statuses of the clause's mentions to `found` (observation -> statuses)."""
     text = clause
     for name, rules in _DIRECT.items():
+        # Each observation reads the whole clause: "cardiac and mediastinal contours are
+        # normal" decides both; its own rules go in order (uncertain before negative).
+        own = clause
         for pattern, status in rules:
-            text, spans = _blank(text, pattern)
+            own, spans = _blank(own, pattern)
             found.setdefault(name, []).extend(status for _ in spans)
+            for start, end in spans:
+                text = text[:start] + " " * (end - start) + text[end:]
     text, _ = _blank(text, _NOT_MENTIONS)
     mentions = [(name, m.start(), m.end()) for name, pattern in _MENTIONS.items()
                 for m in pattern.finditer(text)]
