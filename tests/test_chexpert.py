@@ -279,3 +279,17 @@ def test_a_calcified_granuloma_is_not_no_finding():
 ])
 def test_deidentification_tokens_inside_a_mention(observation, sentence, expected):
     assert label_chexpert(sentence)[observation] == expected
+
+
+@pytest.mark.parametrize("sentence", [
+    "The nasogastric tube has been removed.", "Status post removal of the endotracheal tube.",
+    "Interval removal of the right IJ central line.", "The feeding tube was removed.",
+    "Feeding tube removed.", "The chest tube has since been removed."])
+def test_removed_devices_are_negative(sentence):
+    assert label_chexpert(sentence)["Support Devices"] == N
+
+
+def test_a_removal_negates_devices_only():
+    labels = label_chexpert("Interval removal of the right chest tube with right basilar "
+                            "atelectasis.")
+    assert labels["Support Devices"] == N and labels["Atelectasis"] == P

@@ -117,3 +117,22 @@ def test_coarse_labels_agree_with_fine_labels_on_generated_reports():
         study = sample_study(rng)
         report = write_report(study, rng)
         assert coarse_labels(report) == to_coarse(study.labels()), report
+
+
+@pytest.mark.parametrize("report, expected", [
+    ("The nasogastric tube has been removed.", {"no_finding"}),
+    ("Status post removal of the endotracheal tube.", {"no_finding"}),
+    ("Interval removal of the right central venous catheter.", {"no_finding"}),
+    ("The feeding tube was removed.", {"no_finding"}),
+    ("Removal of the PICC line. The lungs are clear.", {"no_finding"}),
+    ("The endotracheal tube is no longer seen.", {"no_finding"}),
+    # A device removed beside one that stays: only the removed one is read as gone.
+    ("The endotracheal tube has been removed; the nasogastric tube remains in the stomach.",
+     {"devices_tube"}),
+    ("The central line has been removed. Pacemaker in place.", {"devices_pacemaker"}),
+    # A removal negates devices only.
+    ("Interval removal of the right chest tube with right basilar atelectasis.",
+     {"atelectasis_right"}),
+])
+def test_removed_devices_are_not_present(report, expected):
+    assert _positives(report) == expected

@@ -159,12 +159,15 @@ _PSEUDO_NEGATION = _rx(
 _NEGATION_PRE = _rx(
     r"\bno\b", r"\bnot\b", r"\bwithout\b", r"\bfree of\b", r"\bnegative for\b",
     r"\babsence of\b", r"\bno (?:evidence|signs?|findings?) of\b", r"\bresol(?:ved|ution of)\b",
-    r"\bclear of\b", r"\bnor\b", r"\bneither\b", r"\bremov(?:ed|al of)\b", r"\bnever\b")
+    r"\bclear of\b", r"\bnor\b", r"\bneither\b", r"\bnever\b")
 _NEGATION_POST = _rx(
-    r"\b(?:has|have|is|are|now) (?:\w+ )?(?:resolved|cleared|been removed)\b",
+    r"\b(?:has|have|is|are|now) (?:\w+ )?(?:resolved|cleared)\b",
     r"\b(?:is|are) (?:no longer|not) (?:seen|visible|present|identified|evident|"
     r"appreciated|demonstrated)\b", r"\b(?:is|are|was|were) absent\b",
-    r"\bno longer (?:seen|visible|present|identified)\b", r"\bhas been removed\b")
+    r"\bno longer (?:seen|visible|present|identified)\b")
+# A removal negates a device only: "removal of the chest tube with basilar atelectasis".
+_REMOVAL_POST = _rx(r"\b(?:(?:has|have|had|was|were|is|are)(?: \w+)?(?: been)? )?removed\b")
+_REMOVAL_PRE = _rx(r"\bremov(?:ed|al of)\b")
 _WEAK_UNCERTAIN = _rx(  # a preceding negation keeps the negation ("no X to suggest Y")
     r"\bto suggest\b", r"\bsuggest(?:s|ing|ive of)?\b", r"\bto indicate\b",
     r"\bindicat(?:e|es|ive of)\b", r"\bconcerning for\b", r"\bworrisome for\b")
@@ -211,7 +214,8 @@ def _triggers(clause: str) -> list[tuple[int, int, str]]:
     text, spans = _blank(text, _NEGATION_POST)
     found += [(s, e, "post_neg") for s, e in spans]
     text, _ = _blank(text, _PSEUDO_NEGATION)
-    order = ((_BIDIRECTIONAL, "bi"), (_UNCERTAIN_POST, "post_unc"),
+    order = ((_REMOVAL_POST, "post_removed"), (_REMOVAL_PRE, "removed"),
+             (_BIDIRECTIONAL, "bi"), (_UNCERTAIN_POST, "post_unc"),
              (_WEAK_UNCERTAIN, "weak"), (_NEGATION_PRE, "neg"), (_UNCERTAIN_PRE, "unc"))
     for pattern, kind in order:  # each blanked once found: "is not seen" is no pre-negation
         text, spans = _blank(text, pattern)
@@ -219,9 +223,14 @@ def _triggers(clause: str) -> list[tuple[int, int, str]]:
     return found
 
 
-def _status(plain: str, start: int, end: int, triggers: list[tuple[int, int, str]]) -> int:
+def _status(plain: str, start: int, end: int, triggers: list[tuple[int, int, str]],
+            device: bool = False) -> int:
     """The status of the mention at [start, end). `plain` is the clause with every mention
-    blanked, so that a list of findings does not use up a trigger's scope."""
+    blanked, so that a list of findings does not use up a trigger's scope. Removal triggers
+    negate a device and nothing else."""
+    removal = {"removed": "neg", "post_removed": "post_neg"}
+    triggers = [(s, e, removal[k]) if k in removal else (s, e, k) for s, e, k in triggers
+                if device or k not in removal]
     # A trigger inside the mention counts as before it ("the heart may be enlarged").
     before = [t for t in triggers if t[1] <= end and t[2] in ("neg", "unc", "weak", "bi")
               and _words(plain[t[1]:start]) <= _PRE_SCOPE]
@@ -268,7 +277,8 @@ def _label_clause(clause: str, found: dict[str, list[int]]) -> None:
         plain = plain[:start] + " " * (end - start) + plain[end:]
     triggers = _triggers(clause)
     for name, start, end in mentions:
-        found.setdefault(name, []).append(_status(plain, start, end, triggers))
+        found.setdefault(name, []).append(
+            _status(plain, start, end, triggers, device=name == "Support Devices"))
 
 
 def label_chexpert(report: str) -> dict[str, int | None]:

@@ -7,8 +7,9 @@ How it reads:
 - The text is split into sentences and then clauses ("but", "however", "otherwise", ...).
 - A finding is a mention (a regex) that is affirmed. A mention is negated by a cue before it
   in its clause ("no", "without", "negative for", "free of", "no evidence of", "resolved",
-  ...) or by a cue after it ("... is not seen", "... has resolved"). Uncertain mentions
-  ("possible", "cannot be excluded") count as affirmed. One affirmed mention sets the label;
+  ...; for devices also "removal of", "removed") or by a cue after it ("... is not seen",
+  "... has resolved"; a device's "... has been removed"). Uncertain mentions ("possible",
+  "cannot be excluded") count as affirmed. One affirmed mention sets the label;
   negated mentions never clear a label set elsewhere in the report.
 - Side and lung zone come from the mention's own noun phrase ("small left pleural
   effusion"), else from a locative after it ("nodule in the right upper zone"), else from the
@@ -119,6 +120,11 @@ _PRE_CUES = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|abs
 _POST_CUES = re.compile(r"\b(?:not (?:seen|identified|present|visualized|appreciated|demonstrated"
                         r"|evident|noted|detected|visible|shown|clearly seen)|absent|resolved"
                         r"|cleared|excluded|ruled out)\b")
+# A removed device is gone ("status post removal of the endotracheal tube", "the nasogastric
+# tube has been removed"); these cues negate devices only, so "removal of the chest tube with
+# right basilar atelectasis" keeps the atelectasis.
+_REMOVAL_PRE_CUES = re.compile(r"\b(?:removal of|removed)\b")
+_REMOVAL_POST_CUES = re.compile(r"\bremoved\b")
 # A new "there is ..." starts a new statement, so a "no" before it does not reach past it.
 _SCOPE_BREAK = re.compile(r"\bthere (?:is|are|was|were|has been|have been)\b(?! no\b)")
 _CLAUSE_SPLIT = re.compile(r"\b(?:but|however|although|though|whereas|while|otherwise|except"
@@ -293,10 +299,14 @@ def _clause_findings(tokens: list[str]) -> set[str]:
     if not mentions:
         return set()
     pre, post = _cue_tokens(clause, _PRE_CUES), _cue_tokens(clause, _POST_CUES)
+    device_pre = sorted(pre + _cue_tokens(clause, _REMOVAL_PRE_CUES))
+    device_post = sorted(post + _cue_tokens(clause, _REMOVAL_POST_CUES))
     breaks = _cue_tokens(clause, _SCOPE_BREAK)
     out: set[str] = set()
     for index, (m, region) in enumerate(zip(mentions, _regions(mentions, tokens))):
-        if _pre_negated(m, tokens, pre, breaks) or _post_negated(index, mentions, tokens, post):
+        m_pre, m_post = (device_pre, device_post) if m.kind in DEVICES else (pre, post)
+        if _pre_negated(m, tokens, m_pre, breaks) or _post_negated(index, mentions, tokens,
+                                                                   m_post):
             continue
         if m.kind in UNPLACED:
             out.add(m.kind)
