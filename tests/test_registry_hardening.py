@@ -373,3 +373,104 @@ def test_the_gate_refuses_text_that_does_not_read_as_reports_with_its_reason(cha
     verdict = judge_champion({**base, **change}, ChampionConfig())
     assert not verdict.approved
     assert len(verdict.reasons) == 1 and verdict.reasons[0].startswith(reason), verdict.reasons
+
+
+# ---- evaluating the champion itself; settling only among versions that raced ----------------
+
+def test_re_evaluating_the_champion_with_the_same_result_confirms_it(
+        mlflow_store, tmp_path, monkeypatch):
+    run_id, _, version = _stage2_run(tmp_path)
+    assert _evaluate(monkeypatch, run_id, _outcome(0.6)).exit_code == 0
+    assert _champion() == version
+
+    result = _evaluate(monkeypatch, run_id, _outcome(0.6))  # the same key, the same score
+    assert result.exit_code == 0, result.output
+    tags = MlflowClient().get_model_version(MODEL, version).tags
+    assert _champion() == version
+    assert tags["champion.verdict"] == "approved", \
+        f"the champion is tagged {tags['champion.verdict']} ({tags['champion.reasons']}) " \
+        "while the alias stays on it"
+    assert "confirmed" in result.output, result.output
+
+
+def test_re_evaluating_the_champion_that_now_fails_takes_the_alias_off_it(
+        mlflow_store, tmp_path, monkeypatch):
+    run_id, _, version = _stage2_run(tmp_path)
+    assert _evaluate(monkeypatch, run_id, _outcome(0.6)).exit_code == 0
+    failing = _outcome(0.6)
+    failing.metrics["greedy_contradiction_share"] = 0.5
+    result = _evaluate(monkeypatch, run_id, failing)
+    assert result.exit_code == 0, result.output
+    tags = MlflowClient().get_model_version(MODEL, version).tags
+    assert tags["champion.verdict"] == "rejected"
+    assert _champion() is None, "a rejected version kept the champion alias"
+    assert "no longer passes" in result.output, result.output
+
+
+def test_an_old_approved_version_measured_the_same_way_does_not_take_the_champion(
+        mlflow_store, tmp_path, monkeypatch):
+    old_run, _, old = _stage2_run(tmp_path, seed=0)  # approved long ago with key K, 0.9
+    assert _evaluate(monkeypatch, old_run, _outcome(0.9)).exit_code == 0
+    beam_run, _, beam = _stage2_run(tmp_path, seed=1)  # the champion, measured with K2
+    assert _evaluate(monkeypatch, beam_run, _outcome(0.5, "beam", num_beams=3)).exit_code == 0
+    assert _champion() == beam
+    new_run, _, new = _stage2_run(tmp_path, seed=2)  # key K, approved: beam's is not comparable
+    result = _evaluate(monkeypatch, new_run, _outcome(0.6))
+    assert result.exit_code == 0, result.output
+    assert _champion() == new, \
+        f"champion -> version {_champion()}, which was not part of this evaluation: " \
+        f"{result.output[-500:]}"
+    assert "at the same time" not in result.output
+
+
+# ---- Stage 2's init: an unreachable registry is not "no approved Stage 1" -------------------
+
+def test_init_auto_during_a_registry_outage_fails_loudly_instead_of_training_from_scratch(
+        mlflow_store, monkeypatch):
+    from pipeline.stage2.init import choose_init
+
+    monkeypatch.setenv(PATIENCE_ENV, "0")
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", _unreachable)
+    monkeypatch.setattr(MlflowClient, "get_registered_model", _unreachable)
+    with pytest.raises(MlflowException, match="Connection refused"):
+        choice = choose_init("auto", "out")
+        pytest.fail(f"an unreachable registry read as an empty one: {choice}")
+
+
+def test_init_auto_against_a_closed_port_fails_loudly(monkeypatch, tmp_path):
+    from pipeline.stage2.init import choose_init
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(PATIENCE_ENV, "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    mlflow.set_tracking_uri("http://127.0.0.1:9")  # discard: nothing listens
+    try:
+        with pytest.raises(MlflowException):
+            choice = choose_init("auto", "out")
+            pytest.fail(f"an unreachable registry read as an empty one: {choice}")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_init_auto_with_no_approved_stage1_still_starts_fresh(mlflow_store):
+    from pipeline.stage2.init import choose_init
+
+    assert choose_init("auto", "out").source == "scratch"
+    client = MlflowClient()
+    client.create_registered_model(VISION_MODEL)  # the model exists, the alias does not
+    assert choose_init("auto", "out").source == "scratch"
+
+
+def test_a_blip_while_downloading_the_approved_stage1_is_retried(
+        mlflow_store, tmp_path, monkeypatch):
+    from pipeline.stage2.init import choose_init
+
+    run_id = _stage1_run(tmp_path)
+    with mlflow.start_run():
+        ckpt = tmp_path / run_id / "vision_bridge_final.safetensors"
+        promote_vision_bridge(ckpt, run_id, {"checkpoint_sha256": sha256_file(ckpt)})
+    monkeypatch.setenv(PATIENCE_ENV, "30")
+    monkeypatch.setattr("pipeline.tracking.outage.time.sleep", lambda s: None)
+    _blip(monkeypatch, mlflow.artifacts, "download_artifacts")
+    assert choose_init("auto", "out").source == "registry"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -144,10 +145,15 @@ class ChampionOutcome:
     reasons: tuple[str, ...] = ()  # why not
     champion: str | None = None  # the champion after the decision
     verdict: Verdict | None = None  # None: not judged
+    was_champion: bool = False  # `version` held the alias when the evaluation began
 
     @property
     def label(self) -> str:
-        """`champion`, `rejected`, `outranked` (approved, a better one won) or `not judged`."""
+        """`champion`, `confirmed` (the champion re-evaluated and passing), `removed` (the
+        champion re-evaluated and failing: the alias is off it), `rejected`, `outranked`
+        (approved, a better one won) or `not judged`."""
+        if self.was_champion and self.verdict is not None:
+            return "confirmed" if self.verdict.approved else "removed"
         if self.moved:
             return "champion"
         if self.verdict is None:
@@ -157,6 +163,12 @@ class ChampionOutcome:
     @property
     def message(self) -> str:
         """One line saying what happened."""
+        if self.label == "confirmed":
+            return f"champion confirmed: report-vlm version {self.version} passes every rule " \
+                   "again (its evidence is refreshed)"
+        if self.label == "removed":
+            return f"champion removed: report-vlm version {self.version} no longer passes the " \
+                   "champion gate: " + "; ".join(self.reasons)
         if self.moved:
             return f"champion -> report-vlm version {self.version}"
         what = f"report-vlm version {self.version} {self.label}" if self.version else self.label
@@ -173,31 +185,45 @@ def decide_champion(evaluation: Evaluation, cfg: ChampionConfig = ChampionConfig
     """Judge an evaluation; record the verdict on the `report-vlm` version that holds the
     scored file (registered now if none does); move `champion` there when approved.
 
-    Reads come first: a registry that does not answer raises before anything is tagged.
+    An evaluation of the champion itself is not compared with its own earlier score: it
+    confirms the champion (its evidence refreshed), or, failing a rule now, takes the alias
+    off it. The champion is read first: a registry that does not answer raises before
+    anything is tagged.
     """
     current = registry.champion_state()
-    verdict = judge_champion(evaluation.metrics, cfg, current, evaluation.key, rules)
     before = current.version if current else None
     if evaluation.source_run is None:
+        verdict = judge_champion(evaluation.metrics, cfg, current, evaluation.key, rules)
         return ChampionOutcome(None, False, ("the checkpoint names no Stage 2 run to register "
                                              "it under",), before, verdict)
     version = registry.report_version_holding(evaluation.checkpoint, evaluation.source_run)
+    itself = before == version
+    verdict = judge_champion(evaluation.metrics, cfg, None if itself else current,
+                             evaluation.key, rules)
+    read = registry.NO_CHAMPION if current is None else current.token
     m = evaluation.metrics
     tags = {"eval.score": repr(float(m["score"])), "eval.key": evaluation.key,
             "eval.score_definition": evaluation.score_definition,
+            "eval.at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            registry.RACE_TAG: read,
             "champion.verdict": "approved" if verdict.approved else "rejected",
             "champion.reasons": "; ".join(verdict.reasons)[:4000],
             **{f"eval.{name}": f"{m.get(key, math.nan):.3f}" for name, key in _SUMMARY}}
     registry.record_evaluation(version, tags, _verdict_line(verdict) + "\n\n"
                                + evaluation.description)
-    champion = _settle(version, evaluation.key) if verdict.approved else before
+    if itself:
+        if not verdict.approved:
+            registry.remove_champion()
+        champion = version if verdict.approved else None
+    else:
+        champion = _settle(version, evaluation.key, read) if verdict.approved else before
     registry.describe_report_model(_model_page(version, champion, verdict, tags,
                                                evaluation.sample))
     moved = verdict.approved and champion == version
     reasons = tuple(verdict.reasons) if not verdict.approved else () if moved else \
-        (f"version {champion} scored higher, measured the same way, in an evaluation at the "
-         "same time",)
-    return ChampionOutcome(version, moved, reasons, champion, verdict)
+        (f"version {champion} scored higher, measured the same way, in an evaluation that "
+         f"ran at the same time (both judged against the champion {read})",)
+    return ChampionOutcome(version, moved, reasons, champion, verdict, itself)
 
 
 _SUMMARY = (("coarse_f1", "finding_coarse_macro_f1"),
@@ -206,22 +232,27 @@ _SUMMARY = (("coarse_f1", "finding_coarse_macro_f1"),
 SETTLE_ROUNDS = 5
 
 
-def _settle(version: str, key: str) -> str | None:
-    """Point `champion` at `version`, then keep it on the best version measured with `key`.
+def _settle(version: str, key: str, read: str) -> str | None:
+    """Point `champion` at `version`, then keep it on the best version among those whose
+    evaluations raced this one: measured with `key` and judged against the same champion
+    (`read`).
 
     Two evaluations that read the same old champion may both pass and both set the alias. Each
     tags its version before setting it, and checks after setting it: the one that sets it last
-    then sees every rival's score and restores the best. A champion measured otherwise (set by
-    an evaluation with another key) is not comparable and is left alone.
+    then sees every rival's score and restores the best. A version approved earlier, against
+    another champion, never takes part: it was not compared with the champion this evaluation
+    read. A champion measured otherwise, or set since by an evaluation that read another
+    champion, is left alone.
     """
     target = version
     holder = None
     for _ in range(SETTLE_ROUNDS):
         registry.set_champion(target)
         holder = registry.champion_state()
-        if holder is None or holder.key != key:
+        if holder is None or holder.key != key or holder.read != read:
             break
-        target = best_version(registry.evaluated_versions(key), holder)
+        racers = [v for v in registry.evaluated_versions(key) if v.read == read]
+        target = best_version(racers, holder)
         if target == holder.version:
             break
     return holder.version if holder else None
@@ -252,7 +283,8 @@ def _model_page(version: str, champion: str | None, verdict: Verdict,
     """The registered model's page: the champion, and the latest evaluation's verdict,
     grounding gap and a sample report (its version's page has every score)."""
     lines = [f"**champion: version {champion}**" if champion else
-             "**champion: none yet** (no evaluated version has passed the champion gate)", "",
+             "**champion: none** (no version has passed the champion gate, or the last champion "
+             "failed it when evaluated again)", "",
              f"Latest evaluation: version {version}, champion gate: "
              f"**{tags['champion.verdict']}**"
              + (f" ({tags['champion.reasons']})" if not verdict.approved else ""), "",

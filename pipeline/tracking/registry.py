@@ -37,6 +37,10 @@ CHAMPION_ALIAS = "champion"
 VERDICT_TAG = "gate.verdict"
 REASONS_TAG = "gate.reasons"
 SHA_TAG = "checkpoint_sha256"  # a version's artifact: the file it was registered from
+# The champion an evaluation read before deciding ("none" when there was none): evaluations
+# that read the same one raced each other, and only they settle the alias between them.
+RACE_TAG = "eval.champion_read"
+NO_CHAMPION = "none"
 # What a served model imports, pinned to the versions installed when it is logged.
 SERVED_PACKAGES = ("torch", "safetensors", "transformers", "accelerate", "gguf", "mlflow",
                    "pillow", "numpy", "pandas", "tqdm")
@@ -181,10 +185,19 @@ def download_checkpoint(uri: str, name_hint: str = "") -> Path:
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {uri}")
         return path
+    if uri.startswith("models:/") and "@" in uri:  # an alias not set is an absence too
+        name, alias = uri.removeprefix("models:/").split("@", 1)
+        if alias_version(name, alias) is None:
+            raise FileNotFoundError(f"cannot resolve {uri}: no such alias")
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        local = call_patiently(mlflow.artifacts.download_artifacts, artifact_uri=uri,
+                               what=f"downloading {uri}")
     except MlflowException as exc:
-        raise FileNotFoundError(f"cannot resolve {uri}: {exc.message}") from exc
+        # Only MLflow's answer that the model, alias, version or run does not exist is an
+        # absence; an unreachable server (after its retries) or any other error is raised.
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise FileNotFoundError(f"cannot resolve {uri}: {exc.message}") from exc
+        raise
     if os.path.isfile(local):
         return Path(local)
     found = sorted(glob.glob(os.path.join(local, "**", f"*{name_hint}*.safetensors"),
@@ -292,6 +305,13 @@ class EvaluatedVersion:
     score: float | None
     key: str | None  # what the score was measured with (`pipeline.gate.champion.comparison_key`)
     verdict: str | None  # champion gate: "approved", "rejected" or None (never judged)
+    read: str | None = None  # the champion its last evaluation was judged against (`RACE_TAG`)
+    at: str | None = None  # when that evaluation was recorded (`eval.at`)
+
+    @property
+    def token(self) -> str:
+        """Names this champion state: an evaluation that read it is tagged with this."""
+        return f"version {self.version} ({self.at or 'unrecorded'})"
 
 
 def _evaluated(version) -> EvaluatedVersion:
@@ -301,7 +321,8 @@ def _evaluated(version) -> EvaluatedVersion:
         score = None
     return EvaluatedVersion(version.version, score if score is None or math.isfinite(score)
                             else None, version.tags.get("eval.key"),
-                            version.tags.get("champion.verdict"))
+                            version.tags.get("champion.verdict"), version.tags.get(RACE_TAG),
+                            version.tags.get("eval.at"))
 
 
 def champion_state() -> EvaluatedVersion | None:
@@ -331,6 +352,12 @@ def set_champion(version: str) -> None:
     """Point `report-vlm@champion` at a version."""
     call_patiently(MlflowClient().set_registered_model_alias, REPORT_MODEL, CHAMPION_ALIAS,
                    version, what="moving champion")
+
+
+def remove_champion() -> None:
+    """Take `report-vlm@champion` off (its version no longer passes the champion gate)."""
+    call_or_none(MlflowClient().delete_registered_model_alias, REPORT_MODEL, CHAMPION_ALIAS,
+                 what="removing champion")
 
 
 def describe_report_model(text: str) -> None:
