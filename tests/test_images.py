@@ -4,6 +4,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +200,35 @@ def test_a_second_load_reads_the_cache_instead_of_decoding(tmp_path, monkeypatch
     assert len(decoded) == 2  # nothing decoded again
     ImageReportDataset(load_records(root / "annotation.json")["train"], SIZE * 2)[0]
     assert len(decoded) == 3  # another size is another cache
+
+
+def test_a_film_replaced_with_its_size_and_mtime_kept_is_read_anew(tmp_path, monkeypatch):
+    """`cp -p` / `rsync -a` of another film of the same byte size keeps the old mtime: the
+    cache's memo must not hand back the film that was there before."""
+    monkeypatch.delenv(film.CACHE_ENV, raising=False)
+    path = tmp_path / "ds" / "0.png"
+    path.parent.mkdir(parents=True)
+    dark, light = (np.full((32, 32), v, np.uint8) for v in (10, 240))
+    buffers = []
+    for pixels in (dark, light):
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="PNG")
+        buffers.append(out.getvalue())
+    assert len(buffers[0]) == len(buffers[1])  # the same byte size
+    cache = film.ImageCache(tmp_path / "cache", SIZE)
+    path.write_bytes(buffers[0])
+    stamp = path.stat().st_mtime_ns
+    first = cache.load(str(path))
+    time.sleep(0.05)  # past the file system's timestamp tick
+    path.write_bytes(buffers[1])  # in place (`cp -p` keeps the inode) ...
+    os.utime(path, ns=(stamp, stamp))  # ... and the mtime
+    second = cache.load(str(path))
+    assert second.mean() > first.mean() + 0.5, "the cache handed back the film replaced"
+    replaced = tmp_path / "ds" / "1.png"  # `rsync -a`: a new file renamed over the old one
+    replaced.write_bytes(buffers[0])
+    os.utime(replaced, ns=(stamp, stamp))
+    os.replace(replaced, path)
+    assert np.array_equal(cache.load(str(path)), first)
 
 
 def test_cache_can_be_turned_off_or_moved(tmp_path, monkeypatch):

@@ -246,11 +246,15 @@ class ImageCache:
     def __init__(self, folder: str | os.PathLike, size: int):
         self.folder = Path(folder) / f"v{DECODER_VERSION}_{size}px"
         self.size = size
-        self._digests: dict[tuple, str] = {}  # (path, mtime, bytes) -> sha256: hash once a run
+        # A file's identity -> sha256, so a film is hashed once a run. The inode and ctime are
+        # part of it: a film replaced with its byte size and mtime kept (`cp -p` writes in
+        # place, `rsync -a` renames a new file over it) changes one or the other, and the
+        # ctime cannot be set back.
+        self._digests: dict[tuple, str] = {}
 
     def _digest(self, path: str) -> tuple[str, bytes | None]:
         stat = os.stat(path)
-        key = (path, stat.st_mtime_ns, stat.st_size)
+        key = (path, stat.st_dev, stat.st_ino, stat.st_ctime_ns, stat.st_mtime_ns, stat.st_size)
         if key in self._digests:
             return self._digests[key], None
         data = Path(path).read_bytes()
