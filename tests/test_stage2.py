@@ -308,6 +308,50 @@ def test_latest_init_takes_only_weights_of_the_requested_architecture(mlflow_sto
     assert "init: previous-stage2" in third.output and earlier in third.output
 
 
+def _final_adapters(run_id: str) -> dict:
+    from pipeline.checkpoint import load_checkpoint, split_prefix
+    from pipeline.models.llm import ADAPTER_PREFIX
+
+    path = Path("outputs/stage2") / run_id / "checkpoints" / "vision_bridge_vlm_final.safetensors"
+    return split_prefix(load_checkpoint(path)[0], ADAPTER_PREFIX)
+
+
+def test_latest_init_continues_the_llm_adapters_too(mlflow_store):
+    first = _stage2_cli("--init", "scratch")
+    assert first.exit_code == 0, first.output
+    earlier = _final_adapters(mlflow_run_of("stage2").info.run_id)
+    assert earlier and any(v.abs().sum() > 0 for k, v in earlier.items() if "lora_B" in k)
+    # The adapters do not move (lr 0): the second run ends where it started.
+    second = _stage2_cli("--init", "latest", "--adapter_lr", "0")
+    assert second.exit_code == 0, second.output
+    assert "init: previous-stage2" in second.output
+    later = _final_adapters(mlflow_run_of("stage2").info.run_id)
+    assert later.keys() == earlier.keys()
+    fresh = [k for k in later if not torch.equal(later[k], earlier[k])]
+    assert not fresh, f"continued from fresh adapters, not the earlier run's: {fresh[:3]}"
+
+
+def test_latest_init_passes_over_a_run_with_other_adapters_and_says_why(mlflow_store):
+    first = _stage2_cli("--init", "scratch")
+    assert first.exit_code == 0, first.output
+    earlier = mlflow_run_of("stage2").info.run_id
+    second = _stage2_cli("--init", "latest", "--adapter_rank", "4")
+    assert second.exit_code == 0, second.output
+    assert "init: scratch" in second.output and f"run {earlier}: its adapters differ" \
+        in second.output, second.output
+
+
+def test_an_explicit_stage2_checkpoint_with_other_adapters_is_refused_with_the_reason(
+        mlflow_store):
+    first = _stage2_cli("--init", "scratch")
+    assert first.exit_code == 0, first.output
+    final = Path("outputs/stage2") / mlflow_run_of("stage2").info.run_id / "checkpoints" / \
+        "vision_bridge_vlm_final.safetensors"
+    second = _stage2_cli("--init", str(final), "--adapter_rank", "4")
+    assert second.exit_code != 0
+    assert "holds LLM adapters (rank 2 vs 4)" in second.output, second.output
+
+
 def test_sigterm_saves_a_checkpoint_at_the_step_it_stopped_and_metrics_stop_there(
         mlflow_store, tmp_path):
     """SIGTERM mid-epoch: exit 130, a step checkpoint saved on interrupt that covers exactly the

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,7 +46,48 @@ def _fits(metadata: dict, cfg: C.Stage2Config | None) -> str:
     differ = [key for key in ("encoder", "bridge") if saved.get(key) != wanted[key]]
     if (saved.get("llm") or {}).get("name") != cfg.llm.name:
         differ.append("llm")
+    if adapters_differ(saved, cfg.llm):
+        differ.append("adapters")
     return f"its {', '.join(differ)} differ from this run's" if differ else ""
+
+
+ADAPTER_FIELDS = ("adapter_rank", "adapter_alpha", "adapter_targets")
+
+
+def adapters_differ(saved_config: dict, llm_cfg: C.LLMConfig) -> str:
+    """'' when a Stage 2 checkpoint's config asks for the LLM adapters `llm_cfg` asks for
+    (rank, alpha, target modules), else what differs ("rank 2 vs 4")."""
+    saved = C.from_dict(C.LLMConfig, saved_config.get("llm") or {})
+    return ", ".join(f"{field.removeprefix('adapter_')} {getattr(saved, field)} vs "
+                     f"{getattr(llm_cfg, field)}" for field in ADAPTER_FIELDS
+                     if tuple_or_value(getattr(saved, field)) !=
+                     tuple_or_value(getattr(llm_cfg, field)))
+
+
+def tuple_or_value(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def initial_adapters(choice: InitChoice, metadata: dict, cfg: C.Stage2Config
+                     ) -> dict[str, torch.Tensor] | None:
+    """The LLM adapters an initial Stage 2 checkpoint holds, to continue them (None: it holds
+    none, e.g. a Stage 1 checkpoint). Raises GuardError when they are not the adapters this
+    run asks for: continuing the vision side alone would train it against fresh adapters."""
+    from pipeline.checkpoint import load_checkpoint, split_prefix
+    from pipeline.models.llm import ADAPTER_PREFIX
+
+    adapters = split_prefix(load_checkpoint(choice.path)[0], ADAPTER_PREFIX)
+    if not adapters:
+        return None
+    saved = metadata.get("config")
+    saved = json.loads(saved) if isinstance(saved, str) else saved
+    differ = adapters_differ(saved if isinstance(saved, dict) else {}, cfg.llm)
+    if cfg.llm.adapter_rank <= 0 or differ:
+        raise GuardError(
+            f"refusing to initialise Stage 2 from {choice.uri}: it holds LLM adapters "
+            f"({differ or 'this run asks for none'}) that this run cannot continue; ask for "
+            "the same adapters (--adapter_rank), or --init scratch")
+    return adapters
 
 
 def _previous_stage2(output_dir: str, cfg: C.Stage2Config | None) -> tuple[Path | None, list]:

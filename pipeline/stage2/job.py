@@ -15,8 +15,8 @@ from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
 from pipeline.stage2.trainer import STEP_STEM, Stage2Result, Stage2Trainer
 from pipeline.models.loading import load_into, output_width, weights_of
-from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init, refuse_if_unfit,
-                                  refuse_width_mismatch)
+from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init,
+                                  initial_adapters, refuse_if_unfit, refuse_width_mismatch)
 from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name_run,
                                     resume_trainer, set_run_tags, stage_run)
 from pipeline.tracking.sink import MetricsSink
@@ -40,6 +40,7 @@ class Stage2Job:
         self.run_id: str | None = None
         self.out_dir: Path | None = None
         self.not_resumed = ""  # the interrupted runs init auto/latest passed over, and why
+        self.init_adapters = None  # the LLM adapters of an initial Stage 2 checkpoint
 
     def _resume_point(self):
         """The step checkpoint to continue (`--resume auto|FOLDER`, or with init auto/latest
@@ -85,6 +86,9 @@ class Stage2Job:
             tensors, meta = weights_of(choice.path) if choice.path else (None, {})
             if tensors is not None:
                 self.cfg = adopt_architecture(self.cfg, meta, tensors)
+                self.init_adapters = initial_adapters(choice, meta, self.cfg)
+                if self.init_adapters:
+                    choice = replace(choice, note=choice.note + ", with its LLM adapters")
         self.echo(f"init: {choice.source}: {choice.note}")
         llm = place(self.llm or load_llm(self.cfg.llm.name, self.cfg.llm.cache_dir,
                                          self.cfg.llm.dtype), self.world.device)
@@ -136,6 +140,8 @@ class Stage2Job:
                                     **({"label_fn": self.label_fn} if self.label_fn else {}))
             if resume_point is not None:
                 resume_trainer(self.run_id, trainer, *resume_point, log)
+            else:
+                self._continue_adapters(trainer)
             sink(self._preflight(trainer), trainer.state.step)
             try:
                 with sink.around_training():
@@ -153,8 +159,16 @@ class Stage2Job:
                                 **({"label_fn": self.label_fn} if self.label_fn else {}))
         if resume_point is not None:
             trainer.restore(resume_point[0], resume_point[1]["resume"])
+        else:
+            self._continue_adapters(trainer)
         self._preflight(trainer)
         return trainer.fit()
+
+    def _continue_adapters(self, trainer: Stage2Trainer) -> None:
+        """The trainer gives the LLM fresh adapters; an initial Stage 2 checkpoint's go in
+        over them (the same tensors the optimizer holds)."""
+        if self.init_adapters:
+            trainer.llm.load_adapter_state(self.init_adapters)
 
     def _preflight(self, trainer: Stage2Trainer) -> dict:
         return self.world.checked(trainer.preflight, (GuardError, TrainableLLMError))
