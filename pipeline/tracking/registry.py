@@ -37,6 +37,7 @@ CHAMPION_ALIAS = "champion"
 VERDICT_TAG = "gate.verdict"
 REASONS_TAG = "gate.reasons"
 SHA_TAG = "checkpoint_sha256"  # a version's artifact: the file it was registered from
+LLM_SHA_TAG = "llm_checksum"  # the base LLM's weights the version was trained against
 # The champion an evaluation read before deciding ("none" when there was none): evaluations
 # that read the same one raced each other, and only they settle the alias between them.
 RACE_TAG = "eval.champion_read"
@@ -247,10 +248,12 @@ def register_report_model(checkpoint: str | Path, run_id: str, llm_name: str,
                           tags: Mapping[str, str], alias: str | None = CANDIDATE_ALIAS) -> str:
     """Log Stage 2 weights as a pyfunc model (LLM by reference), register them as a
     `report-vlm` version of `run_id` (tagged with the file's sha256) and point `alias` at it."""
-    info = _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm_name},
+    base = read_metadata(checkpoint).get("llm_checksum") or ""
+    info = _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm_name, LLM_SHA_TAG: base},
                        params={"num_beams": 1, "max_new_tokens": 0})
     version = mlflow.register_model(info.model_uri, REPORT_MODEL, tags={
-        **tags, "source_run": run_id, "llm": llm_name, SHA_TAG: sha256_file(checkpoint)})
+        **tags, "source_run": run_id, "llm": llm_name, LLM_SHA_TAG: base,
+        SHA_TAG: sha256_file(checkpoint)})
     if alias:
         call_patiently(MlflowClient().set_registered_model_alias, REPORT_MODEL, alias,
                        version.version, what=f"moving {alias}")
@@ -264,13 +267,15 @@ def report_version_holding(checkpoint: str | Path, source_run: str) -> str:
     other weights, registered here as a version of its own (no alias) the first time.
     """
     sha = sha256_file(checkpoint)
-    config = read_metadata(checkpoint).get("config")
+    metadata = read_metadata(checkpoint)
+    config = metadata.get("config")
     llm = (config.get("llm") or {}).get("name", "") if isinstance(config, dict) else ""
+    base = metadata.get("llm_checksum") or ""
     return _register_once(
         REPORT_MODEL, source_run,
-        lambda: _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm},
+        lambda: _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm, LLM_SHA_TAG: base},
                             params={"num_beams": 1, "max_new_tokens": 0}),
-        {"llm": llm, SHA_TAG: sha, "checkpoint": Path(checkpoint).stem},
+        {"llm": llm, LLM_SHA_TAG: base, SHA_TAG: sha, "checkpoint": Path(checkpoint).stem},
         keeps=lambda version: _artifact_sha256(version) == sha,
         prune=False)  # a duplicate may be `candidate` (a Stage 2 run that registered twice)
 
