@@ -229,7 +229,10 @@ class Stage2Trainer(TrainLoop):
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _metadata(self) -> dict:
-        return {"llm": self.cfg.llm.name, "hidden_size": self.llm.hidden_size,
+        # The base LLM these weights and adapters were trained against: evaluation and
+        # serving refuse another (`pipeline.models.loading.verify_base_llm`).
+        return {"llm": self.cfg.llm.name, "llm_checksum": self.result.llm_checksum_before or "",
+                "hidden_size": self.llm.hidden_size,
                 "report_style": json.dumps(self.style.to_sentences()[:STYLE_SENTENCES]),
                 "report_token_limit": self.report_token_limit}
 
