@@ -268,10 +268,20 @@ def test_mimic_cxr_writes_the_r2gen_layout_field_by_field(mimic_release, tmp_pat
     assert [len(records[s]) for s in ("train", "val", "test")] == [2, 1, 1]
 
 
-def test_mimic_cxr_impression_fallback(mimic_release):
-    kept = {s.id: s for s in _prepare_mimic(mimic_release, fallback="impression").studies}
+def test_mimic_cxr_impression_fallback_and_gzipped_csvs(mimic_release):
+    for name in ("metadata", "split"):  # PhysioNet ships them gzipped
+        csv = mimic_release / f"mimic-cxr-2.0.0-{name}.csv"
+        pd.read_csv(csv).to_csv(f"{csv}.gz", index=False)
+        csv.unlink()
+    prepared = prepare_mimic_cxr(mimic_release / "mimic-cxr-reports",
+                                 mimic_release / "mimic-cxr-jpg",
+                                 mimic_release / "mimic-cxr-2.0.0-metadata.csv.gz",
+                                 mimic_release / "mimic-cxr-2.0.0-split.csv.gz",
+                                 fallback="impression")
+    kept = {s.id: s for s in prepared.studies}
     assert kept["s50000003"].report == "Possible left lower lobe pneumonia."
     assert kept["s50000003"].split == "test"
+    assert kept["s50000001"].image_path[0] == "p10/p10000001/s50000001/d1-pa.jpg"
 
 
 def test_mimic_cxr_names_a_missing_csv_column(mimic_release, tmp_path):
