@@ -293,3 +293,38 @@ def test_a_removal_negates_devices_only():
     labels = label_chexpert("Interval removal of the right chest tube with right basilar "
                             "atelectasis.")
     assert labels["Support Devices"] == N and labels["Atelectasis"] == P
+
+
+def test_ce_in_paper_conventions_named_with_the_rule_labeler():
+    references = chexpert_labels(["Cardiomegaly. Small left effusion.", "No acute disease."])
+    hypotheses = chexpert_labels(["Cardiomegaly.", "Small right pneumothorax."])
+    scores = chexpert_scores(references, hypotheses)
+    # tp: cardiomegaly; fn: effusion, no finding; fp: pneumothorax.
+    assert scores["ce_rule_micro14_precision"] == pytest.approx(1 / 2)
+    assert scores["ce_rule_micro14_recall"] == pytest.approx(1 / 3)
+    assert scores["ce_rule_micro14_f1"] == pytest.approx(0.4) == scores["chexpert_micro_f1"]
+    # The five: cardiomegaly found, the effusion missed.
+    assert scores["ce_rule_micro5_precision"] == pytest.approx(1.0)
+    assert scores["ce_rule_micro5_recall"] == pytest.approx(1 / 2)
+    assert scores["ce_rule_micro5_f1"] == pytest.approx(2 / 3)
+    # Macro over all 14, an observation on neither side counting 0 (sklearn's macro).
+    for key in ("precision", "recall", "f1"):
+        assert scores[f"ce_rule_macro14_{key}"] == pytest.approx(1 / 14)
+    assert scores["chexpert_macro_f1"] == pytest.approx(1 / 4)  # the project's: scored ones
+    # Example-based: report 1 P 1, R 1/2, F1 2/3; report 2 all 0.
+    assert scores["ce_rule_example14_precision"] == pytest.approx(1 / 2)
+    assert scores["ce_rule_example14_recall"] == pytest.approx(1 / 4)
+    assert scores["ce_rule_example14_f1"] == pytest.approx(1 / 3)
+    perfect = chexpert_scores(references, references)
+    assert all(perfect[f"ce_rule_{avg}_f1"] == 1.0 for avg in ("micro14", "micro5", "example14"))
+    assert perfect["ce_rule_macro14_f1"] == pytest.approx(3 / 14)
+
+
+def test_the_blind_baseline_logs_every_paper_convention():
+    from pipeline.evaluate.evaluation import BLIND_CE_KEYS
+
+    labels = chexpert_labels(["Cardiomegaly."])
+    scores = chexpert_scores(labels, labels)
+    assert set(BLIND_CE_KEYS) <= set(scores)
+    assert {f"ce_rule_{a}_{k}" for a in ("micro14", "macro14", "micro5", "example14")
+            for k in ("precision", "recall", "f1")} <= set(BLIND_CE_KEYS)

@@ -78,7 +78,10 @@ def test_evaluate_logs_scores_table_and_plot_and_crowns_the_first_champion(mlflo
     assert run.data.params["source_run"] == source_run
     metrics = run.data.metrics
     for key in ("greedy_bleu4", "beam_bleu4", "greedy_finding_macro_f1",
-                "greedy_distinct_share", "beam_distinct_share", "score"):
+                "greedy_distinct_share", "beam_distinct_share", "score",
+                "beam_chexpert_micro_f1", "beam_ce_rule_micro14_f1", "beam_ce_rule_macro14_f1",
+                "beam_ce_rule_micro5_f1", "greedy_ce_rule_example14_f1",
+                "blind_ce_rule_micro5_f1"):
         assert key in metrics, f"{key} not logged; got {sorted(metrics)}"
     assert 0.0 <= metrics["greedy_distinct_share"] <= 1.0
     assert 0.0 <= metrics["greedy_finding_macro_f1"] <= 1.0

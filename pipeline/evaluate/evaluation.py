@@ -6,8 +6,10 @@ constant report, the training report whose coarse finding F1 over the training r
 highest, written for every study of the split. A model that does not beat it has learned
 nothing about the images. Clinical efficacy: CheXpert-14 precision, recall and F1 (micro and
 macro, uncertain counted as positive; `pipeline.evaluate.clinical`) of each decoding and of the
-blind baseline (`chexpert_*`, `blind_chexpert_*`). Text metrics are computed on reports cleaned
-as the R2Gen family cleans them (`text_cleaning` in `EvalOutcome.params`).
+blind baseline (`chexpert_*`, `blind_chexpert_*`), and the same labels in the conventions papers
+publish, named with the labeler (`ce_rule_{micro14,macro14,micro5,example14}_*`,
+`blind_ce_rule_*`). Text metrics are computed on reports cleaned as the R2Gen family cleans
+them (`text_cleaning` in `EvalOutcome.params`).
 
 Every pass over the split runs in batches that decode their films when they come, so memory
 does not grow with the split.
@@ -159,7 +161,9 @@ TOP_BEAM_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider"
 BLIND_KEYS = ("finding_coarse_macro_f1", "finding_macro_f1", "bleu4", "cider", "rouge_l",
               "report_form", "contradiction_share")
 BLIND_CE_KEYS = tuple(f"chexpert_{avg}_{k}" for avg in ("micro", "macro")
-                      for k in ("precision", "recall", "f1"))
+                      for k in ("precision", "recall", "f1")) + \
+    tuple(f"ce_rule_{avg}_{k}" for avg in ("micro14", "macro14", "micro5", "example14")
+          for k in ("precision", "recall", "f1"))
 
 
 def best_constant_report(train_reports: list[str]) -> str:
