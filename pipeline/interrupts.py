@@ -53,6 +53,14 @@ def atomic() -> Iterator[None]:
         raise KeyboardInterrupt(message)
 
 
+def take() -> str | None:
+    """The held-back stop's message, forgotten (None when there is none): for a caller that
+    raises it itself (ranks that agree on a stop, `TrainLoop.fit`)."""
+    global _pending
+    message, _pending = _pending, None
+    return message
+
+
 def reset() -> None:
     """Forget a held-back stop (a new run in the same process starts clean)."""
     global _depth, _pending

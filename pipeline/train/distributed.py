@@ -98,6 +98,14 @@ class World:
         if flag.item() > 0:
             self._raise_first(error)
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (every rank gets the same answer)."""
+        if not self.distributed:
+            return flag
+        total = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(total)
+        return bool(total.item() > 0)
+
     def checked(self, check: Callable[[], T], errors: tuple = (GuardError,)) -> T:
         """`check()` on every rank; one of `errors` raised on any rank stops every rank."""
         result, error = None, None

@@ -11,6 +11,7 @@ The loop reports through `log_metrics(metrics, step)` / `set_tags(tags)`, never 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -200,22 +201,30 @@ class TrainLoop:
         bar = tqdm(total=self.cfg.epochs * self.loaders.batches_per_epoch, initial=self.step,
                    desc=self._description(), unit="step", dynamic_ncols=True,
                    disable=not self.world.is_main)
+        # Several ranks: a stop signal is held for the whole loop and acted on only where
+        # the ranks agree on it, after each step and each epoch's end, so that every rank
+        # stops after the same step (a rank that stopped one step early would leave its peer's
+        # next all-reduce facing a closed connection: a FAILED run instead of KILLED).
+        held = interrupts.atomic() if self.world.distributed else contextlib.nullcontext()
         try:
-            for epoch in range(self.state.epoch, self.cfg.epochs + 1):
-                self.state.epoch = epoch
-                for batch in self.loaders.epoch(epoch, self.state.batch_in_epoch):
-                    with interrupts.atomic():  # a stop signal waits for the step to end
-                        loss = self._step(batch, epoch)
-                        self.state.batch_in_epoch += 1
-                        self.state.epoch_losses.append(loss)
-                        if self.step % self.cfg.checkpoint_every == 0:
+            with held:
+                for epoch in range(self.state.epoch, self.cfg.epochs + 1):
+                    self.state.epoch = epoch
+                    for batch in self.loaders.epoch(epoch, self.state.batch_in_epoch):
+                        with interrupts.atomic():  # a stop signal waits for the step to end
+                            loss = self._step(batch, epoch)
+                            self.state.batch_in_epoch += 1
+                            self.state.epoch_losses.append(loss)
+                            if self.step % self.cfg.checkpoint_every == 0:
+                                self._checkpoint()
+                        self._stop_if_any_rank_was_stopped()
+                        bar.update(1)
+                        bar.set_postfix(epoch=epoch, loss=f"{loss:.4g}")
+                    with interrupts.atomic():
+                        self._close_epoch(epoch)
+                        if self.epoch_checkpoint:
                             self._checkpoint()
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{loss:.4g}")
-                with interrupts.atomic():
-                    self._close_epoch(epoch)
-                    if self.epoch_checkpoint:
-                        self._checkpoint()
+                    self._stop_if_any_rank_was_stopped()
         except BaseException as exc:  # interrupted, a guard, a lost rank: save where it stands
             if self._between_steps():
                 self.log.warning("%s at step %d: saving a step checkpoint",
@@ -228,6 +237,12 @@ class TrainLoop:
         self.state.epoch = self.cfg.epochs
         self.save("final", self.result.final_train_loss)
         return self.result
+
+    def _stop_if_any_rank_was_stopped(self) -> None:
+        """Several ranks: raise the stop on every rank when it reached any of them (one
+        all-reduce of a flag); a single process raises it at the end of `atomic()` itself."""
+        if self.world.distributed and self.world.any_rank(interrupts.pending()):
+            raise KeyboardInterrupt(interrupts.take() or "a stop signal on another rank")
 
     def _description(self) -> str:
         return self.name
