@@ -262,3 +262,22 @@ def test_findings_weight_weighs_the_stated_findings_in_training_only():
                            C.build(C.Stage2Config, "tiny", {"findings_weight": 1.0}),
                            training=True)
     assert same.objective is None
+
+
+def test_the_repair_never_drops_a_sentence_that_asserts_a_present_finding():
+    report = "Cardiomegaly without pleural effusion. Small right pleural effusion."
+    assert contradictions(report) == ["effusion"]
+    # The denial is cut off its sentence; the cardiomegaly it also asserts stays.
+    fixed = resolve_contradictions(report, {"cardiomegaly", "effusion"})
+    assert fixed == "Cardiomegaly. Small right pleural effusion."
+    assert contradictions(fixed) == []
+    # A denial that opens the sentence cannot be cut off: the sentence stays whole.
+    leading = "No pleural effusion, with cardiomegaly. Small right pleural effusion."
+    assert resolve_contradictions(leading, {"cardiomegaly", "effusion"}) == leading
+    # The effusion is not among the findings: its assertion goes, the sentence that asserts
+    # the cardiomegaly stays as written.
+    assert resolve_contradictions(report, {"cardiomegaly"}) == \
+        "Cardiomegaly without pleural effusion."
+    # Nothing present in the offending sentence: it still goes whole.
+    assert resolve_contradictions("No pleural effusion. Small right pleural effusion.",
+                                  {"effusion"}) == "Small right pleural effusion."

@@ -187,27 +187,63 @@ def contradictions(report: str) -> list[str]:
 
 
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+# Where a sentence may be cut into clauses: after a comma or semicolon, before a connective.
+_CLAUSE_BREAK = re.compile(r"(?<=[,;])\s+|\s+(?=(?:and|with|without|but|however|while|"
+                           r"whereas|although)\b)", re.IGNORECASE)
+
+
+def _reading(text: str) -> tuple[set[str], set[str]]:
+    """(groups asserted, groups denied) by a piece of text read alone."""
+    cleaned = " ".join(sentences(text))
+    asserted = {g for g, v in coarse_labels(cleaned).items() if v and g != "no_finding"}
+    groups, sided = _denied(cleaned)
+    return asserted, groups | {coarse_group(name) for name in sided}
+
+
+def _repaired_sentence(sentence: str, clash: set[str], present: set[str] | None) -> str:
+    """The sentence as the repair leaves it: whole, cut after its last clause that does not
+    make the report contradict itself, or "" (dropped).
+
+    An offending clause denies a clashing group the findings hold (`present`; None: every
+    assertion is held), or asserts one they do not. A sentence that also asserts a held
+    finding is never dropped: its offending tail is cut off when the clauses before it assert
+    something ("Cardiomegaly without pleural effusion." -> "Cardiomegaly."), else it stays
+    whole."""
+    def offends(asserted: set[str], denied: set[str]) -> bool:
+        return any(g in denied if present is None or g in present else g in asserted
+                   for g in clash)
+
+    def holds(asserted: set[str]) -> bool:
+        return bool(asserted if present is None else asserted & present)
+
+    asserted, denied = _reading(sentence)
+    if not offends(asserted, denied):
+        return sentence
+    pieces = _CLAUSE_BREAK.split(sentence.strip())
+    readings = [_reading(piece) for piece in pieces]
+    held = holds(asserted) or any(holds(a) for a, _ in readings)
+    cut = next((i for i, reading in enumerate(readings) if offends(*reading)), 0)
+    if cut and not any(holds(a) for a, _ in readings[cut:]):
+        head = " ".join(pieces[:cut]).rstrip(" ,;")
+        head_asserted, head_denied = _reading(head)
+        if head_asserted and not offends(head_asserted, head_denied):
+            return head + "."
+    return sentence if held else ""
 
 
 def resolve_contradictions(report: str, present: set[str] | None = None) -> str:
-    """The report without the sentences that make it contradict itself: for each finding group
-    both asserted and denied, the denials go when the group is `present` (the findings the
-    report was written from; None: keep every assertion, a finding is never dropped), else
-    the assertions. Nothing is added or reworded: what stays is the writer's own text."""
+    """The report without what makes it contradict itself: for each finding group both
+    asserted and denied, the denials go when the group is `present` (the findings the report
+    was written from; None: keep every assertion, a finding is never dropped), else the
+    assertions. A sentence that asserts a present finding is never dropped: its offending
+    clauses are cut off when they end it, else it is kept whole (`_repaired_sentence`).
+    Nothing is added or reworded: what stays is the writer's own text."""
     clash = set(contradictions(report))
     if not clash:
         return report
-    kept = []
-    for sentence in _SENTENCE_BREAK.split(report.strip()):
-        text = " ".join(sentences(sentence))
-        asserted = {g for g, v in coarse_labels(text).items() if v}
-        groups, sided = _denied(text)
-        denied = groups | {coarse_group(name) for name in sided}
-        drop = any(g in denied if present is None or g in present else g in asserted
-                   for g in clash)
-        if not drop:
-            kept.append(sentence)
-    return " ".join(kept) or report
+    kept = [_repaired_sentence(sentence, clash, present)
+            for sentence in _SENTENCE_BREAK.split(report.strip())]
+    return " ".join(k for k in kept if k) or report
 
 
 def findings_first(report: str) -> str:
