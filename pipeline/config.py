@@ -97,6 +97,14 @@ class DataConfig:
     max_test: int | None = None
     image_size: int = 224
     num_workers: int | None = None  # DataLoader workers; None: 0 on CPU, up to 4 on CUDA
+    # How the finding head's targets count an uncertain mention ("may represent pneumonia"):
+    # positive (U-ones), negative (U-zeros) or ignore (masked from the finding loss).
+    uncertain: str = "positive"
+
+    def __post_init__(self):
+        if self.uncertain not in ("positive", "negative", "ignore"):
+            raise ConfigError(f"data.uncertain={self.uncertain!r} (must be positive, negative "
+                              "or ignore)")
 
 
 HEALTH_KEYS = ("feature_std", "normalized_std", "effective_rank")

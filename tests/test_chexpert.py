@@ -328,3 +328,9 @@ def test_the_blind_baseline_logs_every_paper_convention():
     assert set(BLIND_CE_KEYS) <= set(scores)
     assert {f"ce_rule_{a}_{k}" for a in ("micro14", "macro14", "micro5", "example14")
             for k in ("precision", "recall", "f1")} <= set(BLIND_CE_KEYS)
+
+
+def test_a_trigger_after_a_statement_with_its_own_verb_belongs_to_the_next_subject():
+    labels = label_chexpert("The heart is enlarged and the pneumothorax is not seen.")
+    assert (labels["Cardiomegaly"], labels["Pneumothorax"]) == (1, 0)
+    assert label_chexpert("The effusion and pneumothorax have resolved.")["Pleural Effusion"] == 0

@@ -59,7 +59,10 @@ def test_agrees_with_the_generator_over_many_studies(version):
      {"nodule_right_upper"}),
     ("Right middle lobe pneumonia. Bilateral pleural effusions. No pericardial effusion.",
      {"consolidation_right_middle", "effusion_left", "effusion_right"}),
+    # Airspace disease is CheXpert's Lung Opacity (its mention list), not a consolidation.
     ("Lingular airspace disease; pneumothorax on the right cannot be excluded.",
+     {"opacity_left", "pneumothorax_right"}),
+    ("Lingular consolidation; pneumothorax on the right cannot be excluded.",
      {"consolidation_left_middle", "pneumothorax_right"}),
     ("No change in the small right pleural effusion.", {"effusion_right"}),
     ("There is no pneumothorax, there is a small left effusion.", {"effusion_left"}),
@@ -136,3 +139,136 @@ def test_coarse_labels_agree_with_fine_labels_on_generated_reports():
 ])
 def test_removed_devices_are_not_present(report, expected):
     assert _positives(report) == expected
+
+
+def _cleaned(report: str) -> str:
+    return " ".join(report.lower().replace(".", " .").replace(",", " ,").split())
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_one_engine_reads_every_generated_study_as_the_generator_intended(version):
+    """Fine and coarse labels, raw and R2Gen-cleaned, over 2000 studies of each version: the
+    labels the generator stored (which the labeler before the CheXpert engine also read)."""
+    from pipeline.data import coarse_labels, to_coarse
+
+    for index in range(2000):
+        rng = np.random.default_rng([11, index])
+        study = sample_study(rng, version)
+        report = write_report(study, rng, version)
+        for text in (report, _cleaned(report)):
+            assert label_report(text) == _placed(study.labels()), text
+            assert coarse_labels(text) == to_coarse(study.labels()), text
+
+
+def test_real_style_report_gives_the_head_an_opacity_and_a_device_target():
+    from pipeline.models.findings import COARSE, FINE, finding_targets
+
+    targets = finding_targets(["Streaky bibasilar opacities. Right IJ catheter tip in the SVC."])
+    on = {name for name, value in zip((*FINE, *COARSE), targets[0].tolist()) if value}
+    assert {"opacity", "devices"} <= on
+    assert on == {"opacity_left", "opacity_right", "devices_line", "opacity", "devices"}
+
+
+def test_finding_labels_read_only_the_engines_mentions(monkeypatch):
+    from pipeline.data import labeler
+
+    monkeypatch.setattr(labeler, "read_mentions", lambda text: [])
+    labeler._read.cache_clear()
+    try:
+        assert _positives("Right pleural effusion. Endotracheal tube in place.") == {"no_finding"}
+    finally:
+        labeler._read.cache_clear()
+
+
+@pytest.mark.parametrize("report", [
+    "Streaky bibasilar opacities. Right IJ catheter tip in the SVC.",
+    "Right lower lobe opacity, likely pneumonia.",
+    "Left basilar opacity may represent atelectasis versus pneumonia.",
+    "Calcified granuloma in the right upper lobe.",
+    "Sternotomy wires and mediastinal clips. Mild cardiomegaly.",
+    "Pneumothorax is unlikely. Mild pulmonary vascular congestion.",
+    "Heart size is upper limits of normal. Patchy left lower lobe airspace disease.",
+    "The nasogastric tube has been removed. Small bilateral pleural effusions.",
+])
+def test_each_finding_group_is_its_chexpert_observation(report):
+    """A group is present only where CheXpert's labels (the same engine) have its observation
+    positive or uncertain (consolidation: Consolidation or Pneumonia)."""
+    from pipeline.data.chexpert import NEGATIVE, label_chexpert
+    from pipeline.data.labeler import CHEXPERT_OF, coarse_labels
+
+    read = label_chexpert(report)
+    for group, value in coarse_labels(report).items():
+        if value and group != "no_finding":
+            names = [CHEXPERT_OF[group]] + ["Pneumonia"] * (group == "consolidation")
+            assert any(read[n] not in (None, NEGATIVE) for n in names), (group, read)
+
+
+@pytest.mark.parametrize("report, kind", [
+    ("Right IJ catheter tip in the SVC.", "devices_line"),
+    ("Left PICC line terminates in the SVC.", "devices_line"),
+    ("ET tube 4 cm above the carina.", "devices_tube"),
+    ("Nasogastric tube courses below the diaphragm.", "devices_tube"),
+    ("Dual-chamber pacer with leads in the right ventricle.", "devices_pacemaker"),
+    ("AICD in place.", "devices_pacemaker"),
+    ("Median sternotomy wires.", "devices_other"),
+    ("Right chest tube in place.", "devices_other"),
+])
+def test_device_kind_is_a_view_on_the_device_mention(report, kind):
+    assert _positives(report) == {kind}
+
+
+def test_a_device_of_no_known_kind_is_named_in_the_prompt():
+    from pipeline.models.findings import findings_text
+
+    assert findings_text(label_report("Median sternotomy wires.")) == \
+        "Findings: support devices."
+
+
+@pytest.mark.parametrize("report, hedged", [
+    ("Possible small left pleural effusion. Endotracheal tube in place.", "effusion"),
+    ("Heart size is upper limits of normal. Endotracheal tube in place.", "cardiomegaly"),
+    ("Pneumothorax is unlikely. Endotracheal tube in place.", "pneumothorax"),
+])
+def test_uncertain_policy_sets_the_heads_targets(report, hedged):
+    import torch
+    from pipeline.data import coarse_labels
+    from pipeline.models.findings import COARSE, FINE, finding_mask, finding_targets
+
+    names = (*FINE, *COARSE)
+    ones, zeros, ignored = (finding_targets([report], p)[0] for p in
+                            ("positive", "negative", "ignore"))
+    mask = finding_mask([report], "ignore")[0]
+    at = names.index(hedged)
+    assert (ones[at], zeros[at], ignored[at], mask[at]) == (1, 0, 0, 0)
+    tube = names.index("devices")  # a certain finding counts under every policy
+    assert (ones[tube], zeros[tube], ignored[tube], mask[tube]) == (1, 1, 1, 1)
+    assert int(mask.sum()) < len(names) and torch.equal(finding_mask([report])[0],
+                                                        torch.ones(len(names)))
+    assert coarse_labels(report, "negative")[hedged] == 0
+    with pytest.raises(ValueError, match="uncertain"):
+        finding_targets([report], "maybe")
+
+
+def test_ignore_leaves_masked_targets_out_of_the_loss():
+    import torch
+    from pipeline.models.findings import HEAD_OUTPUTS, finding_loss, finding_mask
+
+    reports = ["Possible small left pleural effusion.", "Right pneumothorax."]
+    logits = torch.randn(2, HEAD_OUTPUTS, generator=torch.Generator().manual_seed(0))
+    weight = torch.full((HEAD_OUTPUTS,), 2.0)
+    mask = finding_mask(reports, "ignore")
+    masked = finding_loss(logits, reports, weight, "ignore")
+    moved = logits + 50 * (1 - mask)  # a masked logit may be anything
+    assert torch.allclose(finding_loss(moved, reports, weight, "ignore"), masked)
+    assert not torch.allclose(finding_loss(moved, reports, weight, "negative"),
+                              finding_loss(logits, reports, weight, "negative"))
+
+
+def test_uncertain_policy_is_a_data_parameter_logged_with_the_config():
+    from pipeline import config as C
+
+    assert C.flatten(C.Stage1Config())["data.uncertain"] == "positive"
+    assert C.flatten(C.Stage2Config(data=C.DataConfig(uncertain="ignore")))[
+        "data.uncertain"] == "ignore"
+    with pytest.raises(C.ConfigError, match="uncertain"):
+        C.DataConfig(uncertain="sometimes")

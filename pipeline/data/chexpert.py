@@ -37,6 +37,7 @@ as negative, and could not answer the 16 uncertain cases; these rules pass all o
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 OBSERVATIONS = (
@@ -187,6 +188,9 @@ _UNCERTAIN_POST = _rx(
     r" (?:to be )?)?(?:(?:much|far) )?(?:less |more )?(?:un)?likely\b(?! to\b)",
     r"\bmay be (?:present|seen)\b", r"\bcould be (?:present|seen)\b")
 _BIDIRECTIONAL = _rx(r"\bversus\b", r"\bvs\b")
+# A mention with its own verb ("the heart is enlarged") is a statement of its own: a trigger
+# after it belongs to the next subject ("... and the pneumothorax is not seen").
+_PREDICATIVE = _rx(r"\b(?:is|are|was|were|appears?|remains?|seems?|looks?)\b")
 
 _CLAUSE_BREAK = re.compile(
     r"\b(?=(?:but|however|although|though|except|aside from|apart from|whereas|which|"
@@ -224,10 +228,10 @@ def _triggers(clause: str) -> list[tuple[int, int, str]]:
 
 
 def _status(plain: str, start: int, end: int, triggers: list[tuple[int, int, str]],
-            device: bool = False) -> int:
+            device: bool = False, predicative: bool = False) -> int:
     """The status of the mention at [start, end). `plain` is the clause with every mention
     blanked, so that a list of findings does not use up a trigger's scope. Removal triggers
-    negate a device and nothing else."""
+    negate a device and nothing else; a `predicative` mention takes no trigger after it."""
     removal = {"removed": "neg", "post_removed": "post_neg"}
     triggers = [(s, e, removal[k]) if k in removal else (s, e, k) for s, e, k in triggers
                 if device or k not in removal]
@@ -239,6 +243,8 @@ def _status(plain: str, start: int, end: int, triggers: list[tuple[int, int, str
         if kind == "neg" or kind == "weak" and any(t[2] == "neg" for t in before):
             return NEGATIVE
         return UNCERTAIN
+    if predicative:
+        return POSITIVE
     after = [t for t in triggers if t[0] >= end and t[2] in ("post_neg", "post_unc", "bi")
              and _words(plain[end:t[0]]) <= _POST_SCOPE]
     if after:
@@ -257,8 +263,26 @@ def _clauses(report: str) -> list[str]:
     return clauses
 
 
-def _label_clause(clause: str, found: dict[str, list[int]]) -> None:
-    """Add the statuses of the clause's mentions to `found` (observation -> statuses)."""
+@dataclass(frozen=True)
+class Mention:
+    """One mention the engine read: its observation and status, and where it sits (the
+    lower-cased clause and the span of the mention's words in it)."""
+
+    observation: str
+    status: int
+    clause: str
+    start: int
+    end: int
+
+    @property
+    def text(self) -> str:
+        return self.clause[self.start:self.end]
+
+
+def _clause_mentions(clause: str) -> list[Mention]:
+    """The clause's mentions in order: the phrases that decide an observation by themselves
+    (`_DIRECT`), then every mention phrase with the status its triggers give it."""
+    out: list[Mention] = []
     text = clause
     for name, rules in _DIRECT.items():
         # Each observation reads the whole clause: "cardiac and mediastinal contours are
@@ -266,31 +290,40 @@ def _label_clause(clause: str, found: dict[str, list[int]]) -> None:
         own = clause
         for pattern, status in rules:
             own, spans = _blank(own, pattern)
-            found.setdefault(name, []).extend(status for _ in spans)
+            out += [Mention(name, status, clause, start, end) for start, end in spans]
             for start, end in spans:
                 text = text[:start] + " " * (end - start) + text[end:]
     text, _ = _blank(text, _NOT_MENTIONS)
-    mentions = [(name, m.start(), m.end()) for name, pattern in _MENTIONS.items()
-                for m in pattern.finditer(text)]
+    spans = [(name, m.start(), m.end()) for name, pattern in _MENTIONS.items()
+             for m in pattern.finditer(text)]
     plain = text
-    for _, start, end in mentions:
+    for _, start, end in spans:
         plain = plain[:start] + " " * (end - start) + plain[end:]
     triggers = _triggers(clause)
-    for name, start, end in mentions:
-        found.setdefault(name, []).append(
-            _status(plain, start, end, triggers, device=name == "Support Devices"))
+    out += [Mention(name, _status(plain, start, end, triggers, name == "Support Devices",
+                                  bool(_PREDICATIVE.search(text, start, end))),
+                    clause, start, end)
+            for name, start, end in spans]
+    return sorted(out, key=lambda m: (m.start, m.end))
+
+
+def read_mentions(report: str) -> list[list[Mention]]:
+    """Every mention of the report, clause by clause (a clause with none is left out): the one
+    reading of report text that the CheXpert-14 labels and the finding labels
+    (`pipeline.data.labeler`) are views on."""
+    return [found for found in map(_clause_mentions, _clauses(report)) if found]
 
 
 def label_chexpert(report: str) -> dict[str, int | None]:
     """{observation: 1 positive, 0 negative, -1 uncertain, None not mentioned} for the 14."""
     found: dict[str, list[int]] = {}
-    for clause in _clauses(report):
-        _label_clause(clause, found)
+    for clause in read_mentions(report):
+        for mention in clause:
+            found.setdefault(mention.observation, []).append(mention.status)
     labels: dict[str, int | None] = dict.fromkeys(OBSERVATIONS)
     for name, statuses in found.items():
-        if statuses:
-            labels[name] = (POSITIVE if POSITIVE in statuses else
-                            UNCERTAIN if UNCERTAIN in statuses else NEGATIVE)
+        labels[name] = (POSITIVE if POSITIVE in statuses else
+                        UNCERTAIN if UNCERTAIN in statuses else NEGATIVE)
     abnormal = any(labels[n] in (POSITIVE, UNCERTAIN) for n in OBSERVATIONS
                    if n not in ("No Finding", "Support Devices"))
     labels["No Finding"] = None if abnormal else POSITIVE

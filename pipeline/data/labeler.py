@@ -1,35 +1,44 @@
-"""Rule-based finding labeler for chest X-ray reports, with clause-scoped negation.
+"""Finding labels: side, lung zone and device kind, a view on the CheXpert-14 engine's mentions.
 
-`label_report(text)` reads any report (free text, any case, R2Gen-cleaned text such as
-"the heart is enlarged . no effusion .") and returns `{finding: 0/1}` over `FINDINGS`.
+`label_report(text)` returns `{finding: 0/1}` over `FINDINGS` (and `UNLOCALISED`);
+`coarse_labels(text)` the eleven groups of `COARSE_FINDINGS`. Both read the report with
+`pipeline.data.chexpert.read_mentions`, the one reading of report text in the project
+(sentences, clauses, mention phrases, negation and uncertainty triggers and their scopes).
+This module adds no phrases and no triggers of its own; it only says, for each mention the
+engine read:
 
-How it reads:
-- The text is split into sentences and then clauses ("but", "however", "otherwise", ...).
-- A finding is a mention (a regex) that is affirmed. A mention is negated by a cue before it
-  in its clause ("no", "without", "negative for", "free of", "no evidence of", "resolved",
-  ...; for devices also "removal of", "removed") or by a cue after it ("... is not seen",
-  "... has resolved"; a device's "... has been removed"). Uncertain mentions ("possible",
-  "cannot be excluded") count as affirmed. One affirmed mention sets the label;
-  negated mentions never clear a label set elsewhere in the report.
-- Side and lung zone come from the mention's own noun phrase ("small left pleural
-  effusion"), else from a locative after it ("nodule in the right upper zone"), else from the
-  nearest side/zone word in its part of the clause. "Left" and "right" are the patient's.
-  A finding whose side (or, for nodules and consolidation, zone) cannot be read gets the
-  unlocalised fine label of its kind (`effusion_unlocalised`, ...; `UNLOCALISED`), which
-  `label_report` returns beside the placed ones and `no_finding`: it is a finding,
-  never "no finding", though no side-specific label can be matched to it (unless the report
-  places that finding in another mention: "lingula consolidation, likely pneumonia").
+- **Which group.** Each group is one of CheXpert's observations (`CHEXPERT_OF`); Pneumonia
+  counts as consolidation, Pleural Other and No Finding have no group. An opacity that its
+  clause names as something more specific, read as present ("rounded opacity, likely a
+  nodule", "airspace opacity consistent with consolidation", "perihilar haziness consistent
+  with edema"), is that finding and not a lung opacity as well: each group says what the film
+  shows once. (CheXpert's own labels, `label_chexpert`, also mark the parent Lung Opacity.)
+- **Whether it is present.** Positive mentions are; uncertain ones follow the policy
+  `uncertain` (`positive`: U-ones, the default; `negative`: U-zeros; for training targets also
+  `ignore`, see `uncertain_findings`); negated ones never are, and never clear a finding that
+  another mention affirms.
+- **Where, or which device.** Side and zone come from the words around the mention: its own
+  noun phrase ("small left pleural effusion"), else a locative after it ("nodule in the right
+  upper zone"), else the nearest side or zone word in its part of the clause. "Left" and
+  "right" are the patient's; "bibasilar" is both lower zones. A finding whose side (or, for
+  nodules and consolidation, zone) cannot be read gets the unlocalised label of its kind
+  (`effusion_unlocalised`, ...), dropped when the report places that finding in another
+  mention ("lingula consolidation, likely pneumonia"). A device's kind comes from its
+  mention: a tube (endotracheal, tracheostomy, nasogastric, feeding), a line (catheter, PICC,
+  central, jugular or subclavian line, port) or a pacemaker (pacer, defibrillator, leads);
+  any other device (chest tube, sternotomy wires, clips, stents, valves) is `devices_other`.
 - `no_finding` is 1 exactly when no other finding (unlocalised ones included) is.
 
-`coarse_labels(text)` reads the same report into `COARSE_FINDINGS`: eleven groups that ignore
-side and zone ("There is a large pleural effusion." -> effusion), and `no_finding`; the unit
-that small models and small datasets can be judged on. Each group is one of CheXpert's 14
-observations (`CHEXPERT_OF`); Pneumonia and Pleural Other have no group of their own.
+The unlocalised labels and `devices_other` are read but not predicted by the finding head
+(it has nothing to place); every coarse group is.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+
+from pipeline.data.chexpert import POSITIVE, UNCERTAIN, Mention, read_mentions
 
 SIDES = ("left", "right")
 ZONES = ("upper", "middle", "lower")
@@ -49,9 +58,11 @@ FINDINGS: tuple[str, ...] = (
     "edema", *DEVICES,
     "no_finding",
 )
-# An affirmed finding whose place cannot be read (read by `label_report`, not predicted by
-# the finding head: it has nothing to localise).
-UNLOCALISED: tuple[str, ...] = tuple(f"{kind}_unlocalised" for kind in (*ZONED, *SIDED))
+OTHER_DEVICE = "devices_other"
+# Read by `label_report`, not predicted by the finding head: a finding whose place cannot be
+# read, and a device of no kind the head knows.
+UNLOCALISED: tuple[str, ...] = (*(f"{kind}_unlocalised" for kind in (*ZONED, *SIDED)),
+                                OTHER_DEVICE)
 # Coarse groups: any side or zone, unlocalised mentions counted. Fine label -> group by prefix.
 COARSE_FINDINGS: tuple[str, ...] = ("cardiomegaly", "effusion", "pneumothorax", "nodule",
                                     "consolidation", "enlarged_cardiomediastinum",
@@ -68,81 +79,18 @@ CHEXPERT_OF = {"cardiomegaly": "Cardiomegaly", "effusion": "Pleural Effusion",
                "enlarged_cardiomediastinum": "Enlarged Cardiomediastinum",
                "atelectasis": "Atelectasis", "opacity": "Lung Opacity", "fracture": "Fracture",
                "edema": "Edema", "devices": "Support Devices", "no_finding": "No Finding"}
+# How uncertain mentions count: U-ones, U-zeros, or (training targets) masked from the loss.
+UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
 
-# (kind, pattern, predicative). A predicative mention carries its own verb ("the heart is
-# enlarged"), so a negation cue after it belongs to some other subject.
-_MENTIONS = [
-    ("cardiomegaly", r"cardiomegaly|(?:cardiac|heart) enlargement|large heart"
-                     r"|enlarge(?:d|ment of(?: the)?) (?:heart|cardiac|cardiomediastinal)"
-                     r"(?: silhouette| size| shadow| contours?)?", False),
-    ("cardiomegaly", r"(?:heart|cardiac|cardiomediastinal)(?: silhouette| size| shadow| contours?)?"
-                     r" (?:is|are|appears|remains|seems|looks)"
-                     r"(?: (?:mildly|moderately|markedly|severely|slightly|significantly|again"
-                     r"|still|stably|now|borderline))* (?:enlarged|large|increased|prominent)",
-     True),
-    ("effusion", r"(?<!pericardial )effusions?|pleural fluid|hydrothorax"
-                 r"|blunt(?:ed|ing)(?: of)?(?: the)?(?: (?:left|right|bilateral))?"
-                 r" costophrenic(?: angles?| sulcus| sulci)?", False),
-    ("effusion", r"costophrenic (?:angles?|sulcus|sulci) (?:is |are )?"
-                 r"(?:(?:again|now|mildly|slightly) )*blunted", True),
-    ("pneumothorax", r"pneumothorax|pneumothoraces", False),
-    ("nodule", r"nodules?|nodular (?:opacity|opacities|density|densities|lesions?)"
-               r"|mass(?:es)?(?! effect)", False),
-    ("consolidation", r"consolidat\w*(?: (?:opacity|opacities|changes?))?"
-                      r"|airspace (?:disease|opacity|opacities|opacification|process)"
-                      r"|pneumonias?|infiltrates?|infiltration", False),
-    ("enlarged_cardiomediastinum",
-     r"(?:widened|widening of(?: the)?|wide|prominent|enlarged) (?:superior )?"
-     r"(?:mediastinum|mediastinal(?: silhouette| contours?| width)?)", False),
-    ("enlarged_cardiomediastinum",
-     r"(?:superior )?(?:mediastinum|mediastinal(?: silhouette| contours?| width)?)"
-     r" (?:is|are|appears|remains|seems)(?: (?:mildly|moderately|markedly|slightly|again"
-     r"|still|now))* (?:widened|wide|prominent|enlarged)", True),
-    ("atelectasis", r"atelecta(?:sis|ses|tic(?: changes?)?)", False),
-    ("opacity", r"(?:hazy|ground[- ]glass|ill[- ]defined|veil[- ]like)(?: lung| pulmonary)?"
-                r" (?:opacity|opacities|opacification)|lung opacit(?:y|ies)", False),
-    # An opacity placed in a lung, or on a side, and not named as something else (nodular,
-    # airspace, consolidative): CheXpert's Lung Opacity ("mild opacity in the left lung").
-    ("opacity", r"(?<!nodular )(?<!airspace )(?<!consolidative )(?<!rounded )"
-                r"(?:opacity|opacities|opacification) (?:in|over|of|at|within) the"
-                r"(?: (?:left|right|bilateral))? lungs?"
-                r"|(?:left|right|bilateral)(?: sided)? (?:lung )?opacit(?:y|ies)", False),
-    ("fracture", r"fractures?", False),
-    ("edema", r"edema", False),
-    ("devices_tube", r"(?:endotracheal|tracheostomy|enteric|nasogastric|feeding) tube", False),
-    ("devices_line", r"(?:central venous|central|picc) (?:line|catheter)", False),
-    ("devices_pacemaker", r"pacemaker|pacer|defibrillator", False),
-]
-_MENTION_RES = [(kind, re.compile(rf"\b(?:{pat})\b"), pred) for kind, pat, pred in _MENTIONS]
-
-_PRE_CUES = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|absent|nor"
-                       r"|resolved|resolution of|clear of|never)\b")
-_POST_CUES = re.compile(r"\b(?:not (?:seen|identified|present|visualized|appreciated|demonstrated"
-                        r"|evident|noted|detected|visible|shown|clearly seen)|absent|resolved"
-                        r"|cleared|excluded|ruled out)\b")
-# A removed device is gone ("status post removal of the endotracheal tube", "the nasogastric
-# tube has been removed"); these cues negate devices only, so "removal of the chest tube with
-# right basilar atelectasis" keeps the atelectasis.
-_REMOVAL_PRE_CUES = re.compile(r"\b(?:removal of|removed)\b")
-_REMOVAL_POST_CUES = re.compile(r"\bremoved\b")
-# A new "there is ..." starts a new statement, so a "no" before it does not reach past it.
-_SCOPE_BREAK = re.compile(r"\bthere (?:is|are|was|were|has been|have been)\b(?! no\b)")
-_CLAUSE_SPLIT = re.compile(r"\b(?:but|however|although|though|whereas|while|otherwise|except"
-                           r"|apart from|aside from)\b")
-_NORMALISE = [
-    (re.compile(r"\d+(?:\.\d+)?"), " num "),
-    (re.compile(r"[-_/()\[\]\"']"), " "),
-    (re.compile(r"\bair space\b"), "airspace"),
-    (re.compile(r"\bcan ?not\b"), "cannot"),
-    (re.compile(r"\b(?:cannot be|not be|not) (?:excluded|ruled out)\b"), "possible"),
-    (re.compile(r"\bno (?:significant |interval |substantial )*(?:change|increase|decrease"
-                r"|improvement|worsening)\b"), "unchanged"),
-    (re.compile(r"\bno longer\b"), "not"),
-    (re.compile(r"\b(?:left and right|right and left|both|bilaterally)\b"), "bilateral"),
-    (re.compile(r"\bbi(basilar|basal|apical)\b"), r"bilateral \1"),
-    (re.compile(r"[.;:!?]+"), " . "),
-    (re.compile(r","), " , "),
-    (re.compile(r"[^a-z0-9 .,]"), " "),
+_GROUP_OF = {**{obs: group for group, obs in CHEXPERT_OF.items() if group != "no_finding"},
+             "Pneumonia": "consolidation"}
+# Findings an opacity in the same clause may be named as ("opacity, likely atelectasis").
+_SPECIFIC = ("consolidation", "nodule", "atelectasis", "edema")
+_DEVICE_KIND = [
+    ("devices_tube", re.compile(r"\b(?:endotracheal|et|tracheostomy|nasogastric|ng|og|"
+                                r"orogastric|enteric|feeding|dobhoff) tube")),
+    ("devices_line", re.compile(r"\b(?:catheters?|picc|lines?|(?:medi)?port|port-?a-?cath)\b")),
+    ("devices_pacemaker", re.compile(r"\b(?:pace|pacing|defibrillator|aicd|icd)")),
 ]
 
 _SIDE_WORDS = {"left": ("left",), "right": ("right",), "bilateral": SIDES,
@@ -152,98 +100,80 @@ _ZONE_WORDS = {
     **dict.fromkeys(("middle", "mid", "midlung", "lingula", "lingular"), "middle"),
     **dict.fromkeys(("lower", "base", "bases", "basal", "basilar", "inferior"), "lower"),
 }
+# One word read as two: "bibasilar" is "bilateral basilar".
+_EXPAND = {"bibasilar": ("bilateral", "basilar"), "bibasal": ("bilateral", "basal"),
+           "biapical": ("bilateral", "apical"), "both": ("bilateral",),
+           "bilaterally": ("bilateral",)}
 # Words that may sit inside a finding's noun phrase ("a small left upper zone pulmonary").
 _NP_WORDS = {"a", "an", "the", "small", "large", "moderate", "tiny", "trace", "mild", "focal",
              "patchy", "new", "pleural", "pulmonary", "lung", "zone", "zones", "lobe", "lobes",
              "sided", "num", "mm", "cm", "solitary", "rounded", "dense", "subpleural",
-             "moderately", "large", "loculated", "layering", "apical", "basal", "lateral",
+             "moderately", "loculated", "layering", "apical", "basal", "lateral",
              "medial", "hemithorax", "perihilar", "peripheral", "and", "of"}
 # Tokens that separate one finding's phrase from the next in a clause.
 _SPLITTERS = {"and", "or", ",", "with", "without", "plus", "also", "as", "which"}
-# Tokens allowed between mentions that share a trailing negation ("x and y have resolved").
-_LIST_WORDS = _NP_WORDS | set(_SIDE_WORDS) | set(_ZONE_WORDS) | {"or", ",", "either", "on",
-                                                                "in", "at"}
 _COPULA = {"is", "are", "was", "were", "seen", "noted", "present", "identified", "projects",
            "projecting", "project", "located", "visualized", "again", "also", "there"}
 _PREPOSITIONS = {"in", "at", "on", "within", "involving", "of", "over", "overlying", "along",
                  "throughout"}
+_TOKEN = re.compile(r"[a-z0-9]+|,")
 
 
 @dataclass(frozen=True)
-class _Mention:
-    kind: str
-    start: int  # token index of the first word
-    end: int  # token index after the last word
-    predicative: bool
+class _Finding:
+    kind: str  # a group, or a device kind
+    present: bool
+    start: int  # token index of the mention's first word
+    end: int  # token index after its last word
 
 
-def _normalise(text: str) -> str:
-    text = text.lower()
-    for pattern, repl in _NORMALISE:
-        text = pattern.sub(repl, text)
-    return " ".join(text.split())
+def _tokens(clause: str) -> tuple[list[str], list[int]]:
+    """The clause's words (numbers as "num", "bibasilar" as two) and each one's offset."""
+    words, offsets = [], []
+    for match in _TOKEN.finditer(clause):
+        word = match.group()
+        for part in _EXPAND.get(word, ("num",) if word.isdigit() else (word,)):
+            words.append(part)
+            offsets.append(match.start())
+    return words, offsets
 
 
-def _clauses(text: str) -> list[list[str]]:
+def _present(mention: Mention, affirm_uncertain: bool) -> bool:
+    return mention.status == POSITIVE or affirm_uncertain and mention.status == UNCERTAIN
+
+
+def _kind(mention: Mention, group: str) -> str:
+    if group != "devices":
+        return group
+    return next((kind for kind, pattern in _DEVICE_KIND if pattern.search(mention.text)),
+                OTHER_DEVICE)
+
+
+def _clause_findings(mentions: list[Mention], offsets: list[int],
+                     affirm_uncertain: bool) -> list[_Finding]:
+    """The clause's mentions as findings: grouped, an opacity named as something more specific
+    taken as that (with its presence), devices by kind; in token positions."""
+    grouped = [(m, _GROUP_OF[m.observation]) for m in mentions if m.observation in _GROUP_OF]
+    specific = [(m, g) for m, g in grouped if g in _SPECIFIC and _present(m, affirm_uncertain)]
     out = []
-    for sentence in _normalise(text).split(" . "):
-        for clause in _CLAUSE_SPLIT.split(sentence.strip(" .")):
-            tokens = clause.split()
-            if tokens:
-                out.append(tokens)
-    return out
+    for mention, group in grouped:
+        present = _present(mention, affirm_uncertain)
+        if group == "opacity" and specific:
+            nearest, group = min(specific, key=lambda mg: abs(mg[0].start - mention.start))
+            present = _present(nearest, affirm_uncertain)
+        first = sum(offset < mention.start for offset in offsets)
+        last = sum(offset < mention.end for offset in offsets)
+        out.append(_Finding(_kind(mention, group), present, first, max(last, first + 1)))
+    return sorted(out, key=lambda f: (f.start, f.end))
 
 
-def _token_index(clause: str, char_pos: int) -> int:
-    return clause.count(" ", 0, char_pos)
-
-
-def _find_mentions(clause: str) -> list[_Mention]:
-    found: list[_Mention] = []
-    for kind, regex, predicative in _MENTION_RES:
-        for match in regex.finditer(clause):
-            start = _token_index(clause, match.start())
-            end = _token_index(clause, match.end()) + 1
-            if not any(m.start < end and start < m.end for m in found):
-                found.append(_Mention(kind, start, end, predicative))
-    return sorted(found, key=lambda m: m.start)
-
-
-def _cue_tokens(clause: str, regex: re.Pattern) -> list[int]:
-    return [_token_index(clause, m.start()) for m in regex.finditer(clause)]
-
-
-def _pre_negated(m: _Mention, tokens: list[str], cues: list[int], breaks: list[int]) -> bool:
-    for cue in cues:
-        if cue >= m.start or any(cue < b < m.start for b in breaks):
-            continue
-        # "no effusion and the heart is enlarged": the verb gives the heart its own statement.
-        if m.predicative and any(t in {"and", ",", "with"} for t in tokens[cue:m.start]):
-            continue
-        return True
-    return False
-
-
-def _post_negated(index: int, mentions: list[_Mention], tokens: list[str],
-                  cues: list[int]) -> bool:
-    """True if a trailing cue ("... has resolved") negates mentions[index] and its list."""
-    if mentions[index].predicative:
-        return False
-    last = index
-    while last + 1 < len(mentions) and not mentions[last + 1].predicative and all(
-            t in _LIST_WORDS for t in tokens[mentions[last].end:mentions[last + 1].start]):
-        last += 1
-    end = mentions[last].end
-    nxt = mentions[last + 1].start if last + 1 < len(mentions) else len(tokens)
-    return any(end <= cue < nxt and not (set(tokens[end:cue]) & _SPLITTERS) for cue in cues)
-
-
-def _regions(mentions: list[_Mention], tokens: list[str]) -> list[tuple[int, int]]:
+def _regions(found: list[_Finding], tokens: list[str]) -> list[tuple[int, int]]:
     """Each mention's part of the clause: split between mentions at the first separator."""
     cuts = [0]
-    for left, right in zip(mentions, mentions[1:]):
+    for left, right in zip(found, found[1:]):
         between = range(left.end, right.start)
-        cuts.append(next((i for i in between if tokens[i] in _SPLITTERS), right.start))
+        cuts.append(next((i for i in between if tokens[i] in _SPLITTERS), max(right.start,
+                                                                              left.end)))
     cuts.append(len(tokens))
     return list(zip(cuts[:-1], cuts[1:]))
 
@@ -264,17 +194,17 @@ def _nearest(tokens: list[str], table: dict, backwards: bool) -> set[str]:
     return set()
 
 
-def _locate(m: _Mention, tokens: list[str], region: tuple[int, int]) -> tuple[set, set]:
+def _locate(f: _Finding, tokens: list[str], region: tuple[int, int]) -> tuple[set, set]:
     """(sides, zones) of a mention: own phrase, then trailing locative, then nearest word."""
     start, stop = region
-    phrase_start = m.start
+    phrase_start = f.start
     while phrase_start > start and (tokens[phrase_start - 1] in _NP_WORDS
                                     or tokens[phrase_start - 1] in _SIDE_WORDS
                                     or tokens[phrase_start - 1] in _ZONE_WORDS):
         phrase_start -= 1
-    phrase = [t for t in tokens[phrase_start:m.end] if t not in {"and", "of"}]
+    phrase = [t for t in tokens[phrase_start:f.end] if t not in {"and", "of"}]
     sides, zones = _words(phrase, _SIDE_WORDS), _words(phrase, _ZONE_WORDS)
-    after = tokens[m.end:stop]
+    after = tokens[f.end:stop]
     skip = 0
     while skip < len(after) and after[skip] in _COPULA:
         skip += 1
@@ -286,55 +216,70 @@ def _locate(m: _Mention, tokens: list[str], region: tuple[int, int]) -> tuple[se
             locative.append(token)
         sides = sides or _words(locative, _SIDE_WORDS)
         zones = zones or _words(locative, _ZONE_WORDS)
-    before = tokens[start:m.end]
+    before = tokens[start:f.end]
     sides = sides or _nearest(before, _SIDE_WORDS, True) or _nearest(after, _SIDE_WORDS, False)
     zones = zones or _nearest(before, _ZONE_WORDS, True) or _nearest(after, _ZONE_WORDS, False)
     return sides, zones
 
 
-def _clause_findings(tokens: list[str]) -> set[str]:
-    """Fine labels affirmed in a clause, plus `group:<kind>` for every affirmed mention."""
-    clause = " ".join(tokens)
-    mentions = _find_mentions(clause)
-    if not mentions:
-        return set()
-    pre, post = _cue_tokens(clause, _PRE_CUES), _cue_tokens(clause, _POST_CUES)
-    device_pre = sorted(pre + _cue_tokens(clause, _REMOVAL_PRE_CUES))
-    device_post = sorted(post + _cue_tokens(clause, _REMOVAL_POST_CUES))
-    breaks = _cue_tokens(clause, _SCOPE_BREAK)
-    out: set[str] = set()
-    for index, (m, region) in enumerate(zip(mentions, _regions(mentions, tokens))):
-        m_pre, m_post = (device_pre, device_post) if m.kind in DEVICES else (pre, post)
-        if _pre_negated(m, tokens, m_pre, breaks) or _post_negated(index, mentions, tokens,
-                                                                   m_post):
-            continue
-        if m.kind in UNPLACED:
-            out.add(m.kind)
-            continue
-        sides, zones = _locate(m, tokens, region)
-        out.add(f"group:{m.kind}")  # the coarse group, whether or not its place can be read
-        placed = {f"{m.kind}_{side}" for side in sides} if m.kind in SIDED \
-            else {f"{m.kind}_{side}_{zone}" for side in sides for zone in zones}
-        out |= placed or {f"{m.kind}_unlocalised"}
+def _placed(f: _Finding, tokens: list[str], region: tuple[int, int]) -> set[str]:
+    """The fine labels of one present finding, and `group:<group>` for its coarse group."""
+    group = coarse_group(f.kind)
+    if f.kind in UNPLACED or f.kind == OTHER_DEVICE:
+        return {f.kind, f"group:{group}"}
+    sides, zones = _locate(f, tokens, region)
+    placed = {f"{f.kind}_{side}" for side in sides} if f.kind in SIDED \
+        else {f"{f.kind}_{side}_{zone}" for side in sides for zone in zones}
+    return (placed or {f"{f.kind}_unlocalised"}) | {f"group:{group}"}
+
+
+@lru_cache(maxsize=65536)
+def _read(text: str, affirm_uncertain: bool = True) -> frozenset[str]:
+    """The fine labels the report affirms, and `group:<group>` for every present group."""
+    found: set[str] = set()
+    for mentions in read_mentions(text):
+        tokens, offsets = _tokens(mentions[0].clause)
+        clause = _clause_findings(mentions, offsets, affirm_uncertain)
+        for f, region in zip(clause, _regions(clause, tokens)):
+            if f.present:
+                found |= _placed(f, tokens, region)
+    # "Lingula consolidation, likely pneumonia": a placed mention says where the other one is.
+    found -= {f"{coarse_group(name)}_unlocalised" for name in found
+              if name not in UNLOCALISED and not name.startswith("group:")}
+    return frozenset(found)
+
+
+def _affirms_uncertain(uncertain: str) -> bool:
+    if uncertain not in ("positive", "negative"):
+        raise ValueError(f"uncertain must be 'positive' or 'negative' for 0/1 labels, got "
+                         f"{uncertain!r} ('ignore' masks targets: uncertain_findings)")
+    return uncertain == "positive"
+
+
+def label_report(text: str, uncertain: str = "positive") -> dict[str, int]:
+    """A report's findings as `{finding: 0/1}` over `FINDINGS` and `UNLOCALISED` (see module
+    docstring); uncertain mentions count as `uncertain` says."""
+    found = _read(text, _affirms_uncertain(uncertain))
+    labels = {name: int(name in found) for name in (*FINDINGS[:-1], *UNLOCALISED)}
+    labels["no_finding"] = int(not any(labels.values()))
+    return labels
+
+
+def coarse_labels(text: str, uncertain: str = "positive") -> dict[str, int]:
+    """A report's findings as `{group: 0/1}` over `COARSE_FINDINGS`, unlocalised counted."""
+    found = _read(text, _affirms_uncertain(uncertain))
+    out = {name: int(f"group:{name}" in found) for name in COARSE_FINDINGS}
+    out["no_finding"] = int(not any(v for k, v in out.items() if k != "no_finding"))
     return out
 
 
-def _read(text: str) -> set[str]:
-    found: set[str] = set()
-    for tokens in _clauses(text):
-        found |= _clause_findings(tokens)
-    return found
-
-
-def label_report(text: str) -> dict[str, int]:
-    """Read a report's findings as `{finding: 0/1}` over `FINDINGS` and `UNLOCALISED` (see
-    module docstring)."""
-    found = {name for name in _read(text) if not name.startswith("group:")}
-    # "Lingula consolidation, likely pneumonia": a placed mention says where the other one is.
-    found -= {f"{coarse_group(name)}_unlocalised" for name in found if name not in UNLOCALISED}
-    labels = {name: int(name in found) for name in (*FINDINGS[:-1], *UNLOCALISED, "no_finding")}
-    labels["no_finding"] = int(not found)
-    return labels
+def uncertain_findings(text: str) -> set[str]:
+    """The fine labels and groups whose value the uncertainty policy decides (they differ
+    between U-ones and U-zeros): what `uncertain="ignore"` masks from the finding loss."""
+    ones, zeros = label_report(text, "positive"), label_report(text, "negative")
+    coarse_ones, coarse_zeros = coarse_labels(text, "positive"), coarse_labels(text, "negative")
+    return {k for k in ones if ones[k] != zeros[k]} | \
+        {k for k in coarse_ones if coarse_ones[k] != coarse_zeros[k]}
 
 
 def coarse_group(finding: str) -> str:
@@ -349,12 +294,4 @@ def to_coarse(labels: dict[str, int]) -> dict[str, int]:
         if value and name != "no_finding":
             out[coarse_group(name)] = 1
     out["no_finding"] = int(not any(out.values()))
-    return out
-
-
-def coarse_labels(text: str) -> dict[str, int]:
-    """Read a report's findings as `{group: 0/1}` over `COARSE_FINDINGS`, unlocalised counted."""
-    found = {coarse_group(name.removeprefix("group:")) for name in _read(text)}
-    out = {name: int(name in found) for name in COARSE_FINDINGS}
-    out["no_finding"] = int(not any(v for k, v in out.items() if k != "no_finding"))
     return out

@@ -1,11 +1,13 @@
 """Finding supervision read from reports: targets, the classification head, prompt words.
 
-Labels come from the rule-based labeler applied to each training report, so any dataset with
-reports works with no extra annotation. The head predicts the fine labels and the
-coarse groups (any side or zone) from the encoder tokens pooled to a few cells; the coarse logits
-decide which groups are present, the fine ones where (classify-then-generate: the predicted
-findings become plain words in the frozen LLM's prompt). How findings are scored lives in
-`pipeline.data.finding_metrics`.
+Labels come from the labeler (`pipeline.data.labeler`, a view on the CheXpert-14 engine's
+mentions) applied to each training report, so any dataset with reports works with no extra
+annotation; an uncertain mention counts as the policy `uncertain` says (`positive`: U-ones,
+`negative`: U-zeros, `ignore`: masked from the loss; `DataConfig.uncertain`). The head
+predicts the fine labels and the coarse groups (any side or zone) from the encoder tokens
+pooled to a few cells; the coarse logits decide which groups are present, the fine ones where
+(classify-then-generate: the predicted findings become plain words in the frozen LLM's
+prompt). How findings are scored lives in `pipeline.data.finding_metrics`.
 
 The head learns with positive-weighted BCE (`positive_weights`): a rare label's probability
 comes out inflated by its weight, which is what a group's presence wants (recall counts for
@@ -24,8 +26,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.data.labeler import (COARSE_FINDINGS, FINDINGS, STATED_ORDER, coarse_group,
-                                   coarse_labels, label_report)
+from pipeline.data.labeler import (COARSE_FINDINGS, FINDINGS, STATED_ORDER, UNCERTAIN_POLICIES,
+                                   UNLOCALISED, coarse_group, coarse_labels, label_report,
+                                   uncertain_findings)
 
 FINE = tuple(name for name in FINDINGS if name != "no_finding")  # no_finding is derived
 COARSE = tuple(name for name in COARSE_FINDINGS if name != "no_finding")
@@ -81,27 +84,64 @@ def head_grid(tensors: dict[str, Tensor], prefix: str) -> int | None:
 
 
 @lru_cache(maxsize=65536)
-def _target_row(report: str) -> tuple[float, ...]:
-    fine, coarse = label_report(report), coarse_labels(report)
-    return tuple(float(fine[n]) for n in FINE) + tuple(float(coarse[n]) for n in COARSE)
+def _target_row(report: str, uncertain: str = "positive"
+                ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(targets, mask) of one report: `ignore` reads U-zeros and masks what U-ones reads
+    differently (`uncertain_findings`)."""
+    values = "negative" if uncertain == "ignore" else uncertain
+    fine, coarse = label_report(report, values), coarse_labels(report, values)
+    masked = uncertain_findings(report) if uncertain == "ignore" else set()
+    names = (*FINE, *COARSE)
+    row = tuple(float(fine[n]) for n in FINE) + tuple(float(coarse[n]) for n in COARSE)
+    return row, tuple(float(n not in masked) for n in names)
 
 
-def finding_targets(reports: Sequence[str]) -> Tensor:
-    """(B, HEAD_OUTPUTS) 0/1 targets read from the reports by the labeler."""
-    return torch.tensor([_target_row(r) for r in reports], dtype=torch.float32)
+def _check_policy(uncertain: str) -> None:
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
 
 
-def positive_weights(reports: Sequence[str], max_weight: float = 10.0) -> Tensor:
-    """BCE positive weights (negatives / positives per output, capped) over training reports."""
-    share = finding_targets(reports).mean(dim=0).clamp(min=1e-3)
+def finding_targets(reports: Sequence[str], uncertain: str = "positive") -> Tensor:
+    """(B, HEAD_OUTPUTS) 0/1 targets read from the reports by the labeler; an uncertain
+    mention counts as `uncertain` says (`ignore`: as absent, and masked: `finding_mask`)."""
+    _check_policy(uncertain)
+    return torch.tensor([_target_row(r, uncertain)[0] for r in reports], dtype=torch.float32)
+
+
+def finding_mask(reports: Sequence[str], uncertain: str = "positive") -> Tensor:
+    """(B, HEAD_OUTPUTS) 1 where a target counts in the loss, 0 where `uncertain="ignore"`
+    leaves it out (its value depends on how an uncertain mention is read)."""
+    _check_policy(uncertain)
+    return torch.tensor([_target_row(r, uncertain)[1] for r in reports], dtype=torch.float32)
+
+
+def positive_weights(reports: Sequence[str], max_weight: float = 10.0,
+                     uncertain: str = "positive") -> Tensor:
+    """BCE positive weights (negatives / positives per output, capped) over training reports,
+    masked targets left out."""
+    targets = finding_targets(reports, uncertain)
+    if uncertain == "ignore":
+        mask = finding_mask(reports, uncertain)
+        share = (targets * mask).sum(dim=0) / mask.sum(dim=0).clamp(min=1)
+    else:
+        share = targets.mean(dim=0)
+    share = share.clamp(min=1e-3)
     return ((1 - share) / share).clamp(max=max_weight)
 
 
-def finding_loss(logits: Tensor, reports: Sequence[str], pos_weight: Tensor | None) -> Tensor:
-    """BCE of finding logits against the labeler's reading of the reports."""
-    targets = finding_targets(reports).to(logits.device)
+def finding_loss(logits: Tensor, reports: Sequence[str], pos_weight: Tensor | None,
+                 uncertain: str = "positive") -> Tensor:
+    """BCE of finding logits against the labeler's reading of the reports; with
+    `uncertain="ignore"`, the mean over the targets that count (`finding_mask`)."""
+    targets = finding_targets(reports, uncertain).to(logits.device)
     weight = pos_weight.to(logits.device) if pos_weight is not None else None
-    return nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
+    if uncertain != "ignore":
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets,
+                                                              pos_weight=weight)
+    mask = finding_mask(reports, uncertain).to(logits.device)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight,
+                                                          reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
 def decision_logits(logits: Tensor, fine_prior: Tensor | None = None) -> Tensor:
@@ -171,7 +211,7 @@ def findings_text(labels: dict[str, int], absent: bool = False) -> str:
     """
     named = [(n, _phrase(n)) for n in FINE if labels.get(n)]
     named += [(n, _GROUP_WORDS[coarse_group(n)]) for n, v in labels.items()
-              if v and n.endswith("_unlocalised") and coarse_group(n) in _GROUP_WORDS]
+              if v and n in UNLOCALISED and coarse_group(n) in _GROUP_WORDS]
     named.sort(key=lambda pair: _STATED_RANK[coarse_group(pair[0])])  # stable: FINE order within
     present = [words for _, words in named]
     text = "Findings: " + ("; ".join(present) if present else "none") + "."

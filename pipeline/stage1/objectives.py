@@ -64,14 +64,15 @@ def vicreg(view_a: torch.Tensor, view_b: torch.Tensor, inv_weight: float = 25.0,
 
 def objective_loss(name: str, model, images: torch.Tensor, augment=None,
                    generator: torch.Generator | None = None, reports=None,
-                   pos_weight: torch.Tensor | None = None
+                   pos_weight: torch.Tensor | None = None, uncertain: str = "positive"
                    ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-    """(loss, extra terms, visual tokens of the first view or None) for objective `name`."""
+    """(loss, extra terms, visual tokens of the first view or None) for objective `name`;
+    `uncertain` is the findings objective's policy for uncertain mentions."""
     if name == "findings":
         if reports is None:
             raise ValueError("the findings objective needs the batch's reports")
         view = augment(images, generator) if augment is not None else images
-        return finding_loss(model.findings(view), reports, pos_weight), {}, None
+        return finding_loss(model.findings(view), reports, pos_weight, uncertain), {}, None
     if name == "l2_proxy":
         tokens = model(images)
         return l2_proxy(tokens), {}, tokens

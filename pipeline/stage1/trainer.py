@@ -51,14 +51,16 @@ class Stage1Result:
 class _ObjectiveStep(torch.nn.Module):
     """The objective's loss as a module's forward, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, model: torch.nn.Module, objective: str, pos_weight):
+    def __init__(self, model: torch.nn.Module, objective: str, pos_weight,
+                 uncertain: str = "positive"):
         super().__init__()
         self.model, self.objective, self.pos_weight = model, objective, pos_weight
+        self.uncertain = uncertain
 
     def forward(self, images: torch.Tensor, reports, generators):
         loss, terms, _ = objective_loss(self.objective, self.model, images,
                                         per_sample(radiograph_views), generators, reports,
-                                        self.pos_weight)
+                                        self.pos_weight, self.uncertain)
         return loss, terms
 
 
@@ -82,7 +84,8 @@ class Stage1Trainer(TrainLoop):
         self.pos_weight = None
         if cfg.objective == "findings":
             from pipeline.models.findings import positive_weights
-            self.pos_weight = positive_weights([r.report for r in loaders.train.records])
+            self.pos_weight = positive_weights([r.report for r in loaders.train.records],
+                                               uncertain=cfg.data.uncertain)
             if model.finding_head is None:
                 raise ValueError("objective 'findings' needs the finding head "
                                  "(bridge.finding_head=true)")
@@ -90,7 +93,8 @@ class Stage1Trainer(TrainLoop):
         self.optimizer, self.scheduler = build_optimizer(
             model, cfg.lr, cfg.weight_decay, cfg.epochs * loaders.batches_per_epoch,
             cfg.warmup_steps)
-        self.step_model = world.wrap(_ObjectiveStep(model, cfg.objective, self.pos_weight))
+        self.step_model = world.wrap(_ObjectiveStep(model, cfg.objective, self.pos_weight,
+                                                    cfg.data.uncertain))
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _metadata(self) -> dict:

@@ -104,7 +104,8 @@ class Stage2Trainer(TrainLoop):
                                                "val_grounding_gap": []}
         self.findings = uses_findings(cfg, model)
         self.aux_findings = self.findings and cfg.aux_finding_weight > 0
-        self.pos_weight = positive_weights([r.report for r in loaders.train.records]) \
+        self.pos_weight = positive_weights([r.report for r in loaders.train.records],
+                                           uncertain=cfg.data.uncertain) \
             if self.findings else None
         if self.aux_findings:  # the head goes on learning with this split's weights
             model.finding_head.set_prior(self.pos_weight)
@@ -162,7 +163,8 @@ class Stage2Trainer(TrainLoop):
             self._check(out)
         aux = None
         if self.aux_findings:
-            aux = finding_loss(out.logits, batch["reports"], self.pos_weight)
+            aux = finding_loss(out.logits, batch["reports"], self.pos_weight,
+                               self.cfg.data.uncertain)
         # The caption loss is a mean over supervised tokens (the LM shifts labels by one); the
         # objective a mean over their weights (the same unless findings_weight is set).
         tokens = int((out.labels[:, 1:] != IGNORE_INDEX).sum())
