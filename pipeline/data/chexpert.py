@@ -1,8 +1,10 @@
 """A rule labeler for CheXpert's 14 observations: the label space of report-generation papers.
 
 `label_chexpert(report)` gives each observation 1 (positive), 0 (negative), -1 (uncertain) or
-None (not mentioned). It reads real reports (IU X-Ray, MIMIC-CXR wording), unlike
-`pipeline.data.labeler`, which reads the synthetic benchmark's finer labels.
+None (not mentioned). It reads real reports (IU X-Ray, MIMIC-CXR wording). The engine below
+(`read_mentions`: every mention with its status, clause by clause) is the project's one
+reading of report text: the finding labels of `pipeline.data.labeler` (group, side, zone,
+device kind) are a view on the same mentions.
 
 How a report is read:
 1. Sentences (split at ". ", ";", "!", "?", line breaks; decimals kept), then clauses: a
