@@ -17,7 +17,10 @@ test split):
   blind baseline       the best constant training report
   classifier ceiling   the chosen model's finding head, scored directly (no LLM)
 Columns: steps, minutes, val loss, grounding gap (test), coarse and fine finding F1, BLEU-4,
-CIDEr, ROUGE-L, report form, self-contradicting and chat-preamble shares, distinct share. No
+CIDEr, ROUGE-L, report form, self-contradicting and chat-preamble shares, distinct share; then,
+on the text as written before any repair, against the findings in the prompt: prompt recall and
+precision, self-contradicting share, share of reports the repair edited, share with an invented
+size, and the report's coarse F1 over the head's (empty for a row without a finding head). No
 MLflow: the trainers report into a throwaway sink.
 
     .venv/bin/python benchmarks/bench_learning.py --profile demo [--steps 254] [--out bench.md]
@@ -37,11 +40,16 @@ import torch
 
 REPORT_WRITER = "You are a radiologist. You write chest X-ray reports."
 COLUMNS = ("steps", "minutes", "val_loss", "grounding_gap", "coarse_f1", "fine_f1", "bleu4",
-           "cider", "rouge_l", "form", "contradict", "preamble", "distinct")
+           "cider", "rouge_l", "form", "contradict", "preamble", "distinct", "prompt_rec",
+           "prompt_prec", "contradict_written", "repaired", "invented_size", "over_head")
 _FROM_METRICS = {"coarse_f1": "finding_coarse_macro_f1", "fine_f1": "finding_macro_f1",
                  "bleu4": "bleu4", "cider": "cider", "rouge_l": "rouge_l", "form": "report_form",
                  "contradict": "contradiction_share", "preamble": "preamble_share",
-                 "distinct": "distinct_share"}
+                 "distinct": "distinct_share", "prompt_rec": "prompt_recall",
+                 "prompt_prec": "prompt_precision",
+                 "contradict_written": "contradiction_share_as_written",
+                 "repaired": "repaired_share", "invented_size": "invented_size_share",
+                 "over_head": "report_over_head_coarse_f1"}
 
 
 def _stage1(cfg, out: Path):
@@ -87,7 +95,7 @@ def _row(report_model, records, out: Path) -> dict:
     outcome = evaluate_model(None, report_model=report_model, num_beams=1, meteor=False,
                              out_dir=out)
     m = outcome.metrics
-    row = {col: m[f"greedy_{key}"] for col, key in _FROM_METRICS.items()}
+    row = {col: m.get(f"greedy_{key}") for col, key in _FROM_METRICS.items()}
     blind = {col: m[f"blind_{key}"] for col, key in _FROM_METRICS.items() if f"blind_{key}" in m}
     blind.update(distinct=1 / len(records["test"]), preamble=0.0)
     return {"grounding_gap": m["grounding_gap"], **row, "_blind": blind}

@@ -1,8 +1,8 @@
 """evaluate: generate reports for a split and score them.
 
 Reads: a Stage 2 model (a run id, `runs:/`, `models:/report-vlm@alias` or a checkpoint path).
-Writes: metrics (`greedy_*`, `beam_*`, `score`, `grounding_gap`, `blind_*`), `reports.json`
-(a table of id / reference / generated), `plots/finding_f1.png`, `eval_scores.json`,
+Writes: metrics (`greedy_*`, `beam_*`, `score`, `grounding_gap`, `blind_*`, `retrieval_*`),
+`reports.json` (a table of id / reference / generated / retrieval), `plots/finding_f1.png`, `eval_scores.json`,
 `champion_verdict.json`; moves `report-vlm@champion` to the version that holds the evaluated
 file when the champion gate approves it (`pipeline.gate.champion.decide_champion`), else tags
 the run `champion.verdict=rejected` with `champion.reasons`.
@@ -74,6 +74,18 @@ def main(model_ref, data, image_dir, split, num_beams, max_new_tokens, limit, me
                                             "finding_coarse_macro_f1", "distinct_share")
                  or k in ("score", "grounding_gap")}
         click.echo(f"evaluate {split}: {shown}")
+        wins = _retrieval_wins(outcome.metrics, outcome.decoding)
+        if wins:
+            click.echo(f"the retrieval baseline wins: {wins}")
+
+
+def _retrieval_wins(m, d: str) -> str:
+    """Where the retrieval baseline scores at least the model ("" where it nowhere does)."""
+    keys = (("coarse finding F1", "finding_coarse_macro_f1"),
+            ("CheXpert-14 micro F1", "chexpert_micro_f1"), ("BLEU-4", "bleu4"))
+    return "; ".join(f"{label} {m[f'retrieval_{key}']:.3f} (model {m[f'{d}_{key}']:.3f})"
+                     for label, key in keys if f"retrieval_{key}" in m
+                     and m[f"retrieval_{key}"] >= m[f"{d}_{key}"])
 
 
 def _champion(outcome, checkpoint, source_run):
@@ -97,7 +109,7 @@ def _champion(outcome, checkpoint, source_run):
 def _description(outcome) -> str:
     """What decides whether to trust this version, for its page in the MLflow UI."""
     m, d = outcome.metrics, outcome.decoding
-    lines = ["| | model | blind baseline |", "|---|---|---|"]
+    lines = ["| | model | blind baseline | retrieval baseline |", "|---|---|---|---|"]
     for label, key in (("coarse finding F1", "finding_coarse_macro_f1"),
                        ("fine finding F1 (18)", "finding_macro_f1"),
                        ("CheXpert-14 micro F1", "chexpert_micro_f1"),
@@ -105,16 +117,28 @@ def _description(outcome) -> str:
                        ("CIDEr", "cider"), ("ROUGE-L", "rouge_l"),
                        ("report form (references: "
                         f"{m.get('reference_report_form', float('nan')):.2f})", "report_form"),
-                       ("self-contradicting reports", "contradiction_share")):
-        model, blind = m.get(f"{d}_{key}", float("nan")), m.get(f"blind_{key}", float("nan"))
-        lines.append(f"| {label} | {model:.3f} | {blind:.3f} |")
-    lines.append(f"| chat preambles | {m.get(f'{d}_preamble_share', float('nan')):.3f} | 0 |")
-    lines += [f"| grounding gap (nats) | {m['grounding_gap']:.3f} | 0 |",
+                       ("self-contradicting reports (as served)", "contradiction_share")):
+        lines.append(f"| {label} | " + " | ".join(
+            f"{m.get(k, math.nan):.3f}" for k in (f"{d}_{key}", f"blind_{key}",
+                                                  f"retrieval_{key}")) + " |")
+    lines.append(f"| chat preambles | {m.get(f'{d}_preamble_share', math.nan):.3f} | 0 | 0 |")
+    lines += [f"| grounding gap (nats) | {m['grounding_gap']:.3f} | 0 | |",
               f"| distinct reports | {m[f'{d}_distinct_share']:.2f} | "
-              f"{1 / max(1, len(outcome.table)):.2f} |", "", f"Samples ({d}):"]
+              f"{1 / max(1, len(outcome.table)):.2f} | |", "",
+              "As written, before any repair, against the findings in the prompt:", ""]
+    lines += [f"- {label}: {m.get(f'{d}_{key}', math.nan):.3f}" for label, key in _FAITHFULNESS]
+    lines += ["", f"Samples ({d}):"]
     for _, row in outcome.table.head(3).iterrows():
         lines += [f"- generated: {row[f'generated_{d}']}", f"  reference: {row['reference']}"]
     return "\n".join(lines)
+
+
+_FAITHFULNESS = (("prompt recall (prompt findings the report states)", "prompt_recall"),
+                 ("prompt precision (stated findings the prompt named)", "prompt_precision"),
+                 ("self-contradicting reports", "contradiction_share_as_written"),
+                 ("reports the repair edited", "repaired_share"),
+                 ("reports with a size no training reference gives", "invented_size_share"),
+                 ("coarse finding F1 over the head's", "report_over_head_coarse_f1"))
 
 
 if __name__ == "__main__":

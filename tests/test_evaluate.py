@@ -81,14 +81,20 @@ def test_evaluate_logs_scores_table_and_plot_and_crowns_the_first_champion(mlflo
                 "greedy_distinct_share", "beam_distinct_share", "score",
                 "beam_chexpert_micro_f1", "beam_ce_rule_micro14_f1", "beam_ce_rule_macro14_f1",
                 "beam_ce_rule_micro5_f1", "greedy_ce_rule_example14_f1",
-                "blind_ce_rule_micro5_f1"):
+                "blind_ce_rule_micro5_f1",
+                # faithfulness to the prompt, as written, and the retrieval baseline
+                "greedy_prompt_recall", "beam_prompt_precision",
+                "greedy_contradiction_share_as_written", "beam_contradiction_share_as_written",
+                "beam_repaired_share", "greedy_invented_size_share",
+                "greedy_report_over_head_coarse_f1", "retrieval_chexpert_micro_f1",
+                "retrieval_finding_coarse_macro_f1", "retrieval_bleu4", "bleu4_over_retrieval"):
         assert key in metrics, f"{key} not logged; got {sorted(metrics)}"
     assert 0.0 <= metrics["greedy_distinct_share"] <= 1.0
     assert 0.0 <= metrics["greedy_finding_macro_f1"] <= 1.0
 
     table = mlflow.artifacts.load_dict(f"runs:/{run_id}/reports.json")
     columns = table["columns"]
-    assert {"id", "reference", "generated_greedy", "generated_beam"} <= set(columns)
+    assert {"id", "reference", "generated_greedy", "generated_beam", "retrieval"} <= set(columns)
     rows = [dict(zip(columns, row)) for row in table["data"]]
     assert len(rows) == 4  # the test split
     assert len({r["id"] for r in rows}) == len(rows)
@@ -110,6 +116,10 @@ def test_evaluate_logs_scores_table_and_plot_and_crowns_the_first_champion(mlflo
     assert page.startswith(f"**champion: version {version}**"), page
     assert "champion gate: **approved**" in page and "grounding gap: " in page, page
     assert "sample report: " in page, page
+    # The version's page: the retrieval baseline beside the model, the text as written.
+    description = client.get_model_version(MODEL, version).description
+    assert "| retrieval baseline |" in description and "prompt recall" in description, \
+        description
 
 
 def test_champion_moves_only_on_a_strictly_higher_score(mlflow_store, grounded):

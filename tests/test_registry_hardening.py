@@ -57,11 +57,14 @@ def _outcome(score: float, decoding: str = "greedy", num_beams: int = 1,
     per_decoding = {"finding_coarse_macro_f1": 0.9, "finding_macro_f1": 0.8, "bleu4": 0.5,
                     "cider": 1.5, "rouge_l": 0.6, "distinct_share": 1.0, "n_reports": 4.0,
                     "report_form": 1.0, "contradiction_share": 0.0, "preamble_share": 0.0,
-                    "chexpert_micro_f1": 0.7}
+                    "chexpert_micro_f1": 0.7, "contradiction_share_as_written": 0.0,
+                    "repaired_share": 0.0}
     blind = {"finding_coarse_macro_f1": 0.2, "finding_macro_f1": 0.1, "bleu4": 0.1,
              "cider": 0.2, "rouge_l": 0.3, "chexpert_micro_f1": 0.3}
+    retrieval = {"finding_coarse_macro_f1": 0.6, "chexpert_micro_f1": 0.5, "bleu4": 0.3}
     metrics = {**{f"{decoding}_{k}": v for k, v in per_decoding.items()},
                **{f"blind_{k}": v for k, v in blind.items()},
+               **{f"retrieval_{k}": v for k, v in retrieval.items()},
                "grounding_gap": 1.0, "score": score, "reference_report_form": 1.0}
     table = pd.DataFrame({"id": ["s0"], "reference": ["The heart is enlarged."],
                           f"generated_{decoding}": ["The heart is enlarged."]})
@@ -321,7 +324,9 @@ def _passing_metrics() -> dict[str, float]:
             "grounding_gap": 1.0, "score": 0.5, "bleu4": 0.4, "blind_bleu4": 0.1,
             "cider": 1.0, "blind_cider": 0.2, "report_form": 0.95, "reference_report_form": 1.0,
             "contradiction_share": 0.0, "preamble_share": 0.0, "chexpert_micro_f1": 0.6,
-            "blind_chexpert_micro_f1": 0.3}
+            "blind_chexpert_micro_f1": 0.3, "contradiction_share_as_written": 0.0,
+            "repaired_share": 0.0, "retrieval_finding_coarse_macro_f1": 0.5,
+            "retrieval_chexpert_micro_f1": 0.4}
 
 
 def test_champion_rules_are_conditions_over_a_metrics_dict_and_extend_by_appending():
@@ -364,6 +369,12 @@ def test_champion_outcome_is_a_frozen_value_and_names_the_evaluate_run(
     ({"report_form": 0.5}, "report form 0.500 < 0.85 x the references' 1.000"),
     ({"contradiction_share": 0.25}, "25.0% of the reports assert and deny the same finding"),
     ({"preamble_share": 0.1}, "10.0% of the reports open as a chat assistant's answer"),
+    ({"contradiction_share_as_written": 0.25},
+     "25.0% of the reports contradict themselves as written, before any repair"),
+    ({"repaired_share": 0.2}, "the contradiction repair edited 20.0% of the reports"),
+    ({"chexpert_micro_f1": 0.35}, "CheXpert-14 micro F1 0.350 <= the retrieval baseline's 0.400"),
+    ({"finding_coarse_macro_f1": 0.45},
+     "coarse finding F1 0.450 <= the retrieval baseline's 0.500"),
 ])
 def test_the_gate_refuses_text_that_does_not_read_as_reports_with_its_reason(change, reason):
     from pipeline.config import ChampionConfig

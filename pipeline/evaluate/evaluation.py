@@ -11,6 +11,14 @@ publish, named with the labeler (`ce_rule_{micro14,macro14,micro5,example14}_*`,
 `blind_ce_rule_*`). Text metrics are computed on reports cleaned as the R2Gen family cleans
 them (`text_cleaning` in `EvalOutcome.params`).
 
+For a classify-then-generate model, a second baseline: retrieval (`retrieval_*`, scored like the
+blind one), the training report whose findings are nearest to the head's prediction
+(`pipeline.evaluate.retrieval`); and the faithfulness of each decoding's reports to their
+prompt, counted on the text as written, before the contradiction repair
+(`pipeline.evaluate.faithfulness`: `{decoding}_prompt_recall`, `_prompt_precision`,
+`_contradiction_share_as_written`, `_invented_size_share`, beside `_repaired_share`, the share
+of reports the repair changed).
+
 Every pass over the split runs in batches that decode their films when they come, so memory
 does not grow with the split.
 
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -31,6 +40,8 @@ from pipeline.data import DataError, ImageReportDataset, collate, dataset_digest
 from pipeline.data.finding_metrics import label_f1
 from pipeline.device import resolve_device
 from pipeline.evaluate.clinical import PARAMS as CE_PARAMS, chexpert_labels, chexpert_scores
+from pipeline.evaluate.faithfulness import faithfulness_scores, sized_groups
+from pipeline.evaluate.retrieval import retrieve_reports
 from pipeline.data.report_cleaning import DEFAULT_CLEANING
 from pipeline.data.synthetic import SOURCES as SYNTHETIC_SOURCES
 from pipeline.models.loading import load_report_model
@@ -55,9 +66,26 @@ class EvalOutcome:
     data_source: str = ""  # the data evaluated: `synthetic` means the model's own training data
 
 
-def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_size: int = 16):
-    """(the reports the model writes, the top beam's) for every record, and how many
-    candidates it chose among."""
+@dataclass(frozen=True)
+class Generated:
+    """One decoding of a split."""
+
+    written: list[str]  # what the model serves: the chosen reports, repaired when configured
+    as_written: list[str]  # the chosen reports before any repair
+    top_beam: list[str]  # the first candidate of each study
+    given: list[dict] | None  # the findings each prompt named (None: no finding head)
+    n_candidates: int  # reports chosen among per study
+
+    @property
+    def repaired_share(self) -> float:
+        """The share of reports the contradiction repair changed."""
+        return sum(w != a for w, a in zip(self.written, self.as_written)) / max(1, len(self.written))
+
+
+def _generate_all(report_model, records, num_beams: int, max_new_tokens,
+                  batch_size: int = 16) -> Generated:
+    """Every record's reports, chosen among the candidates and repaired as the model serves
+    them, and as written before the repair."""
     dataset = ImageReportDataset(records, report_model.cfg.encoder.image_size)
     candidates, given = [], []
     label = "greedy" if num_beams == 1 else f"beam{num_beams}"
@@ -70,9 +98,8 @@ def _generate_all(report_model, records, num_beams: int, max_new_tokens, batch_s
     chosen = choose_reports(candidates, given, report_model.cfg.choose_by_findings,
                             report_model.style)
     written = repair_reports(chosen, given) if report_model.cfg.resolve_contradictions else chosen
-    repaired = sum(w != c for w, c in zip(written, chosen)) / max(1, len(chosen))
-    return written, [options[0] for options in candidates], \
-        max(map(len, candidates), default=1), repaired
+    return Generated(written, chosen, [options[0] for options in candidates], given,
+                     max(map(len, candidates), default=1))
 
 
 def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: str = "test",
@@ -107,9 +134,10 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
     reference_labels = chexpert_labels(references)
     decodings = [("greedy", 1)] + ([("beam", num_beams)] if num_beams > 1 else [])
     best = None
+    sized = sized_groups(r.report for r in dataset["train"])
     for name, beams in decodings:
-        generated, top_beam, n_candidates, repaired = _generate_all(report_model, records, beams,
-                                                          max_new_tokens)
+        run = _generate_all(report_model, records, beams, max_new_tokens)
+        generated, top_beam, n_candidates = run.written, run.top_beam, run.n_candidates
         table[f"generated_{name}"] = generated
         scores = {**score_reports(references, generated, meteor=meteor),
                   **language_scores(generated, style)}
@@ -120,7 +148,9 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
             top = {**score_reports(references, top_beam, meteor=False),
                    **language_scores(top_beam, style)}
             metrics.update({f"{name}_top_{k}": float(top[k]) for k in TOP_BEAM_KEYS})
-        metrics[f"{name}_repaired_share"] = repaired  # reports with contradicting sentences dropped
+        metrics[f"{name}_repaired_share"] = run.repaired_share  # reports the repair changed
+        metrics.update({f"{name}_{k}": v for k, v in
+                        faithfulness_scores(run.as_written, run.given, sized).items()})
         best = scores  # the last decoding (beam when run) picks the champion
     weights = DEFAULT_SCORE_WEIGHTS
     definition = " + ".join(f"{w:g}*{k}" for k, w in weights.items()) + \
@@ -131,25 +161,17 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
                                           report_model.cfg)
     metrics["caption_loss"], metrics["grounding_gap"] = own, shifted - own
     if uses_findings(report_model.cfg, report_model.model):
-        # The classifier that writes the prompt, scored alone: the ceiling of
-        # classify-then-generate; the report's share of it says how well the LLM writes the
-        # findings it is given.
-        predicted = split_findings(report_model.model, records, size)
-        metrics.update(label_f1(references, predicted, prefix="head_"))
-        if metrics["head_finding_coarse_macro_f1"] > 0:
-            metrics["report_over_head_coarse_f1"] = \
-                best["finding_coarse_macro_f1"] / metrics["head_finding_coarse_macro_f1"]
+        retrieved, head = _head_and_retrieval(report_model, records, dataset["train"],
+                                              reference_labels, style, metrics, decodings)
+        table["retrieval"] = retrieved
+        metrics.update(head)
     blind = best_constant_report([r.report for r in dataset["train"]])
-    blind_scores = {**score_reports(references, [blind] * len(references), meteor=False),
-                    **language_scores([blind], style)}
-    metrics.update({f"blind_{k}": float(blind_scores[k]) for k in BLIND_KEYS})
-    metrics["blind_score"] = composite_score(blind_scores, weights)
+    metrics.update(_baseline("blind", references, [blind] * len(references), reference_labels,
+                             style))
     # How the references themselves read: the ceiling of report form on this data.
     metrics["reference_report_form"] = language_scores(references, style)["report_form"]
-    blind_ce = chexpert_scores(reference_labels, chexpert_labels([blind]) * len(references))
-    metrics.update({f"blind_{k}": blind_ce[k] for k in BLIND_CE_KEYS})
     for key in ("finding_coarse_macro_f1", "finding_macro_f1"):
-        metrics[f"{key}_over_blind"] = best[key] - blind_scores[key]
+        metrics[f"{key}_over_blind"] = best[key] - metrics[f"blind_{key}"]
     figure = per_finding_f1_figure(best, Path(out_dir) / "finding_f1.png")
     return EvalOutcome(metrics, table, figure, definition, decodings[-1][0], blind,
                        dataset_digest(dataset), decodings[-1][1], n_candidates,
@@ -164,6 +186,44 @@ BLIND_CE_KEYS = tuple(f"chexpert_{avg}_{k}" for avg in ("micro", "macro")
                       for k in ("precision", "recall", "f1")) + \
     tuple(f"ce_rule_{avg}_{k}" for avg in ("micro14", "macro14", "micro5", "example14")
           for k in ("precision", "recall", "f1"))
+
+
+def _head_and_retrieval(report_model, records, train, reference_labels, style,
+                        metrics: dict, decodings) -> tuple[list[str], dict[str, float]]:
+    """The retrieval baseline's reports, and the scores of the head that chose them: the head
+    alone (`head_*`), each decoding's coarse F1 over the head's, the retrieval baseline's
+    (`retrieval_*`) and the last decoding's margins over it (`*_over_retrieval`)."""
+    references = [r.report for r in records]
+    # The classifier that writes the prompt, scored alone: the ceiling of classify-then-
+    # generate; the report's share of it says how well the LLM writes the findings it is given.
+    predicted = split_findings(report_model.model, records, report_model.cfg.encoder.image_size)
+    out = label_f1(references, predicted, prefix="head_")
+    head = out["head_finding_coarse_macro_f1"]
+    last = decodings[-1][0]
+    if head > 0:
+        out["report_over_head_coarse_f1"] = metrics[f"{last}_finding_coarse_macro_f1"] / head
+        out.update({f"{name}_report_over_head_coarse_f1":
+                    metrics[f"{name}_finding_coarse_macro_f1"] / head for name, _ in decodings})
+    retrieved = retrieve_reports([r.report for r in train], predicted)
+    out.update(_baseline("retrieval", references, retrieved, reference_labels, style))
+    for key in ("finding_coarse_macro_f1", "chexpert_micro_f1", "bleu4"):
+        out[f"{key}_over_retrieval"] = metrics[f"{last}_{key}"] - out[f"retrieval_{key}"]
+    return retrieved, out
+
+
+def _baseline(prefix: str, references: Sequence[str], reports: Sequence[str],
+              reference_labels: Sequence[dict], style) -> dict[str, float]:
+    """A baseline's reports scored as the model's are: `{prefix}_` + BLIND_KEYS, BLIND_CE_KEYS
+    and the composite score."""
+    from pipeline.data.report_text import language_scores
+    from pipeline.evaluate.scoring import DEFAULT_SCORE_WEIGHTS, composite_score, score_reports
+
+    scores = {**score_reports(references, reports, meteor=False),
+              **language_scores(reports, style)}
+    ce = chexpert_scores(reference_labels, chexpert_labels(reports))
+    return {**{f"{prefix}_{k}": float(scores[k]) for k in BLIND_KEYS},
+            **{f"{prefix}_{k}": ce[k] for k in BLIND_CE_KEYS},
+            f"{prefix}_score": composite_score(scores, DEFAULT_SCORE_WEIGHTS)}
 
 
 def best_constant_report(train_reports: list[str]) -> str:

@@ -5,7 +5,8 @@ The rules are a list of (condition -> reason) over one flat dict of what the eva
 `score`, and `champion_score` when the current champion was measured the same way). Like the
 Stage 1 gate (`pipeline.gate.rules`) every rule is evaluated and reported and approval is their
 conjunction. A rule is added by appending it to `CHAMPION_RULES`; a metric it reads that was not
-measured fails it with that reason.
+measured fails it with that reason. A rule with a `switch` is judged only while that
+`ChampionConfig` field is true (`judge_as_written`, `judge_retrieval`).
 
 `decide_champion` is the one place that decides: it judges, records the verdict on the version
 that holds the scored file, moves the alias, and returns the outcome as a value.
@@ -34,6 +35,16 @@ class ChampionRule:
     condition: Callable[[Metrics, ChampionConfig], bool]
     reason: Callable[[Metrics, ChampionConfig], str]
     value: str = ""  # the metric reported beside the verdict
+    switch: str = ""  # a ChampionConfig bool field; when false, the rule is not judged
+
+    def applies(self, cfg: ChampionConfig) -> bool:
+        """Whether `cfg` asks for this rule."""
+        return not self.switch or bool(getattr(cfg, self.switch))
+
+
+def _beats(key: str, baseline: str) -> Callable[[Metrics, ChampionConfig], bool]:
+    """Strictly above the baseline's value, or both perfect (1.0: nothing can beat it)."""
+    return lambda m, c: m[key] > m[f"{baseline}_{key}"] or m[key] >= 1.0
 
 
 CHAMPION_RULES: tuple[ChampionRule, ...] = (
@@ -75,6 +86,30 @@ CHAMPION_RULES: tuple[ChampionRule, ...] = (
                  lambda m, c: f"{m['preamble_share']:.1%} of the reports open as a chat "
                               f"assistant's answer (at most {c.max_preamble_share:.0%})",
                  "preamble_share"),
+    # The text as the LLM wrote it, before the repair: the rule above judges the served text,
+    # which the repair can make consistent by deletion.
+    ChampionRule("no_self_contradiction_as_written",
+                 lambda m, c: m["contradiction_share_as_written"]
+                 <= c.max_contradiction_share_as_written,
+                 lambda m, c: f"{m['contradiction_share_as_written']:.1%} of the reports "
+                              "contradict themselves as written, before any repair (at most "
+                              f"{c.max_contradiction_share_as_written:.0%})",
+                 "contradiction_share_as_written", "judge_as_written"),
+    ChampionRule("seldom_repaired", lambda m, c: m["repaired_share"] <= c.max_repaired_share,
+                 lambda m, c: f"the contradiction repair edited {m['repaired_share']:.1%} of the "
+                              f"reports (at most {c.max_repaired_share:.0%})",
+                 "repaired_share", "judge_as_written"),
+    # The training report nearest to the head's findings: a writer that cannot beat printing
+    # it has no reason to generate.
+    ChampionRule("beats_retrieval_chexpert", _beats("chexpert_micro_f1", "retrieval"),
+                 lambda m, c: f"CheXpert-14 micro F1 {m['chexpert_micro_f1']:.3f} <= the "
+                              f"retrieval baseline's {m['retrieval_chexpert_micro_f1']:.3f}",
+                 "chexpert_micro_f1", "judge_retrieval"),
+    ChampionRule("beats_retrieval_coarse", _beats("finding_coarse_macro_f1", "retrieval"),
+                 lambda m, c: f"coarse finding F1 {m['finding_coarse_macro_f1']:.3f} <= the "
+                              "retrieval baseline's "
+                              f"{m['retrieval_finding_coarse_macro_f1']:.3f}",
+                 "finding_coarse_macro_f1", "judge_retrieval"),
     # `champion_score` is there only when the champion was measured the same way (data digest,
     # split size, decoding, beam width, candidates): one measured otherwise does not block.
     ChampionRule("beats_champion",
@@ -105,13 +140,13 @@ def _comparable(champion: EvaluatedVersion | None, key: str) -> bool:
 def judge_champion(metrics: Metrics, cfg: ChampionConfig = ChampionConfig(),
                    champion: EvaluatedVersion | None = None, key: str = "",
                    rules: Sequence[ChampionRule] = CHAMPION_RULES) -> Verdict:
-    """Every rule on `metrics` (and the champion's score when comparable); approved iff all
-    pass. A rule whose metric is missing or not a number fails."""
+    """Every rule `cfg` asks for on `metrics` (and the champion's score when comparable);
+    approved iff all pass. A rule whose metric is missing or not a number fails."""
     m = dict(metrics)
     if _comparable(champion, key):
         m["champion_score"] = champion.score
     judged = []
-    for rule in rules:
+    for rule in (r for r in rules if r.applies(cfg)):
         try:
             passed = bool(rule.condition(m, cfg))
             reason = "" if passed else rule.reason(m, cfg)
