@@ -158,6 +158,7 @@ def stage2_rows(device: torch.device, profile: str, llm_name: str | None, steps:
     for batch in batches[:warmup]:
         trainer._step(batch, 1)
     _sync(device)
+    syncs = sync_row(device, trainer, batches[warmup:warmup + 3])
     start = time.perf_counter()
     for batch in batches[warmup:]:
         trainer._step(batch, 1)
@@ -183,10 +184,43 @@ def stage2_rows(device: torch.device, profile: str, llm_name: str | None, steps:
 
     llm_ms = _median_ms(llm_step, device, repeats=max(3, steps))
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    return [Row(f"stage2 step ({profile}, {cfg.llm.name}, bs {cfg.batch_size}, {precision})",
+    return [syncs,
+            Row(f"stage2 step ({profile}, {cfg.llm.name}, bs {cfg.batch_size}, {precision})",
                 f"{1e3 / step_ms:.2f} steps/s ({step_ms:.1f} ms/step)"),
             Row("stage2 step / frozen LLM fwd+bwd",
                 f"{step_ms / llm_ms:.2f}x (LLM alone {llm_ms:.1f} ms, seq {embeds.shape[1]})")]
+
+
+MAX_SYNCS_PER_STEP = 3  # the losses for the log, the fused gradient norm, the stop flag
+
+
+def sync_row(device: torch.device, trainer, batches) -> Row:
+    """Host syncs per Stage 2 step: on a GPU as CUDA reports them
+    (`torch.cuda.set_sync_debug_mode("warn")`: one warning per synchronising call); on the
+    CPU the count `benchmarks/bench_syncs.py` takes on a fake CUDA device."""
+    if device.type != "cuda":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_syncs import _stage2, count_steps
+
+        counts, _, error = count_steps(lambda work: _stage2(work, 3.0), len(batches))
+        how = "fake CUDA, tiny"
+    else:
+        import warnings
+
+        counts, error, how = [], None, "set_sync_debug_mode"
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for batch in batches:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    trainer._step(batch, 1)
+                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    ok = error is None and counts and max(counts) <= MAX_SYNCS_PER_STEP
+    return Row(f"host syncs per stage2 step ({how})",
+               f"{' '.join(map(str, counts)) or '-'} (bound {MAX_SYNCS_PER_STEP})"
+               + (f"; {error}"[:120] if error else ""), "ok" if ok else "FAIL")
 
 
 # ---- whole runs (subprocesses) ----------------------------------------------------------------

@@ -125,6 +125,19 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def host_values(*tensors: torch.Tensor) -> list[float]:
+    """The values of scalar tensors as floats, read in one device-to-host copy.
+
+    Every read of a device value waits for the GPU to catch up (a host sync): a training step
+    reads what it must (the losses for the log and the guards, the gradient norm) through
+    this one function, in as few calls as it can.
+    """
+    if not tensors:
+        return []
+    stacked = torch.stack([t.detach().reshape(()).float() for t in tensors])
+    return stacked.to(STORAGE).tolist()
+
+
 def to_storage(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, detached, on the storage device (CPU) for saving: a copy only off the CPU."""
     return tensor.detach().to(STORAGE)

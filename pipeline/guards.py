@@ -10,6 +10,8 @@ from typing import Iterable
 
 import torch
 
+from pipeline.device import STORAGE, host_values
+
 IGNORE_INDEX = -100
 LOW_LOSS_WARNING = ("WARNING: loss {loss:.2e} < {threshold:g} at epoch {epoch}: the features are "
                     "likely collapsed. Do not initialise Stage 2 from this run; use --from_scratch.")
@@ -19,30 +21,36 @@ class GuardError(RuntimeError):
     """A guard fired; the message names the step, parameter or numbers involved."""
 
 
-def check_finite_loss(loss: torch.Tensor, step: int) -> float:
-    """Raise when the loss is NaN or infinite; return it as a float."""
-    value = float(loss.detach())
+def check_finite_loss(loss: torch.Tensor | float, step: int) -> float:
+    """Raise when the loss is NaN or infinite; return it as a float (`loss`: a tensor, or its
+    value already read with `host_values`)."""
+    value = loss if isinstance(loss, float) else host_values(loss)[0]
     if not math.isfinite(value):
         raise GuardError(f"non-finite loss {value} at step {step}")
     return value
 
 
 def check_finite_grads(named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
-                       step: int) -> float:
-    """Raise naming the parameters whose gradient is not finite; return the global grad norm."""
-    bad, total = [], 0.0
-    for name, param in named_parameters:
-        if param.grad is None:
-            continue
-        norm = float(param.grad.detach().norm())
-        if not math.isfinite(norm):
-            bad.append(name)
-        else:
-            total += norm * norm
-    if bad:
+                       step: int) -> tuple[float, torch.Tensor | None]:
+    """Raise naming the parameters whose gradient is not finite; return the global grad norm
+    (as a float, and as the tensor `clip_grads_with_norm_` takes; None without gradients).
+
+    One fused norm (`torch._foreach_norm`, the total as `clip_grad_norm_` computes it) and one
+    read of the total: a NaN or infinite entry anywhere makes the total non-finite, and only
+    then are the parameters' own norms read to name them.
+    """
+    named = [(name, p.grad) for name, p in named_parameters if p.grad is not None]
+    if not named:
+        return 0.0, None
+    grads = [grad.detach() for _, grad in named]
+    total = torch.nn.utils.get_total_norm(grads)
+    (value,) = host_values(total)
+    if not math.isfinite(value):
+        finite = torch.stack([torch.isfinite(n) for n in torch._foreach_norm(grads)])
+        bad = [name for (name, _), ok in zip(named, finite.to(STORAGE).tolist()) if not ok]
         raise GuardError(f"non-finite gradient at step {step} in {len(bad)} parameter(s): "
                          f"{', '.join(bad[:10])}")
-    return math.sqrt(total)
+    return value, total
 
 
 def low_loss_warning(epoch_loss: float, epoch: int, threshold: float = 1e-3) -> str | None:

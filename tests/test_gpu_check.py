@@ -29,6 +29,7 @@ def test_dry_run_prints_one_table_with_every_section(capsys, tmp_path, monkeypat
     text = "\n".join(table)
     for section in ("cpu (no CUDA: dry run)", "mixer L=16 fwd+bwd (fp32)", "kernel n/a (no CUDA)",
                     "stage2 step (tiny, tiny-random", "steps/s", "stage2 step / frozen LLM",
+                    "host syncs per stage2 step (fake CUDA, tiny)",
                     "demo profile main run", "DDP 2 processes vs 1"):
         assert section in text, section
     assert len(_status_column([table[0], *table[2:]])) == 1  # one aligned table

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from pipeline.device import to_device
 from pipeline.guards import IGNORE_INDEX
 
 
@@ -115,20 +116,35 @@ def token_weights(layout: Layout, stated: Sequence[int], weight: float) -> torch
     return weights
 
 
-def weighted_caption_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+def _shifted(labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, weights) of next-token predictions: shifted by one, as the causal LM's own
+    loss is (shift the targets, not the logits, as transformers' own loss does: no copy of the
+    (B, L, vocab) logits beyond the fp32 upcast)."""
+    pad = torch.nn.functional.pad
+    return pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:], pad(weights, (0, 1))[:, 1:]
+
+
+def total_weight(labels: torch.Tensor, weights: torch.Tensor) -> float:
+    """The total weight of the supervised next-token predictions: what the weighted mean
+    divides by. Read where the labels are built (the host): on a GPU it would be a sync."""
+    targets, w = _shifted(labels, weights)
+    return float((w * (targets != IGNORE_INDEX).float()).sum())
+
+
+def weighted_caption_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                          total: float | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(plain mean CE, weighted mean CE, total weight) of next-token predictions, shifted by
-    one as the causal LM's own loss is."""
-    # Shift the targets, not the logits (as transformers' own loss does): no copy of the
-    # (B, L, vocab) logits beyond the fp32 upcast.
-    pad = torch.nn.functional.pad
-    targets = pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    w = pad(weights, (0, 1))[:, 1:]
+    one as the causal LM's own loss is. `labels` and `weights` go to the logits' device;
+    `total` (`total_weight`, read on the host) saves a read of the device."""
+    labels, weights = labels.to(logits.device), weights.to(logits.device)
+    targets, w = _shifted(labels, weights)
     ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                            ignore_index=IGNORE_INDEX,
                                            reduction="none").view_as(w)
     supervised = (targets != IGNORE_INDEX).float()
-    total = float((w * supervised).sum())
+    if total is None:
+        total = float((w * supervised).sum())
     plain = (ce * supervised).sum() / supervised.sum().clamp(min=1)
     return plain, (ce * w * supervised).sum() / max(total, 1e-8), total
 
@@ -136,11 +152,13 @@ def weighted_caption_loss(logits: torch.Tensor, labels: torch.Tensor, weights: t
 def assemble(visual_tokens: torch.Tensor, layout: Layout, embed) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs_embeds (B, L, H), attention_mask (B, L)) with the visual tokens first."""
     ids, text_mask = text_ids(layout)
-    text_embeds = embed(ids.to(visual_tokens.device)).to(visual_tokens.dtype)
+    device = visual_tokens.device
+    text_embeds = embed(to_device(ids, device)).to(visual_tokens.dtype)
     B, V = visual_tokens.shape[:2]
-    visual_mask = torch.ones((B, V), dtype=text_mask.dtype)
+    # the visual part of the mask is made where it is used; only the text's comes from the host
+    visual_mask = torch.ones((B, V), dtype=text_mask.dtype, device=device)
     inputs_embeds = torch.cat([visual_tokens, text_embeds], dim=1)
-    attention_mask = torch.cat([visual_mask, text_mask], dim=1).to(visual_tokens.device)
+    attention_mask = torch.cat([visual_mask, to_device(text_mask, device)], dim=1)
     return inputs_embeds, attention_mask
 
 

@@ -73,16 +73,22 @@ def caption_forward(model, llm, images: torch.Tensor, reports: Sequence[str], cf
     layout = captioning.tokenize_batch(llm.tokenizer, prompts, list(reports), llm.eos_token_id,
                                        llm.pad_token_id, visual.shape[1], cfg.max_report_tokens,
                                        cfg.system_prompt)
+    # Labels are built on the host from the token ids and stay there for the label-mask guard
+    # and the token counts (reading them on a GPU would be a sync); the loss gets a copy on
+    # the visual tokens' device.
     labels = label_fn(layout)
+    targets = to_device(labels, visual.device)
     embeds, mask = captioning.assemble(visual, layout, llm.embed)
     if not (training and parts is not None and cfg.findings_weight != 1.0):
-        loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=targets).loss
         return CaptionOutput(loss, logits, visual, layout, labels)
     stated = [len(llm.tokenizer(" " + " ".join(first), add_special_tokens=False)["input_ids"])
               if first else 0 for first, _ in parts]
-    weights = captioning.token_weights(layout, stated, cfg.findings_weight).to(labels.device)
+    weights = captioning.token_weights(layout, stated, cfg.findings_weight)
+    total = captioning.total_weight(labels, weights)
     token_logits = llm(inputs_embeds=embeds, attention_mask=mask).logits
-    loss, objective, weight = captioning.weighted_caption_loss(token_logits, labels, weights)
+    loss, objective, weight = captioning.weighted_caption_loss(
+        token_logits, targets, to_device(weights, visual.device), total)
     return CaptionOutput(loss, logits, visual, layout, labels, objective, weight)
 
 

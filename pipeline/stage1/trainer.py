@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import torch
 
 from pipeline.config import COLLAPSE_TAG, Stage1Config
-from pipeline.device import autocast, full_precision, to_device
+from pipeline.device import autocast, full_precision, host_values, to_device
 from pipeline.data import DataError
 from pipeline.guards import GuardError, check_finite_loss, low_loss_warning
 from pipeline.models.loading import load_into, model_tensors
@@ -93,7 +93,9 @@ class Stage1Trainer(TrainLoop):
         self.optimizer, self.scheduler = build_optimizer(
             model, cfg.lr, cfg.weight_decay, cfg.epochs * loaders.batches_per_epoch,
             cfg.warmup_steps)
-        self.step_model = world.wrap(_ObjectiveStep(model, cfg.objective, self.pos_weight,
+        # placed once: the finding loss would otherwise copy it to the device every step
+        step_weight = to_device(self.pos_weight, world.device)
+        self.step_model = world.wrap(_ObjectiveStep(model, cfg.objective, step_weight,
                                                     cfg.data.uncertain))
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -134,9 +136,11 @@ class Stage1Trainer(TrainLoop):
         with autocast(self.world.device):
             loss, terms = self.step_model(to_device(batch["images"], self.world.device),
                                           batch["reports"], self._generators(batch["positions"]))
+        # The loss and the objective's terms for the log: one read of the device
+        read, *term_values = host_values(loss, *terms.values())
         error, local = None, float("nan")
         try:
-            local = check_finite_loss(loss, self.step + 1)
+            local = check_finite_loss(read, self.step + 1)
         except GuardError as exc:
             error = exc
         count = len(batch["reports"]) if batch["weight"] else 0
@@ -144,7 +148,8 @@ class Stage1Trainer(TrainLoop):
         grad_norm = optimizer_step(self.model, loss * batch["weight"], self.optimizer,
                                    self.scheduler, self.cfg.grad_clip, self.step + 1)
         return value, {"train_loss": value, "learning_rate": self.scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, **{f"loss_{k}": float(v) for k, v in terms.items()}}
+                       "grad_norm": grad_norm,
+                       **{f"loss_{k}": v for k, v in zip(terms, term_values)}}
 
     def step_metrics(self, row: Mapping) -> dict[str, float]:
         return step_metrics(row)

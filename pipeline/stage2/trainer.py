@@ -20,7 +20,7 @@ import torch
 from pipeline.models import captioning
 from pipeline.checkpoint import split_prefix
 from pipeline.config import Stage2Config
-from pipeline.device import autocast, full_precision, to_device
+from pipeline.device import autocast, full_precision, host_values, to_device
 from pipeline.data.finding_metrics import label_f1
 from pipeline.models.findings import finding_loss, positive_weights
 from pipeline.models.report_model import (caption_forward, generate_reports,
@@ -109,6 +109,8 @@ class Stage2Trainer(TrainLoop):
             if self.findings else None
         if self.aux_findings:  # the head goes on learning with this split's weights
             model.finding_head.set_prior(self.pos_weight)
+        # placed once: the finding loss would otherwise copy it to the device every step
+        self.step_pos_weight = to_device(self.pos_weight, world.device)
         # The training reports' style: report form of the validation reports, candidate choice
         # after training (saved with every checkpoint, the most frequent sentences first).
         self.style = ReportStyle.from_reports(r.report for r in loaders.train.records)
@@ -163,7 +165,7 @@ class Stage2Trainer(TrainLoop):
             self._check(out)
         aux = None
         if self.aux_findings:
-            aux = finding_loss(out.logits, batch["reports"], self.pos_weight,
+            aux = finding_loss(out.logits, batch["reports"], self.step_pos_weight,
                                self.cfg.data.uncertain)
         # The caption loss is a mean over supervised tokens (the LM shifts labels by one); the
         # objective a mean over their weights (the same unless findings_weight is set).
@@ -196,8 +198,10 @@ class Stage2Trainer(TrainLoop):
             with autocast(self.world.device, cpu=self.cfg.cpu_bf16):
                 loss, objective, aux, layout, tokens, weight = self.step_model(
                     batch, self.step == 0)
-            value = check_finite_loss(loss, self.step + 1)
-            aux_value = check_finite_loss(aux, self.step + 1) if aux is not None else 0.0
+            # the caption and finding losses for the log and the guard: one read of the device
+            read = host_values(loss, *([aux] if aux is not None else []))
+            value = check_finite_loss(read[0], self.step + 1)
+            aux_value = check_finite_loss(read[1], self.step + 1) if aux is not None else 0.0
         except GuardError as exc:
             error = exc
         samples = len(batch["reports"]) if batch["weight"] else 0

@@ -57,8 +57,11 @@ def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer, schedu
     schedule. `loss` must already have passed `check_finite_loss`; returns the gradient norm."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = check_finite_grads(model.named_parameters(), step)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # One read of the total norm: the finite-gradient guard and clipping share it
+    # (`clip_grad_norm_` is `get_total_norm` then `clip_grads_with_norm_`).
+    grad_norm, total = check_finite_grads(model.named_parameters(), step)
+    if total is not None:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, total)
     optimizer.step()
     scheduler.step()
     return grad_norm
