@@ -40,7 +40,7 @@ def _stage1(tmp_path, objective: str = "findings"):
     return trainer
 
 
-def _stage2(tmp_path):
+def _stage2(tmp_path, **overrides):
     from pipeline.data import load_dataset
     from pipeline.models.tiny_lm import build_tiny_llm
     from pipeline.stage2.job import Stage2Job
@@ -49,7 +49,7 @@ def _stage2(tmp_path):
     from pipeline.train.distributed import join_world
 
     world = join_world("auto")
-    cfg = C.build(C.Stage2Config, "tiny", {"data.root": str(tmp_path / "data")})
+    cfg = C.build(C.Stage2Config, "tiny", {"data.root": str(tmp_path / "data"), **overrides})
     assert cfg.findings_weight == 3.0 and cfg.llm.adapter_rank > 0 and cfg.findings_first
     job = Stage2Job(cfg, profile="tiny", init="scratch", llm=build_tiny_llm(), world=world,
                     echo=lambda m: None)
@@ -229,3 +229,17 @@ def test_ddp_picks_nccl_on_cuda_and_every_collective_gets_tensors_its_backend_ta
         if tensor is not None:
             assert tensor.device.type in routes, name
             assert tensor.device.type == "cpu" or tensor.device == world.device, name
+
+
+def test_a_stage2_step_that_prompts_with_the_heads_findings_stays_within_the_budget(
+        tmp_path, monkeypatch):
+    """Without teacher forcing the prompt holds the head's decoded findings: one more copy to
+    the host (the decision logits, the prior taken off on the device), 3 in all."""
+    with fake_cuda(monkeypatch) as syncs:
+        trainer = _stage2(tmp_path, teacher_forcing=0.0)
+        batch = next(trainer.loaders.epoch(1))
+        mark = syncs.mark()
+        trainer._step(batch, 1)
+        step = syncs.since(mark)
+    assert len(step) == MAX_SYNCS_PER_STEP, step
+    assert sum(s.through("decision_logits") for s in step) == 1, step

@@ -147,11 +147,11 @@ def finding_loss(logits: Tensor, reports: Sequence[str], pos_weight: Tensor | No
 def decision_logits(logits: Tensor, fine_prior: Tensor | None = None) -> Tensor:
     """The logits decoding compares with its threshold, on the CPU: the fine ones less
     `fine_prior` (`FindingHead.fine_prior`), the coarse ones as they are."""
-    logits = logits.detach().float().cpu()
-    if fine_prior is None:
-        return logits
-    return torch.cat([logits[:, :len(FINE)] - fine_prior.float().cpu(), logits[:, len(FINE):]],
-                     dim=1)
+    logits = logits.detach().float()
+    if fine_prior is not None:  # taken off where the logits are: one copy to the host, not two
+        logits = torch.cat([logits[:, :len(FINE)] - fine_prior.float().to(logits.device),
+                            logits[:, len(FINE):]], dim=1)
+    return logits.cpu()
 
 
 def decode_findings(logits: Tensor, threshold: float = 0.5,
