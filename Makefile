@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install docs demo test test-fast reliability property bench data clean browser postgres server server-stop ui notebook
+.PHONY: install docs demo test test-fast system-packages reliability property bench data clean browser postgres server server-stop ui notebook
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -37,9 +37,21 @@ postgres:
 
 # CI runs this. The reliability suite (kills at 10 points, a tracking-server outage, an abused
 # model server: ~10 min more) runs with `make reliability`.
-test: $(STAMP) browser postgres
-	$(PY) -m pytest -q -m "not reliability" tests
+# Two pytest-xdist workers, one per core (tests/conftest.py gives each one thread); a file's
+# tests stay on one worker so its module fixtures are built once. The 15 slowest are listed.
+test: $(STAMP) system-packages
+	$(PY) -m pytest -q -m "not reliability" -n 2 --dist loadfile --durations=15 tests
 	$(MAKE) docs
+
+# Both Debian packages the tests use, in one apt-get (only as root with apt-get).
+system-packages:
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
+	{ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } \
+	  || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq \
+	    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } \
+	  || echo "not installed:$$missing (the UI or team-server test will be skipped)"; fi
 
 # The documentation site (mkdocs-material, offline) into site/; --strict fails on a broken link.
 docs: $(STAMP)

@@ -25,42 +25,6 @@ if str(ROOT) not in sys.path:  # run as a file: the project is importable from i
     sys.path.insert(0, str(ROOT))
 
 
-def _stage1(work: Path, objective: str):
-    from pipeline import config as C
-    from pipeline.stage1.trainer import Stage1Trainer, build_stage1_inputs
-    from pipeline.train.distributed import join_world
-
-    world = join_world("auto")
-    cfg = C.build(C.Stage1Config, "tiny", {"data.root": str(work / "data"),
-                                           "objective": objective})
-    inputs = build_stage1_inputs(cfg, world)
-    return Stage1Trainer(cfg, inputs.model, inputs.loaders, inputs.probe_images,
-                         work / f"stage1_{objective}", "bench", lambda m, s: None,
-                         lambda t: None, logging.getLogger("bench_syncs"), world=world)
-
-
-def _stage2(work: Path, findings_weight: float):
-    from pipeline import config as C
-    from pipeline.data import load_dataset
-    from pipeline.models.tiny_lm import build_tiny_llm
-    from pipeline.stage2.job import Stage2Job
-    from pipeline.stage2.trainer import Stage2Trainer
-    from pipeline.train.common import EpochLoaders
-    from pipeline.train.distributed import join_world
-
-    world = join_world("auto")
-    cfg = C.build(C.Stage2Config, "tiny", {"data.root": str(work / "data"),
-                                           "findings_weight": findings_weight})
-    job = Stage2Job(cfg, profile="tiny", init="scratch", llm=build_tiny_llm(), world=world,
-                    echo=lambda m: None)
-    _, llm, model, _ = job._build(None)
-    records = load_dataset(cfg.data)
-    loaders = EpochLoaders(records["train"], records["val"], cfg.encoder.image_size,
-                           cfg.batch_size, cfg.seed, world)
-    return Stage2Trainer(cfg, model, llm, loaders, work / "stage2", "bench", lambda m, s: None,
-                         lambda t: None, logging.getLogger("bench_syncs"), world=world)
-
-
 def count_steps(build, steps: int) -> tuple[list[int], collections.Counter, str | None]:
     """(syncs of each step, where they were asked for, the error that stopped the steps)."""
     from tests.fake_cuda import fake_cuda
@@ -89,10 +53,12 @@ def main(argv=None) -> int:
     parser.add_argument("--where", action="store_true", help="list where each sync comes from")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
-    runs = [("stage1 findings", lambda w: _stage1(w, "findings")),
-            ("stage1 vicreg", lambda w: _stage1(w, "vicreg")),
+    from tests.fake_cuda import stage1_trainer, stage2_trainer
+
+    runs = [("stage1 findings", lambda w: stage1_trainer(w, "findings")),
+            ("stage1 vicreg", lambda w: stage1_trainer(w, "vicreg")),
             (f"stage2 (adapters, findings_weight {args.findings_weight:g}, bf16)",
-             lambda w: _stage2(w, args.findings_weight))]
+             lambda w: stage2_trainer(w, findings_weight=args.findings_weight))]
     print(f"{'step':<48} syncs per step (steps 1..{args.steps})")
     for name, build in runs:
         counts, where, error = count_steps(build, args.steps)

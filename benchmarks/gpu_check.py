@@ -200,9 +200,11 @@ def sync_row(device: torch.device, trainer, batches) -> Row:
     CPU the count `benchmarks/bench_syncs.py` takes on a fake CUDA device."""
     if device.type != "cuda":
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        from bench_syncs import _stage2, count_steps
+        from bench_syncs import count_steps
+        from tests.fake_cuda import stage2_trainer
 
-        counts, _, error = count_steps(lambda work: _stage2(work, 3.0), len(batches))
+        counts, _, error = count_steps(lambda work: stage2_trainer(work, findings_weight=3.0),
+                                       len(batches))
         how = "fake CUDA, tiny"
     else:
         import warnings

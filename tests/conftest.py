@@ -18,7 +18,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
 
-torch.set_num_threads(2)
+# `make test` runs the suite in two pytest-xdist workers, one per core: each computes on one
+# thread (two each would oversubscribe the cores). A plain `pytest` run keeps both.
+# The programs tests start (training CLIs, servers) inherit one thread per worker as well.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture()

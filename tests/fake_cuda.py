@@ -231,3 +231,48 @@ def fake_cuda(monkeypatch):
     syncs = Syncs()
     with FakeTensorMode(allow_non_fake_inputs=True), _RealCpu(syncs):
         yield syncs
+
+
+# ---- the tiny profile's trainers on the fake device (tests/test_fake_cuda.py, bench_syncs) --
+
+def stage1_trainer(work, objective: str = "findings"):
+    """A tiny-profile Stage 1 trainer on the device `join_world` resolves (inside `fake_cuda`:
+    cuda:0), its data generated under `work`."""
+    import logging
+
+    from pipeline import config as C
+    from pipeline.stage1.trainer import Stage1Trainer, build_stage1_inputs
+    from pipeline.train.distributed import join_world
+
+    world = join_world("auto")
+    cfg = C.build(C.Stage1Config, "tiny", {"data.root": str(work / "data"),
+                                           "objective": objective})
+    inputs = build_stage1_inputs(cfg, world)
+    return Stage1Trainer(cfg, inputs.model, inputs.loaders, inputs.probe_images,
+                         work / f"stage1_{objective}", "fake", lambda m, s: None,
+                         lambda t: None, logging.getLogger("fake_cuda"), world=world)
+
+
+def stage2_trainer(work, **overrides):
+    """A tiny-profile Stage 2 trainer (adapters, findings weighted) with a tiny random LM,
+    built as `Stage2Job` builds it; `overrides` change its config."""
+    import logging
+
+    from pipeline import config as C
+    from pipeline.data import load_dataset
+    from pipeline.models.tiny_lm import build_tiny_llm
+    from pipeline.stage2.job import Stage2Job
+    from pipeline.stage2.trainer import Stage2Trainer
+    from pipeline.train.common import EpochLoaders
+    from pipeline.train.distributed import join_world
+
+    world = join_world("auto")
+    cfg = C.build(C.Stage2Config, "tiny", {"data.root": str(work / "data"), **overrides})
+    job = Stage2Job(cfg, profile="tiny", init="scratch", llm=build_tiny_llm(), world=world,
+                    echo=lambda m: None)
+    _, llm, model, _ = job._build(None)
+    records = load_dataset(cfg.data)
+    loaders = EpochLoaders(records["train"], records["val"], cfg.encoder.image_size,
+                           cfg.batch_size, cfg.seed, world)
+    return Stage2Trainer(cfg, model, llm, loaders, work / "stage2", "fake", lambda m, s: None,
+                         lambda t: None, logging.getLogger("fake_cuda"), world=world)

@@ -4,15 +4,10 @@ CPU fails here as it would on a card, and every read of a device value (a host s
 counted."""
 from __future__ import annotations
 
-import logging
-
-import pytest
 import torch
-
-from pipeline import config as C
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from tests.fake_cuda import GPU, fake_cuda
+from tests.fake_cuda import GPU, fake_cuda, stage1_trainer, stage2_trainer
 
 MAX_SYNCS_PER_STEP = 3  # the loss for the log, the fused finite-gradient check, the stop flag
 
@@ -26,40 +21,16 @@ def _zeros(tensors):
 
 
 def _stage1(tmp_path, objective: str = "findings"):
-    from pipeline.stage1.trainer import Stage1Trainer, build_stage1_inputs
-    from pipeline.train.distributed import join_world
-
-    world = join_world("auto")
-    assert world.device == GPU
-    cfg = C.build(C.Stage1Config, "tiny", {"data.root": str(tmp_path / "data"),
-                                           "objective": objective})
-    inputs = build_stage1_inputs(cfg, world)
-    trainer = Stage1Trainer(cfg, inputs.model, inputs.loaders, inputs.probe_images,
-                            tmp_path / "stage1", "fake", lambda m, s: None, lambda t: None,
-                            logging.getLogger("fake_cuda"), world=world)
+    trainer = stage1_trainer(tmp_path, objective)
+    assert trainer.world.device == GPU
     return trainer
 
 
 def _stage2(tmp_path, **overrides):
-    from pipeline.data import load_dataset
-    from pipeline.models.tiny_lm import build_tiny_llm
-    from pipeline.stage2.job import Stage2Job
-    from pipeline.stage2.trainer import Stage2Trainer
-    from pipeline.train.common import EpochLoaders
-    from pipeline.train.distributed import join_world
-
-    world = join_world("auto")
-    cfg = C.build(C.Stage2Config, "tiny", {"data.root": str(tmp_path / "data"), **overrides})
+    trainer = stage2_trainer(tmp_path, **overrides)
+    cfg = trainer.cfg
     assert cfg.findings_weight == 3.0 and cfg.llm.adapter_rank > 0 and cfg.findings_first
-    job = Stage2Job(cfg, profile="tiny", init="scratch", llm=build_tiny_llm(), world=world,
-                    echo=lambda m: None)
-    _, llm, model, _ = job._build(None)
-    records = load_dataset(cfg.data)
-    loaders = EpochLoaders(records["train"], records["val"], cfg.encoder.image_size,
-                           cfg.batch_size, cfg.seed, world)
-    return Stage2Trainer(cfg, model, llm, loaders, tmp_path / "stage2", "fake",
-                         lambda m, s: None, lambda t: None, logging.getLogger("fake_cuda"),
-                         world=world)
+    return trainer
 
 
 def test_a_stage1_step_runs_on_the_gpu_within_the_sync_budget(tmp_path, monkeypatch):
