@@ -263,6 +263,15 @@ class ChampionConfig:
     min_report_form: float = 0.85
     max_contradiction_share: float = 0.02
     max_preamble_share: float = 0.02
+    # The text before any repair: the served text may be repaired (`resolve_contradictions`),
+    # but a model that contradicts itself as written, or whose reports the repair has to edit,
+    # is refused. False: these two rules are not judged.
+    judge_as_written: bool = True
+    max_contradiction_share_as_written: float = 0.10
+    max_repaired_share: float = 0.10
+    # The retrieval baseline (the training report nearest to the head's findings): the model
+    # must beat it on CheXpert-14 micro F1 and coarse finding F1. False: not judged.
+    judge_retrieval: bool = True
 
 
 # Profile overrides, as nested dicts over the dataclass fields. `tiny` runs a whole step on a
