@@ -45,6 +45,10 @@ def _step(name: str, params: dict, key: dict, allow_fail: bool = False):
 @click.option("--data", default="synthetic", show_default=True)
 @click.option("--objective", type=click.Choice(["auto", "findings", "vicreg", "l2_proxy"]),
               default="auto", show_default=True, help="Stage 1's; auto = findings")
+@click.option("--uncertain", type=click.Choice(["auto", "positive", "negative", "ignore"]),
+              default="auto", show_default=True,
+              help="the finding head's uncertain mentions, in Stage 1 and Stage 2: auto = "
+                   "positive (U-ones), negative (U-zeros) or ignore (masked from the loss)")
 @click.option("--stage1_lr", "--stage1-lr", default="auto", show_default=True,
               help="auto = 1e-3 (the original recipe: vicreg at 1e-5)")
 @click.option("--stage2_lr", "--stage2-lr", default="auto", show_default=True,
@@ -56,7 +60,8 @@ def _step(name: str, params: dict, key: dict, allow_fail: bool = False):
 @click.option("--stop_on_reject", "--stop-on-reject", is_flag=True)
 @device_option
 @one_line_errors
-def main(profile, data, objective, stage1_lr, stage2_lr, llm, nproc, stop_on_reject, device):
+def main(profile, data, objective, uncertain, stage1_lr, stage2_lr, llm, nproc, stop_on_reject,
+         device):
     """Run the whole pipeline; print the metrics, where results are and how to look."""
     # Child steps run `python -m steps.X` (MLproject); make that this interpreter.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -67,10 +72,12 @@ def main(profile, data, objective, stage1_lr, stage2_lr, llm, nproc, stop_on_rej
         name_run(f"main {profile}")
         set_run_tags({"data.digest": digest, **key})
         log_new_params({"profile": profile, "data": data, "data.digest": digest,
-                        "objective": objective, "stage1_lr": stage1_lr, "stage2_lr": stage2_lr,
+                        "objective": objective, "uncertain": uncertain,
+                        "stage1_lr": stage1_lr, "stage2_lr": stage2_lr,
                         "llm": llm, "nproc": nproc, "device": device})
         common = {"profile": profile, "data": data, "device": device}
-        training = {**common, "nproc": nproc}  # a reused run was trained on as many ranks
+        # a reused run was trained on as many ranks, with the same uncertain policy
+        training = {**common, "nproc": nproc, "uncertain": uncertain}
         s1, _ = _step("stage1", {**training, "objective": objective, "lr": stage1_lr}, key)
         _, approved = _step("validate", {"stage1_run": s1, "profile": profile}, key,
                             allow_fail=True)

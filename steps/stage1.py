@@ -30,6 +30,10 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
               default="auto", show_default=True,
               help="findings (default) and vicreg cannot collapse; l2_proxy is the old proxy")
 @click.option("--max_visual_tokens", "--max-visual-tokens", default="96", show_default=True)
+@click.option("--uncertain", type=click.Choice(["auto", "positive", "negative", "ignore"]),
+              default="auto", show_default=True,
+              help="how the finding head's targets count an uncertain mention: positive "
+                   "(U-ones, auto), negative (U-zeros) or ignore (masked from the loss)")
 @click.option("--seed", default="0", show_default=True)
 @click.option("--resume", default=None,
               help="'auto' or an interrupted run's output folder: continue it (its config wins)")
@@ -37,14 +41,14 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
 @device_option
 @nproc_option("steps.stage1")
 @one_line_errors
-def main(profile, data, image_dir, epochs, lr, batch_size, objective, max_visual_tokens, seed,
-         resume, output_dir, device):
+def main(profile, data, image_dir, epochs, lr, batch_size, objective, max_visual_tokens,
+         uncertain, seed, resume, output_dir, device):
     """Train vision + bridge (no LLM) and track the run in MLflow."""
     cfg = C.build(C.Stage1Config, profile, {
         "data.source": data, "data.image_dir": image_dir, "epochs": auto(epochs, int),
         "lr": auto(lr, float), "batch_size": auto(batch_size, int), "objective": auto(objective, str),
         "bridge.max_visual_tokens": auto(max_visual_tokens, int), "seed": auto(seed, int),
-        "output_dir": output_dir})
+        "data.uncertain": auto(uncertain, str), "output_dir": output_dir})
     with distributed_world(device) as world:
         Stage1Job(cfg, profile=profile, resume=None if resume in (None, "", "none") else resume, world=world,
                   echo=lambda m: click.echo(m, err=True)).run()

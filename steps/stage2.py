@@ -35,6 +35,10 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
 @click.option("--adapter_lr", "--adapter-lr", default=None, help="the adapters' learning rate")
 @click.option("--batch_size", "--batch-size", default=None, help="default 2")
 @click.option("--max_visual_tokens", "--max-visual-tokens", default=None, help="default 96")
+@click.option("--uncertain", type=click.Choice(["auto", "positive", "negative", "ignore"]),
+              default=None,
+              help="how the finding head's targets count an uncertain mention: positive "
+                   "(U-ones, auto), negative (U-zeros) or ignore (masked from the loss)")
 @click.option("--llm", default=None, help="smollm2 (offline default), tiny-random, HF folder, .gguf")
 @click.option("--seed", default=None)
 @click.option("--init", default="auto", show_default=True,
@@ -52,8 +56,8 @@ from steps.common import (auto, device_option, distributed_world, nproc_option,
 @nproc_option("steps.stage2")
 @one_line_errors
 def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings, adapter_rank,
-         adapter_lr, batch_size, max_visual_tokens, llm, seed, init, from_scratch, vision_checkpoint, force_init, resume, output_dir,
-         device):
+         adapter_lr, batch_size, max_visual_tokens, uncertain, llm, seed, init, from_scratch,
+         vision_checkpoint, force_init, resume, output_dir, device):
     """Train vision + bridge against the frozen LLM and register the result."""
     config_file = auto(config_file, str)
     cfg = C.build(C.Stage2Config, profile, {
@@ -62,7 +66,8 @@ def main(profile, config_file, data, image_dir, epochs, lr, encoder_lr, findings
         "llm.adapter_rank": auto(adapter_rank, int), "adapter_lr": auto(adapter_lr, float),
         "findings": None if findings is None else findings == "true",
         "bridge.max_visual_tokens": auto(max_visual_tokens, int), "llm.name": auto(llm, str),
-        "seed": auto(seed, int), "output_dir": output_dir}, config_file=config_file)
+        "data.uncertain": auto(uncertain, str), "seed": auto(seed, int),
+        "output_dir": output_dir}, config_file=config_file)
     if encoder_lr is not None:
         cfg = C.replace_values(cfg, encoder_lr=None if encoder_lr == "same" else float(encoder_lr))
     init = "scratch" if from_scratch else (vision_checkpoint or init)

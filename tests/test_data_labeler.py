@@ -272,3 +272,19 @@ def test_uncertain_policy_is_a_data_parameter_logged_with_the_config():
         "data.uncertain"] == "ignore"
     with pytest.raises(C.ConfigError, match="uncertain"):
         C.DataConfig(uncertain="sometimes")
+
+
+def test_uncertain_policy_is_a_stage1_and_stage2_parameter_logged_on_the_run(mlflow_store):
+    import mlflow
+    from click.testing import CliRunner
+
+    from steps import stage1, stage2
+
+    for step, args in ((stage1, []), (stage2, ["--init", "scratch"])):
+        result = CliRunner().invoke(step.main, ["--profile", "tiny", "--epochs", "1",
+                                                "--uncertain", "ignore", *args])
+        assert result.exit_code == 0, result.output
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.data.params["data.uncertain"] for r in runs) == ["ignore", "ignore"]
+    refused = CliRunner().invoke(stage1.main, ["--profile", "tiny", "--uncertain", "maybe"])
+    assert refused.exit_code == 2 and "maybe" in refused.output
