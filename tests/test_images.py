@@ -231,6 +231,40 @@ def test_a_film_replaced_with_its_size_and_mtime_kept_is_read_anew(tmp_path, mon
     assert np.array_equal(cache.load(str(path)), first)
 
 
+def test_loader_workers_decode_each_film_once_over_the_epochs(tmp_path, monkeypatch):
+    """Two DataLoader workers (as on a GPU), three epochs: every film is decoded once in the
+    first epoch, in whichever worker, and read from the cache after that."""
+    from pipeline.train.common import EpochLoaders
+
+    monkeypatch.delenv(film.CACHE_ENV, raising=False)
+    root = tmp_path / "ds"
+    entries = []
+    for i in range(7):
+        _save(root / f"images/{i}/0.png", Image.fromarray(_gradient(8, 10 * i, 200)))
+        entries.append({"id": str(i), "report": "No effusion.", "image_path": [f"{i}/0.png"]})
+    (root / "annotation.json").write_text(json.dumps({"train": entries[:6], "val": entries[6:]}))
+    decoded = tmp_path / "decoded.txt"  # workers are other processes: they append here
+    real = film.decode_bytes
+
+    def counted(data, size, name, **kw):
+        with open(decoded, "a") as out:
+            out.write(f"{name}\n")
+        return real(data, size, name, **kw)
+
+    monkeypatch.setattr(film, "decode_bytes", counted)  # forked workers inherit it
+    records = load_records(root / "annotation.json")
+    loaders = EpochLoaders(records["train"], records["val"], SIZE, batch_size=2, seed=0,
+                           num_workers=2)
+    per_epoch = []
+    for epoch in (1, 2, 3):
+        seen = sum(len(batch["reports"]) for batch in loaders.epoch(epoch))
+        assert seen == 6
+        lines = decoded.read_text().splitlines() if decoded.exists() else []
+        per_epoch.append(len(lines) - sum(per_epoch))
+    assert per_epoch == [6, 0, 0], f"decodes per epoch: {per_epoch}"
+    assert len(set(decoded.read_text().splitlines())) == 6
+
+
 def test_cache_can_be_turned_off_or_moved(tmp_path, monkeypatch):
     monkeypatch.setenv(film.CACHE_ENV, "off")
     assert film.cache_dir_for(tmp_path) is None
