@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import os
@@ -261,6 +262,8 @@ def test_loader_workers_decode_each_film_once_over_the_epochs(tmp_path, monkeypa
         assert seen == 6
         lines = decoded.read_text().splitlines() if decoded.exists() else []
         per_epoch.append(len(lines) - sum(per_epoch))
+    del loaders  # its persistent workers end here, not in a later test's garbage collection
+    gc.collect()
     assert per_epoch == [6, 0, 0], f"decodes per epoch: {per_epoch}"
     assert len(set(decoded.read_text().splitlines())) == 6
 
