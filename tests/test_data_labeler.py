@@ -288,3 +288,18 @@ def test_uncertain_policy_is_a_stage1_and_stage2_parameter_logged_on_the_run(mlf
     assert sorted(r.data.params["data.uncertain"] for r in runs) == ["ignore", "ignore"]
     refused = CliRunner().invoke(stage1.main, ["--profile", "tiny", "--uncertain", "maybe"])
     assert refused.exit_code == 2 and "maybe" in refused.output
+
+
+@pytest.mark.parametrize("report, expected", [
+    ("There is a left retrocardiac opacity and mild right basilar atelectasis.",
+     {"opacity_left", "atelectasis_right"}),
+    ("Left lower lobe opacity with small right pleural effusion and right basilar atelectasis.",
+     {"opacity_left", "effusion_right", "atelectasis_right"}),
+    ("Right lower lobe opacity, likely pneumonia.", {"consolidation_right_lower"}),
+    ("Left basilar opacity may represent atelectasis.", {"atelectasis_left"}),
+])
+def test_an_opacity_is_another_finding_only_where_the_clause_names_it_so(report, expected):
+    """Two findings joined by "and" / "with" stay two; "likely", "may represent" name one."""
+    from pipeline.data.labeler import label_report
+
+    assert {k for k, v in label_report(report).items() if v} == expected

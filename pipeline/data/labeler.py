@@ -149,21 +149,45 @@ def _kind(mention: Mention, group: str) -> str:
                 OTHER_DEVICE)
 
 
-def _clause_findings(mentions: list[Mention], offsets: list[int],
+# Words that name an opacity as something more specific: "opacity, likely pneumonia", "opacity
+# which may represent atelectasis", "opacity consistent with edema".
+_NAMES = {"likely", "probably", "possibly", "probable", "possible", "may", "might", "could",
+          "represent", "represents", "representing", "reflect", "reflects", "reflecting",
+          "consistent", "compatible", "suggestive", "suggesting", "suggest", "suggests",
+          "concerning", "worrisome", "suspicious", "favor", "favored", "favoring", "due",
+          "secondary", "from", "versus", "vs", "either", "exclude", "excluded", "concern",
+          "question", "questionable", "differential", "include", "includes", "including",
+          "indicate", "indicates", "indicating", "representative", "presumably", "presumed"}
+
+
+def _names(tokens: list[str], a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether the mention at token span `b` names the one at `a` (an opacity) as something
+    more specific: a naming word between them, or no separator ("atelectatic opacity").
+    "Left retrocardiac opacity and right basilar atelectasis" are two findings."""
+    between = tokens[min(a[1], b[1]):max(a[0], b[0])]
+    return any(t in _NAMES for t in between) or not any(t in _SPLITTERS for t in between)
+
+
+def _clause_findings(mentions: list[Mention], tokens: list[str], offsets: list[int],
                      affirm_uncertain: bool) -> list[_Finding]:
-    """The clause's mentions as findings: grouped, an opacity named as something more specific
-    taken as that (with its presence), devices by kind; in token positions."""
+    """The clause's mentions as findings: grouped, an opacity that the clause names as
+    something more specific taken as that (with its presence), devices by kind; in token
+    positions."""
+    def span(m: Mention) -> tuple[int, int]:
+        first = sum(offset < m.start for offset in offsets)
+        return first, max(sum(offset < m.end for offset in offsets), first + 1)
+
     grouped = [(m, _GROUP_OF[m.observation]) for m in mentions if m.observation in _GROUP_OF]
     specific = [(m, g) for m, g in grouped if g in _SPECIFIC and _present(m, affirm_uncertain)]
     out = []
     for mention, group in grouped:
         present = _present(mention, affirm_uncertain)
-        if group == "opacity" and specific:
-            nearest, group = min(specific, key=lambda mg: abs(mg[0].start - mention.start))
+        named = [(m, g) for m, g in specific if _names(tokens, span(mention), span(m))] \
+            if group == "opacity" else []
+        if named:
+            nearest, group = min(named, key=lambda mg: abs(mg[0].start - mention.start))
             present = _present(nearest, affirm_uncertain)
-        first = sum(offset < mention.start for offset in offsets)
-        last = sum(offset < mention.end for offset in offsets)
-        out.append(_Finding(_kind(mention, group), present, first, max(last, first + 1)))
+        out.append(_Finding(_kind(mention, group), present, *span(mention)))
     return sorted(out, key=lambda f: (f.start, f.end))
 
 
@@ -239,7 +263,7 @@ def _read(text: str, affirm_uncertain: bool = True) -> frozenset[str]:
     found: set[str] = set()
     for mentions in read_mentions(text):
         tokens, offsets = _tokens(mentions[0].clause)
-        clause = _clause_findings(mentions, offsets, affirm_uncertain)
+        clause = _clause_findings(mentions, tokens, offsets, affirm_uncertain)
         for f, region in zip(clause, _regions(clause, tokens)):
             if f.present:
                 found |= _placed(f, tokens, region)
