@@ -485,3 +485,21 @@ def test_a_blip_while_downloading_the_approved_stage1_is_retried(
     monkeypatch.setattr("pipeline.tracking.outage.time.sleep", lambda s: None)
     _blip(monkeypatch, mlflow.artifacts, "download_artifacts")
     assert choose_init("auto", "out").source == "registry"
+
+
+def test_after_the_champion_is_taken_off_an_earlier_approved_version_does_not_return(
+        mlflow_store, tmp_path, monkeypatch):
+    first_run, _, first = _stage2_run(tmp_path, seed=0)  # approved with no champion: 0.9
+    assert _evaluate(monkeypatch, first_run, _outcome(0.9)).exit_code == 0
+    second_run, _, second = _stage2_run(tmp_path, seed=1)
+    assert _evaluate(monkeypatch, second_run, _outcome(0.95)).exit_code == 0
+    assert _champion() == second
+    failing = _outcome(0.95)
+    failing.metrics["greedy_contradiction_share"] = 0.5
+    assert _evaluate(monkeypatch, second_run, failing).exit_code == 0
+    assert _champion() is None
+    third_run, _, third = _stage2_run(tmp_path, seed=2)  # finds no champion, as `first` did
+    result = _evaluate(monkeypatch, third_run, _outcome(0.5))
+    assert result.exit_code == 0, result.output
+    assert _champion() == third, \
+        f"champion -> version {_champion()}, approved before the vacancy: {result.output[-400:]}"

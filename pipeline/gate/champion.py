@@ -235,7 +235,7 @@ def decide_champion(evaluation: Evaluation, cfg: ChampionConfig = ChampionConfig
     itself = before == version
     verdict = judge_champion(evaluation.metrics, cfg, None if itself else current,
                              evaluation.key, rules)
-    read = registry.NO_CHAMPION if current is None else current.token
+    read = registry.no_champion_token() if current is None else current.token
     m = evaluation.metrics
     tags = {"eval.score": repr(float(m["score"])), "eval.key": evaluation.key,
             "eval.score_definition": evaluation.score_definition,
@@ -246,10 +246,9 @@ def decide_champion(evaluation: Evaluation, cfg: ChampionConfig = ChampionConfig
             **{f"eval.{name}": f"{m.get(key, math.nan):.3f}" for name, key in _SUMMARY}}
     registry.record_evaluation(version, tags, _verdict_line(verdict) + "\n\n"
                                + evaluation.description)
-    if itself:
-        if not verdict.approved:
-            registry.remove_champion()
-        champion = version if verdict.approved else None
+    if itself:  # confirmed, or taken off (unless another evaluation has moved it since)
+        champion = registry.alias_version(registry.REPORT_MODEL, registry.CHAMPION_ALIAS) \
+            if verdict.approved else registry.remove_champion(version)
     else:
         champion = _settle(version, evaluation.key, read) if verdict.approved else before
     registry.describe_report_model(_model_page(version, champion, verdict, tags,

@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -364,10 +365,33 @@ def set_champion(version: str) -> None:
                    version, what="moving champion")
 
 
-def remove_champion() -> None:
-    """Take `report-vlm@champion` off (its version no longer passes the champion gate)."""
-    call_or_none(MlflowClient().delete_registered_model_alias, REPORT_MODEL, CHAMPION_ALIAS,
+VACATED_TAG = "champion.vacated_at"  # on `report-vlm`: when the alias was last taken off
+
+
+def remove_champion(version: str) -> str | None:
+    """Take `report-vlm@champion` off `version` (it no longer passes the champion gate); a
+    champion that moved meanwhile (another evaluation set it) is left alone. Returns the
+    champion afterwards. The time is tagged on the model: evaluations that find no champion
+    from now on raced only each other (`no_champion_token`)."""
+    client = MlflowClient()
+    if alias_version(REPORT_MODEL, CHAMPION_ALIAS) != version:
+        return alias_version(REPORT_MODEL, CHAMPION_ALIAS)
+    call_patiently(client.set_registered_model_tag, REPORT_MODEL, VACATED_TAG,
+                   datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                   what="tagging report-vlm")
+    call_or_none(client.delete_registered_model_alias, REPORT_MODEL, CHAMPION_ALIAS,
                  what="removing champion")
+    return alias_version(REPORT_MODEL, CHAMPION_ALIAS)
+
+
+def no_champion_token() -> str:
+    """What an evaluation that finds no champion read: `none`, or `none (vacated <time>)`
+    after a champion was taken off, so that versions approved before the vacancy never count
+    as its racers."""
+    model = call_or_none(MlflowClient().get_registered_model, REPORT_MODEL,
+                         what="reading report-vlm")
+    vacated = (model.tags or {}).get(VACATED_TAG) if model is not None else None
+    return f"{NO_CHAMPION} (vacated {vacated})" if vacated else NO_CHAMPION
 
 
 def describe_report_model(text: str) -> None:
