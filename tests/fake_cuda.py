@@ -136,6 +136,13 @@ class _RealCpu(TorchDispatchMode):
             or (func is torch.ops.aten.copy_.default and args[0].device.type == "cpu"))
         if to_host:
             self.syncs.record("copy")
+        # A blocking copy to the GPU (`.to("cuda")` without non_blocking) from the host's
+        # pageable memory synchronises the stream first (`memcpy_and_sync`): it stalls the host
+        # until the GPU has finished its queue, as a read does.
+        elif (func is torch.ops.aten._to_copy.default and tensors and not fake
+              and torch.device(kwargs.get("device") or "cpu").type == "cuda"
+              and not kwargs.get("non_blocking")):
+            self.syncs.record("upload")
         devices = [torch.device(d) for d in flat if isinstance(d, (torch.device, str))
                    and _is_device(d)]
         if not fake and all(d.type == "cpu" for d in devices):

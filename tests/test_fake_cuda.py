@@ -9,7 +9,10 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from tests.fake_cuda import GPU, fake_cuda, stage1_trainer, stage2_trainer
 
-MAX_SYNCS_PER_STEP = 3  # the loss for the log, the fused finite-gradient check, the stop flag
+# The losses for the log (one copy) and the fused finite-gradient check; with the head's
+# findings in the prompt (teacher forcing 0), their decision logits too. A blocking upload
+# from the host counts as well. Several ranks agree on a stop over gloo, on the host.
+MAX_SYNCS_PER_STEP = 3
 
 
 def _on_gpu(module: torch.nn.Module) -> bool:

@@ -137,7 +137,7 @@ def weighted_caption_loss(logits: torch.Tensor, labels: torch.Tensor, weights: t
     """(plain mean CE, weighted mean CE, total weight) of next-token predictions, shifted by
     one as the causal LM's own loss is. `labels` and `weights` go to the logits' device;
     `total` (`total_weight`, read on the host) saves a read of the device."""
-    labels, weights = labels.to(logits.device), weights.to(logits.device)
+    labels, weights = to_device(labels, logits.device), to_device(weights, logits.device)
     targets, w = _shifted(labels, weights)
     ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                            ignore_index=IGNORE_INDEX,

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from pipeline.data.labeler import (COARSE_FINDINGS, FINDINGS, STATED_ORDER, UNCERTAIN_POLICIES,
                                    UNLOCALISED, coarse_group, coarse_labels, label_report,
                                    uncertain_findings)
+from pipeline.device import to_device
 
 FINE = tuple(name for name in FINDINGS if name != "no_finding")  # no_finding is derived
 COARSE = tuple(name for name in COARSE_FINDINGS if name != "no_finding")
@@ -133,12 +134,13 @@ def finding_loss(logits: Tensor, reports: Sequence[str], pos_weight: Tensor | No
                  uncertain: str = "positive") -> Tensor:
     """BCE of finding logits against the labeler's reading of the reports; with
     `uncertain="ignore"`, the mean over the targets that count (`finding_mask`)."""
-    targets = finding_targets(reports, uncertain).to(logits.device)
-    weight = pos_weight.to(logits.device) if pos_weight is not None else None
+    # Built on the host from the report text; copied without waiting for the GPU's queue.
+    targets = to_device(finding_targets(reports, uncertain), logits.device)
+    weight = to_device(pos_weight, logits.device) if pos_weight is not None else None
     if uncertain != "ignore":
         return nn.functional.binary_cross_entropy_with_logits(logits, targets,
                                                               pos_weight=weight)
-    mask = finding_mask(reports, uncertain).to(logits.device)
+    mask = to_device(finding_mask(reports, uncertain), logits.device)
     loss = nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight,
                                                           reduction="none")
     return (loss * mask).sum() / mask.sum().clamp(min=1)

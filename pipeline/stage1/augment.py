@@ -19,8 +19,11 @@ def radiograph_views(images: torch.Tensor, generator: torch.Generator | None = N
     dev, dt = images.device, images.dtype
     draw_on = getattr(generator, "device", None)  # the generator's device: views are the same on any
 
+    # Drawn where the generator is; the copy to the images' device does not wait for the GPU's
+    # queue (a blocking copy from the host synchronises the stream first).
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(B, generator=generator, device=draw_on).to(dev, dt)
+        drawn = torch.rand(B, generator=generator, device=draw_on)
+        return lo + (hi - lo) * drawn.to(dev, dt, non_blocking=True)
 
     angle = uniform(-max_rotate_deg, max_rotate_deg) * math.pi / 180
     scale = uniform(*scale_range)
@@ -31,7 +34,8 @@ def radiograph_views(images: torch.Tensor, generator: torch.Generator | None = N
     out = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
     contrast = uniform(1 - max_contrast, 1 + max_contrast).view(B, 1, 1, 1)
     brightness = uniform(-max_contrast / 2, max_contrast / 2).view(B, 1, 1, 1)
-    noise = torch.randn(out.shape, generator=generator, device=draw_on).to(dev, dt)
+    noise = torch.randn(out.shape, generator=generator, device=draw_on).to(dev, dt,
+                                                                             non_blocking=True)
     return out * contrast + brightness + noise_std * noise
 
 

@@ -14,7 +14,7 @@ from pipeline.data import dataset_digest, dataset_profile, load_dataset, records
 from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
 from pipeline.stage2.trainer import STEP_STEM, Stage2Result, Stage2Trainer
-from pipeline.models.loading import load_into, output_width, weights_of
+from pipeline.models.loading import load_into, output_width, verify_base_llm, weights_of
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init,
                                   initial_adapters, refuse_if_unfit, refuse_width_mismatch)
 from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name_run,
@@ -94,6 +94,8 @@ class Stage2Job:
                                          self.cfg.llm.dtype), self.world.device)
         if tensors is not None:  # before any run or step: weights of the wrong width never fit
             refuse_width_mismatch(choice, output_width(tensors), self.cfg.llm.name, llm.hidden_size)
+        if self.init_adapters:  # adapters continue only on the base weights they were fitted to
+            verify_base_llm(llm, meta, choice.path)
         seed_everything(self.cfg.seed)
         model = place(VisionBridge.from_config(self.cfg.encoder, self.cfg.bridge,
                                                out_dim=llm.hidden_size), self.world.device)

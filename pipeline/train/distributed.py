@@ -99,10 +99,12 @@ class World:
             self._raise_first(error)
 
     def any_rank(self, flag: bool) -> bool:
-        """Whether `flag` is true on any rank (every rank gets the same answer)."""
+        """Whether `flag` is true on any rank (every rank gets the same answer). A host
+        tensor, over gloo as `agree` and `mean` send theirs (the group opens gloo for the CPU
+        beside NCCL): asking costs the GPU's queue nothing."""
         if not self.distributed:
             return flag
-        total = torch.tensor([float(flag)], device=self.device)
+        total = torch.tensor([float(flag)])
         dist.all_reduce(total)
         return bool(total.item() > 0)
 
