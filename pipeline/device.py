@@ -214,14 +214,14 @@ def loader_options(device: torch.device, num_workers: int | None) -> dict[str, A
         num_workers = min(4, os.cpu_count() or 1) if is_cuda(device) else 0
     return {"num_workers": num_workers, "pin_memory": is_cuda(device),
             "persistent_workers": num_workers > 0,
-            **({"worker_init_fn": ignore_stop_signals} if num_workers > 0 else {})}
+            **({"worker_init_fn": ignore_ctrl_c} if num_workers > 0 else {})}
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader's signature
-    """A loader worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C reaches the whole
-    process group, and the training process owns the stop (it finishes the step, saves, ends
-    the run KILLED). A worker that died of it would turn that into a failed run."""
+def ignore_ctrl_c(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader's signature
+    """A loader worker ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and
+    the training process owns the stop (it finishes the step, saves, ends the run KILLED); a
+    worker that died of it would turn that into a failed run. SIGTERM still ends a worker: it
+    is how its parent (and multiprocessing at exit) stops it."""
     import signal
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
