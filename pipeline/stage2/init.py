@@ -68,15 +68,16 @@ def tuple_or_value(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def initial_adapters(choice: InitChoice, metadata: dict, cfg: C.Stage2Config
-                     ) -> dict[str, torch.Tensor] | None:
-    """The LLM adapters an initial Stage 2 checkpoint holds, to continue them (None: it holds
-    none, e.g. a Stage 1 checkpoint). Raises GuardError when they are not the adapters this
-    run asks for: continuing the vision side alone would train it against fresh adapters."""
-    from pipeline.checkpoint import load_checkpoint, split_prefix
+def initial_adapters(choice: InitChoice, raw_tensors: dict[str, torch.Tensor], metadata: dict,
+                     cfg: C.Stage2Config) -> dict[str, torch.Tensor] | None:
+    """The LLM adapters an initial Stage 2 checkpoint holds (`raw_tensors`: all its tensors),
+    to continue them (None: it holds none, e.g. a Stage 1 checkpoint). Raises GuardError when
+    they are not the adapters this run asks for: continuing the vision side alone would train
+    it against fresh adapters."""
+    from pipeline.checkpoint import split_prefix
     from pipeline.models.llm import ADAPTER_PREFIX
 
-    adapters = split_prefix(load_checkpoint(choice.path)[0], ADAPTER_PREFIX)
+    adapters = split_prefix(raw_tensors, ADAPTER_PREFIX)
     if not adapters:
         return None
     saved = metadata.get("config")

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import config as C
-from pipeline.checkpoint import STAGE2_FINAL, sha256_file
+from pipeline.checkpoint import STAGE2_FINAL, load_checkpoint, sha256_file
 from pipeline.data import dataset_digest, dataset_profile, load_dataset, records_frame
 from pipeline.train.plots import plot_stage2
 from pipeline.tracking.registry import model_version_run, register_report_model, run_verdict
 from pipeline.stage2.trainer import STEP_STEM, Stage2Result, Stage2Trainer
-from pipeline.models.loading import load_into, output_width, verify_base_llm, weights_of
+from pipeline.models.loading import load_into, model_tensors, output_width, verify_base_llm
 from pipeline.stage2.init import (InitChoice, adopt_architecture, choose_init,
                                   initial_adapters, refuse_if_unfit, refuse_width_mismatch)
 from pipeline.tracking.runs import (log_dataset, log_files, log_new_params, name_run,
@@ -83,10 +83,11 @@ class Stage2Job:
         else:
             choice = choose_init(self.init, self.cfg.output_dir, self.cfg)
             choice = replace(choice, note=choice.note + self.not_resumed)
-            tensors, meta = weights_of(choice.path) if choice.path else (None, {})
-            if tensors is not None:
+            raw, meta = load_checkpoint(choice.path) if choice.path else (None, {})
+            tensors = model_tensors(raw) if raw is not None else None
+            if tensors is not None:  # read once: the model's tensors and the LLM's adapters
                 self.cfg = adopt_architecture(self.cfg, meta, tensors)
-                self.init_adapters = initial_adapters(choice, meta, self.cfg)
+                self.init_adapters = initial_adapters(choice, raw, meta, self.cfg)
                 if self.init_adapters:
                     choice = replace(choice, note=choice.note + ", with its LLM adapters")
         self.echo(f"init: {choice.source}: {choice.note}")
