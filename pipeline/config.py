@@ -215,6 +215,9 @@ class Stage2Config:
     # finding its prompt names, else the assertions); the unedited first candidate is scored
     # beside it (`*_top_*`).
     resolve_contradictions: bool = False
+    # With findings, write under `FindingsConstraint` (evaluation and serving alike): no
+    # sentence that denies a finding the prompt names or asserts one it does not.
+    constrain_findings: bool = False
     checkpoint_every: int = 50
     n_val_reports: int = 4
     # Healthy bands for the epoch's mean caption loss (epoch, low, high), interpolated between
@@ -307,7 +310,7 @@ _REPORT_RECIPE = {
     "llm": {"adapter_rank": 8, "adapter_alpha": 16.0}, "adapter_lr": 5e-4,
     # The system turn says what to write, so the user turn is the findings alone.
     "system_prompt": "You are a radiologist. You write chest X-ray reports.", "prompt": "",
-    "resolve_contradictions": True, "findings_first": True,
+    "resolve_contradictions": True, "findings_first": True, "constrain_findings": True,
     "bands": ((1, 0.6, 3.5), (2, 0.4, 2.5), (5, 0.25, 1.8), (20, 0.1, 1.2), (50, 0.05, 1.0)),
 }
 PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {

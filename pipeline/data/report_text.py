@@ -150,7 +150,7 @@ def _sided(labels: Mapping[str, int]) -> set[str]:
     return {k for k, v in labels.items() if v and ("_left" in k or "_right" in k)}
 
 
-def _denied(sentence: str) -> tuple[set[str], set[str]]:
+def denied(sentence: str) -> tuple[set[str], set[str]]:
     """(groups, sided fine labels) a sentence denies: a negated mention, or a normal
     statement. A denial that names a side ("no right pleural effusion") denies that side."""
     groups = {group for group, pattern in _NORMAL.items() if pattern.search(sentence)}
@@ -178,7 +178,7 @@ def contradictions(report: str) -> list[str]:
         asserted_groups |= {g for g, v in coarse_labels(sentence).items()
                             if v and g != "no_finding"}
         asserted_sided |= _sided(label_report(sentence))
-        groups, sided = _denied(sentence)
+        groups, sided = denied(sentence)
         denied_groups |= groups
         denied_sided |= sided
     clash = (asserted_groups & denied_groups) | \
@@ -196,7 +196,7 @@ def _reading(text: str) -> tuple[set[str], set[str]]:
     """(groups asserted, groups denied) by a piece of text read alone."""
     cleaned = " ".join(sentences(text))
     asserted = {g for g, v in coarse_labels(cleaned).items() if v and g != "no_finding"}
-    groups, sided = _denied(cleaned)
+    groups, sided = denied(cleaned)
     return asserted, groups | {coarse_group(name) for name in sided}
 
 

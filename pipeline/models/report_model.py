@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
+from transformers import LogitsProcessorList
 
 from pipeline import config as C
 from pipeline.data.finding_metrics import disagreement
@@ -21,6 +22,7 @@ from pipeline.data.labeler import to_coarse
 from pipeline.data.report_text import contradictions, findings_first_parts, resolve_contradictions
 from pipeline.device import cpu_bf16_region, to_device, to_storage
 from pipeline.models import captioning
+from pipeline.models.faithful_decoding import FindingsConstraint
 from pipeline.models.findings import findings_text
 
 
@@ -126,9 +128,12 @@ def image_seed(seed: int, image: torch.Tensor) -> int:
 
 
 def _samples(llm, visual: torch.Tensor, prompt_ids, seed: int, samples: int,
-             max_new_tokens: int, temperature: float, generate_kwargs: dict) -> list[str]:
+             max_new_tokens: int, temperature: float, generate_kwargs: dict,
+             constraint: Callable[..., list] | None = None) -> list[str]:
     """`samples` sampled reports for one image, laid out as if it were alone (no padding)."""
     embeds, mask = captioning.prompt_only(visual, [prompt_ids], llm.pad_token_id, llm.embed)
+    if constraint is not None:
+        generate_kwargs = {**generate_kwargs, "logits_processor": constraint(samples, True)}
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the caller's random state stays as it was
         return llm.generate(embeds, mask, max_new_tokens=max_new_tokens, do_sample=True,
@@ -140,12 +145,15 @@ def _samples(llm, visual: torch.Tensor, prompt_ids, seed: int, samples: int,
 def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_tokens: int,
                         num_beams: int = 1, batch_size: int = 16, findings: bool = False,
                         samples: int = 0, seed: int = 0, temperature: float = 0.7,
-                        system: str | None = None, absent: bool = False, **generate_kwargs
-                        ) -> tuple[list[list[str]], list[dict] | None]:
+                        system: str | None = None, absent: bool = False,
+                        constrain: bool = False, vocabulary: Iterable[str] = (),
+                        **generate_kwargs) -> tuple[list[list[str]], list[dict] | None]:
     """Candidate reports per image: `num_beams` beams, best first (one, greedy, when num_beams
     == 1), then `samples` sampled ones (seeded per image by `image_seed`: an image gets the
     same candidates alone or anywhere in any batch), and the findings each image's prompt was
-    given (None without findings)."""
+    given (None without findings). With findings and `constrain`, every candidate is written
+    under `FindingsConstraint` (no sentence denying a given finding or asserting another;
+    `vocabulary`: the training reports' words)."""
     model.eval()
     generate_kwargs.setdefault("no_repeat_ngram_size", C.Stage2Config.no_repeat_ngram_size)
     candidates: list[list[str]] = []
@@ -161,15 +169,33 @@ def generate_candidates(model, llm, images: torch.Tensor, prompt: str, max_new_t
         prompts = prompts_for(prompt, chunk.shape[0], labels, absent=absent)
         prompt_ids = [captioning.encode_prompt(llm.tokenizer, p, system) for p in prompts]
         embeds, mask = captioning.prompt_only(visual, prompt_ids, llm.pad_token_id, llm.embed)
+        constraint = _constraint(llm, labels, vocabulary) if findings and constrain else None
+        extra = {} if constraint is None else \
+            {"logits_processor": constraint(num_beams, False, range(len(labels)))}
         texts = llm.generate(embeds, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                             num_return_sequences=num_beams, **generate_kwargs)
+                             num_return_sequences=num_beams, **generate_kwargs, **extra)
         rows = [texts[i:i + num_beams] for i in range(0, len(texts), num_beams)]
         if samples:
             rows = [row + _samples(llm, visual[i:i + 1], prompt_ids[i], image_seed(seed, image),
-                                   samples, max_new_tokens, temperature, generate_kwargs)
+                                   samples, max_new_tokens, temperature, generate_kwargs,
+                                   None if constraint is None else
+                                   lambda n, sampling, i=i: constraint(n, sampling, [i]))
                     for i, (row, image) in enumerate(zip(rows, chunk))]
         candidates += [[text.strip() for text in row] for row in rows]
     return candidates, (given if findings else None)
+
+
+def _constraint(llm, labels: Sequence[dict], vocabulary: Iterable[str]) -> Callable[..., list]:
+    """(rows per prompt, sampling, prompts) -> the logits processors that write those prompts'
+    rows under `FindingsConstraint`."""
+    words = tuple(vocabulary)
+
+    def build(rows_per_prompt: int, sampling: bool, prompts) -> list:
+        return LogitsProcessorList([FindingsConstraint(
+            llm.tokenizer, [labels[i] for i in prompts], rows_per_prompt, words,
+            width=16 if sampling else 1 if rows_per_prompt == 1 else 2 * rows_per_prompt,
+            sampling=sampling, eos=llm.eos_token_id)])
+    return build
 
 
 def report_token_limit(tokenizer, reports: Sequence[str], room: float = 1.1) -> int:
@@ -261,6 +287,8 @@ class ReportModel:
             kwargs.setdefault("seed", self.cfg.seed)
         kwargs.setdefault("repetition_penalty", self.cfg.repetition_penalty)
         kwargs.setdefault("no_repeat_ngram_size", self.cfg.no_repeat_ngram_size)
+        kwargs.setdefault("constrain", self.cfg.constrain_findings)
+        kwargs.setdefault("vocabulary", self.style.vocabulary if self.style is not None else ())
         limit = min(self.cfg.max_new_tokens, self.token_limit or self.cfg.max_new_tokens)
         return generate_candidates(self.model, self.llm, to_device(images, self.device),
                                    self.cfg.prompt, max_new_tokens or limit,
