@@ -86,7 +86,9 @@ def _stage2(cfg, init_model, llm, records, out: Path, steps: int):
     result = trainer.fit()
     minutes = (time.monotonic() - start) / 60
     val_loss = trainer.epoch_history["val_loss"][-1][1]
-    return ReportModel(model.eval(), llm, cfg), minutes, val_loss, trainer.state.step
+    # Written as the saved model writes: the training reports' style and token limit.
+    report_model = ReportModel(model.eval(), llm, cfg, trainer.style, trainer.report_token_limit)
+    return report_model, minutes, val_loss, trainer.state.step
 
 
 def _row(report_model, records, out: Path) -> dict:
