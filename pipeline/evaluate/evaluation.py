@@ -44,6 +44,7 @@ from pipeline.evaluate.faithfulness import faithfulness_scores, sized_groups
 from pipeline.evaluate.retrieval import retrieve_reports
 from pipeline.data.report_cleaning import DEFAULT_CLEANING
 from pipeline.data.synthetic import SOURCES as SYNTHETIC_SOURCES
+from pipeline.models.findings import findings_text
 from pipeline.models.loading import load_report_model
 from pipeline.models.report_model import choose_reports, repair_reports, uses_findings
 from pipeline.train.split_pass import split_findings, split_grounding_losses
@@ -139,6 +140,10 @@ def evaluate_model(checkpoint, data: str = "synthetic", image_dir=None, split: s
         run = _generate_all(report_model, records, beams, max_new_tokens)
         generated, top_beam, n_candidates = run.written, run.top_beam, run.n_candidates
         table[f"generated_{name}"] = generated
+        if run.as_written != generated:
+            table[f"as_written_{name}"] = run.as_written
+        if run.given is not None:  # what the prompt told the writer: the head's findings
+            table["prompt_findings"] = [findings_text(labels) for labels in run.given]
         scores = {**score_reports(references, generated, meteor=meteor),
                   **language_scores(generated, style)}
         metrics.update({f"{name}_{k}": float(v) for k, v in scores.items()})
