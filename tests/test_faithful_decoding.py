@@ -159,3 +159,31 @@ def test_the_report_model_writes_under_the_constraint_its_config_asks_for(monkey
         pytest.skip("the tiny profile's model writes without findings")
     assert off is None
     assert isinstance(on[0], FindingsConstraint) and len(on[0].named) == 2
+
+
+def test_beams_and_samples_are_written_under_the_constraint_too(monkeypatch):
+    from dataclasses import replace
+
+    from pipeline import config as C
+    from pipeline.models import report_model as R
+    from pipeline.models.vision_bridge import VisionBridge
+
+    cfg = C.build(C.Stage2Config, "tiny")
+    llm = build_tiny_llm()
+    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=llm.hidden_size).eval()
+    made = []
+    real = FindingsConstraint.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(FindingsConstraint, "__init__", init)
+    report_model = R.ReportModel(model, llm, replace(cfg, constrain_findings=True,
+                                                     choose_samples=2))
+    images = torch.rand(2, 1, cfg.encoder.image_size, cfg.encoder.image_size)
+    candidates, given = report_model.candidates(images, num_beams=2, max_new_tokens=6)
+    assert [len(row) for row in candidates] == [4, 4]  # 2 beams + 2 samples each
+    beams, *samples = made
+    assert (beams.rows_per_prompt, beams.width, beams.sampling) == (2, 4, False)
+    assert len(samples) == 2 and all(s.sampling and s.rows_per_prompt == 2 for s in samples)
+    assert [s.named for s in samples] == [[beams.named[0]], [beams.named[1]]]
