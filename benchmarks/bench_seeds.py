@@ -45,14 +45,15 @@ METRICS = {
     "retrieval_chexpert_micro_f1": "retrieval_chexpert_micro_f1",
     "retrieval_bleu4": "retrieval_bleu4",
 }
-# The demo's bars per benchmark version: (column, at least / at most, value). "head" bars are
-# relative: the report's coarse F1 against 0.97x the head's of the same seed.
+# The demo's bars per benchmark version: (column, at least / at most, value), held on the mean
+# and on the worst seed; a column ending `_mean` or `_worst` is held on that one only.
+# `over_head` is the report's coarse F1 over the head's of the same seed.
 BARS = {
     "synthetic": [("contradict_written", "<=", 0.05), ("prompt_recall", ">=", 0.95),
                   ("prompt_precision", ">=", 0.95), ("over_head", ">=", 0.97),
                   ("bleu4", ">=", 0.220), ("cider", ">=", 0.831), ("coarse_f1", ">=", 0.778),
                   ("over_retrieval_coarse", ">", 0.0), ("over_retrieval_chexpert", ">", 0.0)],
-    "synthetic-v2": [("contradict_written", "<=", 0.10), ("coarse_f1", ">=", 0.65),
+    "synthetic-v2": [("contradict_written", "<=", 0.10), ("coarse_f1_mean", ">=", 0.65),
                      ("coarse_f1_worst", ">=", 0.60)],
 }
 
@@ -93,10 +94,10 @@ def _summary(rows: dict[int, dict]) -> dict[str, dict[str, float]]:
 def _bars(data: str, summary: dict) -> list[str]:
     lines = []
     for col, op, bar in BARS.get(data, []):
-        name, worst_only = (col[:-6], True) if col.endswith("_worst") else (col, False)
+        name, only = col.rsplit("_", 1) if col.endswith(("_mean", "_worst")) else (col, "")
         worst = summary[name]["max" if op == "<=" else "min"]
-        checks = [("worst seed", worst)] if worst_only else \
-            [("mean", summary[name]["mean"]), ("worst seed", worst)]
+        checks = [("mean", summary[name]["mean"]), ("worst seed", worst)]
+        checks = [c for c in checks if not only or c[0].startswith(only)]
         for label, value in checks:
             ok = value <= bar if op == "<=" else value >= bar if op == ">=" else value > bar
             lines.append(f"{'PASS' if ok else 'FAIL'}  {name} {label} {value:.3f} {op} {bar:g}")
