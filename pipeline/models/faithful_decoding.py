@@ -19,7 +19,8 @@ broke a rule does not ban every later token.
 
 The processor runs inside `generate`, so evaluation and serving write under it alike: what it
 prevents is never written, and the report is consistent as written, not repaired afterwards.
-It does not make the writer state a finding it leaves out (prompt recall is the model's own).
+By default it does not make the writer state a finding it leaves out (prompt recall is the
+model's own; see `require_named`).
 """
 from __future__ import annotations
 
@@ -78,8 +79,12 @@ class FindingsConstraint(LogitsProcessor):
     the words the writer was trained on (lower case). Each step a row's best tokens are judged
     in order, at most `depth` of them, until `width` are allowed (greedy: 1; beam search needs
     two per beam). With `sampling`, a row keeps only its allowed tokens, so nothing unjudged
-    can be drawn. A row with no allowed token that deep is left as the writer wants it.
-    `eos`: the id that ends a report (default: the tokenizer's).
+    can be drawn. A row with no allowed token that deep finishes the word in progress as an
+    allowed vocabulary word (`_rescue`), else is left as the writer wants it. With
+    `require_named`, a report may not end before it states every named finding, for at most
+    `extra_sentences` more sentences (off by default: on the demo it raised prompt recall
+    0.91 -> 0.94 but wrote filler, CIDEr 0.83 -> 0.79). `eos`: the id that ends a report
+    (default: the tokenizer's).
     """
 
     def __init__(self, tokenizer, given: Sequence[Mapping[str, int]], rows_per_prompt: int = 1,
