@@ -187,3 +187,18 @@ def test_beams_and_samples_are_written_under_the_constraint_too(monkeypatch):
     assert (beams.rows_per_prompt, beams.width, beams.sampling) == (2, 4, False)
     assert len(samples) == 2 and all(s.sampling and s.rows_per_prompt == 2 for s in samples)
     assert [s.named for s in samples] == [[beams.named[0]], [beams.named[1]]]
+
+
+def test_a_sampled_row_at_a_dead_end_keeps_only_the_way_out():
+    """Sampling draws from the kept tokens alone: a row at a dead end keeps the tokens that
+    finish its word as an allowed one, never an empty row (which torch.multinomial refuses)."""
+    tokenizer = build_tiny_tokenizer()
+    c = FindingsConstraint(tokenizer, [labels("effusion_left")], rows_per_prompt=1,
+                           vocabulary=VOCABULARY | {"effaced"}, width=4, depth=1, sampling=True)
+    input_ids = torch.tensor([tokenizer("No pleural eff", add_special_tokens=False)["input_ids"]])
+    scores = torch.zeros(1, len(tokenizer))
+    scores[0, tokenizer.convert_tokens_to_ids("x")] = 5.0  # the best token coins "effx"
+    out = c(input_ids, scores)
+    kept = torch.isfinite(out[0]).nonzero().flatten().tolist()
+    assert kept and all("effaced".startswith("eff" + tokenizer.decode([t])) for t in kept)
+    assert not torch.isnan(torch.softmax(out, dim=-1)).any()

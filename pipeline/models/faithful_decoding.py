@@ -168,10 +168,13 @@ class FindingsConstraint(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        ranked = scores.topk(min(self.depth, scores.shape[-1]), dim=-1).indices.tolist()
+        top = scores.topk(min(self.depth, scores.shape[-1]), dim=-1)
+        ranked, values = top.indices.tolist(), top.values.tolist()
         rows, tokens, keep, ends = [], [], [], []
-        for row, (text, candidates) in enumerate(zip(texts, ranked)):
+        for row, text in enumerate(texts):
             named = self.named[row // self.rows_per_prompt]
+            # Tokens another processor already banned are never candidates.
+            candidates = [t for t, v in zip(ranked[row], values[row]) if v != float("-inf")]
             kept, banned = self._judge(text, candidates, named)
             if not kept:  # nothing allowed this deep: finish the word as an allowed one
                 kept = self._rescue(text, named)
@@ -183,22 +186,23 @@ class FindingsConstraint(LogitsProcessor):
             tokens += banned
             keep += [(row, token) for token in kept]
         self.banned += len(tokens)
-        if self.sampling:
-            kept = torch.full_like(scores, float("-inf"))
-            at = torch.tensor(keep, device=scores.device).T
-            kept[at[0], at[1]] = scores[at[0], at[1]]
-            return kept
-        if rows or ends:
-            scores = scores.clone()
-        if rows:
-            scores[torch.tensor(rows, device=scores.device),
-                   torch.tensor(tokens, device=scores.device)] = float("-inf")
+        out = scores.clone()
+        if self.sampling:  # only what was judged may be drawn
+            out.fill_(float("-inf"))
+            if keep:
+                at = torch.tensor(keep, device=scores.device).T
+                out[at[0], at[1]] = scores[at[0], at[1]]
+        elif rows:
+            out[torch.tensor(rows, device=scores.device),
+                torch.tensor(tokens, device=scores.device)] = float("-inf")
         for row, only in ends:
             allowed = torch.tensor(only, device=scores.device)
-            values = scores[row, allowed]
-            scores[row] = float("-inf")
-            scores[row, allowed] = values
-        return scores
+            out[row] = float("-inf")
+            out[row, allowed] = scores[row, allowed]
+        # A row left with nothing to choose (every allowed token already at -inf) keeps the
+        # writer's own scores: sampling from an empty row would fail.
+        empty = torch.isinf(out).all(dim=-1) & ~torch.isinf(scores).all(dim=-1)
+        return torch.where(empty[:, None], scores, out)
 
     def _rescue(self, text: str, named: frozenset[str]) -> list[int]:
         """The tokens that take the word being written on to an allowed word of the
