@@ -3,11 +3,14 @@ not name is never asserted, words stay whole, and the report model writes under 
 evaluation and serving alike."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from pipeline.data.labeler import FINDINGS, UNLOCALISED, label_report
 from pipeline.data.report_text import contradictions, sentences
+from pipeline.models import report_model as R
 from pipeline.models.faithful_decoding import FindingsConstraint, violations
 from pipeline.models.tiny_lm import build_tiny_llm, build_tiny_tokenizer
 
@@ -133,16 +136,19 @@ def test_a_memorised_contradiction_is_not_written_under_the_constraint():
     assert words <= VOCABULARY, written
 
 
-def test_the_report_model_writes_under_the_constraint_its_config_asks_for(monkeypatch):
-    from dataclasses import replace
-
+def _tiny_report_parts():
+    """The tiny profile's Stage 2 config, a tiny random LM, and an untrained vision-bridge."""
     from pipeline import config as C
-    from pipeline.models import report_model as R
     from pipeline.models.vision_bridge import VisionBridge
 
     cfg = C.build(C.Stage2Config, "tiny")
     llm = build_tiny_llm()
-    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=llm.hidden_size).eval()
+    return cfg, llm, VisionBridge.from_config(cfg.encoder, cfg.bridge,
+                                              out_dim=llm.hidden_size).eval()
+
+
+def test_the_report_model_writes_under_the_constraint_its_config_asks_for(monkeypatch):
+    cfg, llm, model = _tiny_report_parts()
     seen = []
     real = llm.generate
 
@@ -162,15 +168,7 @@ def test_the_report_model_writes_under_the_constraint_its_config_asks_for(monkey
 
 
 def test_beams_and_samples_are_written_under_the_constraint_too(monkeypatch):
-    from dataclasses import replace
-
-    from pipeline import config as C
-    from pipeline.models import report_model as R
-    from pipeline.models.vision_bridge import VisionBridge
-
-    cfg = C.build(C.Stage2Config, "tiny")
-    llm = build_tiny_llm()
-    model = VisionBridge.from_config(cfg.encoder, cfg.bridge, out_dim=llm.hidden_size).eval()
+    cfg, llm, model = _tiny_report_parts()
     made = []
     real = FindingsConstraint.__init__
 

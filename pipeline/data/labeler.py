@@ -37,6 +37,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Iterable, Mapping
 
 from pipeline.data.chexpert import POSITIVE, UNCERTAIN, Mention, read_mentions
 
@@ -319,3 +320,15 @@ def to_coarse(labels: dict[str, int]) -> dict[str, int]:
             out[coarse_group(name)] = 1
     out["no_finding"] = int(not any(out.values()))
     return out
+
+
+def named_findings(labels: Mapping[str, int]) -> frozenset[str]:
+    """The findings a label set names (`no_finding` aside)."""
+    return frozenset(name for name, value in labels.items() if value and name != "no_finding")
+
+
+def covered(item: str, others: Iterable[str]) -> bool:
+    """`item` is among `others`; a mention without a place matches its group anywhere."""
+    others = set(others)
+    return item in others or (item.endswith("_unlocalised")
+                              and coarse_group(item) in {coarse_group(o) for o in others})

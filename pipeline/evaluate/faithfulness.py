@@ -21,7 +21,8 @@ import math
 import re
 from typing import Iterable, Mapping, Sequence
 
-from pipeline.data.labeler import COARSE_FINDINGS, coarse_group, coarse_labels, label_report
+from pipeline.data.labeler import (COARSE_FINDINGS, coarse_labels, covered, label_report,
+                                   named_findings)
 from pipeline.data.report_text import contradictions
 
 _SIZE = re.compile(r"\b\d+(?:\.\d+)?\s*-?\s*(?:cm|mm|centimet(?:er|re)s?|millimet(?:er|re)s?)\b",
@@ -56,22 +57,12 @@ def invented_sizes(report: str, sized: frozenset[str]) -> list[str]:
     return [g for g in COARSE_FINDINGS if g in invented]
 
 
-def _items(labels: Mapping[str, int]) -> set[str]:
-    return {name for name, value in labels.items() if value and name != "no_finding"}
-
-
-def _covered(item: str, others: set[str]) -> bool:
-    """`item` is among `others`; a mention without a place matches its group anywhere."""
-    return item in others or (item.endswith("_unlocalised")
-                              and coarse_group(item) in {coarse_group(o) for o in others})
-
-
 def prompt_counts(report: str, labels: Mapping[str, int]) -> tuple[int, int, int, int]:
     """(prompt findings the report states, prompt findings, stated findings the prompt named,
     stated findings) of one report and the labels its prompt was given."""
-    named, stated = _items(labels), _items(label_report(report))
-    return (sum(_covered(n, stated) for n in named), len(named),
-            sum(_covered(s, named) for s in stated), len(stated))
+    named, stated = named_findings(labels), named_findings(label_report(report))
+    return (sum(covered(n, stated) for n in named), len(named),
+            sum(covered(s, named) for s in stated), len(stated))
 
 
 def _share(hits: int, total: int) -> float:

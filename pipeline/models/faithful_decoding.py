@@ -32,24 +32,13 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from pipeline.data.labeler import coarse_group, label_report
+from pipeline.data.labeler import coarse_group, covered, label_report, named_findings
 from pipeline.data.report_text import denied, sentences
 
 _SENTENCE_START = re.compile(r"(?<=[.!?])\s+")
 _PROSE = re.compile(r"[^\W_]*(?:[ .,;:()/%'+-]+[^\W_]*)*")
 _CASED = re.compile(r"[^\W\d_][^\W\d_A-Z]*|[^\W\da-z_]+")
 _WORD_TAIL = re.compile(r"[^\W\d_]+$")  # the letters the text ends with (any alphabet)
-
-
-def _named(labels: Mapping[str, int]) -> frozenset[str]:
-    return frozenset(name for name, value in labels.items() if value and name != "no_finding")
-
-
-def _covered(item: str, named: frozenset[str]) -> bool:
-    """A stated finding the prompt named: the same label, or a mention without a place of a
-    group the prompt names anywhere (as `prompt_precision` counts it)."""
-    return item in named or (item.endswith("_unlocalised")
-                             and coarse_group(item) in {coarse_group(n) for n in named})
 
 
 @lru_cache(maxsize=262144)
@@ -61,7 +50,7 @@ def violations(sentence: str, named: frozenset[str]) -> frozenset[str]:
     if not clean:
         return frozenset()
     out = {f"asserts:{item}" for item, value in label_report(clean).items()
-           if value and item != "no_finding" and not _covered(item, named)}
+           if value and item != "no_finding" and not covered(item, named)}
     present = {coarse_group(n) for n in named}
     groups, sided = denied(clean)
     out |= {f"denies:{g}" for g in groups if g in present}
@@ -92,7 +81,7 @@ class FindingsConstraint(LogitsProcessor):
                  sampling: bool = False, max_completions: int = 48, require_named: bool = False,
                  extra_sentences: int = 2, eos: int | None = None):
         self.tokenizer = tokenizer
-        self.named = [_named(labels) for labels in given]
+        self.named = [named_findings(labels) for labels in given]
         self.rows_per_prompt = rows_per_prompt
         self.words = sorted({w.lower() for w in vocabulary if w.isalpha()})
         self.width, self.depth = width, max(depth, width)
@@ -110,13 +99,15 @@ class FindingsConstraint(LogitsProcessor):
             self._pieces[token] = self.tokenizer.decode([token])
         return self._pieces[token]
 
+    def _prefixed(self, prefix: str) -> list[str]:
+        """The vocabulary's words that start with `prefix`."""
+        lo = bisect.bisect_left(self.words, prefix)
+        return self.words[lo:bisect.bisect_left(self.words, prefix + "\x7f", lo)]
+
     def _completions(self, prefix: str) -> list[str] | None:
         """The vocabulary's words that start with `prefix` (None: too many to judge yet)."""
-        lo = bisect.bisect_left(self.words, prefix)
-        hi = bisect.bisect_left(self.words, prefix + "\x7f")
-        if hi - lo > self.max_completions:
-            return None
-        return self.words[lo:hi]
+        words = self._prefixed(prefix)
+        return None if len(words) > self.max_completions else words
 
     def _known(self, word: str) -> bool:
         at = bisect.bisect_left(self.words, word)
@@ -152,10 +143,8 @@ class FindingsConstraint(LogitsProcessor):
         has written `extra_sentences` more sentences since it first wanted to end without."""
         if not self.require_named or not named:
             return True
-        stated = frozenset(k for k, v in label_report(" ".join(sentences(text))).items()
-                           if v and k != "no_finding")
-        if all(n in stated or (n.endswith("_unlocalised") and any(
-                coarse_group(s) == coarse_group(n) for s in stated)) for n in named):
+        stated = named_findings(label_report(" ".join(sentences(text))))
+        if all(covered(n, stated) for n in named):
             return True
         count = len(sentences(text))
         # Keyed by the text, not the row: beam search reorders its rows every step.
@@ -214,10 +203,8 @@ class FindingsConstraint(LogitsProcessor):
         before, head = violations(text[start:], named), text[start:tail.start()]
         prefix = tail.group().lower()
         pieces = _pieces(self.tokenizer)
-        lo = bisect.bisect_left(self.words, prefix)
-        hi = bisect.bisect_left(self.words, prefix + "\x7f")
         out: set[int] = set()
-        for word in self.words[lo:hi]:
+        for word in self._prefixed(prefix):
             if not violations(head + word, named) <= before:
                 continue
             rest = word[len(prefix):]
